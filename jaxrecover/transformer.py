@@ -1,0 +1,379 @@
+"""Pure-function decoder-only transformer over stacked block parameters.
+
+Contract:
+- Parameters are pytrees (`Transformer`, `Block`, ...); behaviour is module-level functions.
+- Everything is written for ONE example: ``tokens: Int[seq]``; batch with ``jax.vmap``.
+- ``valid`` marks real tokens (left padding is False); RoPE/learned positions count real tokens only
+  and attention never looks at padding. ``slots`` are raw indices into the padded sequence; they are
+  what interventions see, so a perturbation indexed by slot lines up between teacher forcing and
+  cached generation.
+- Interventions (hooks) are explicit values: a mapping ``{Site: fn}`` with
+  ``fn(resid: [seq, d_model], slots: [seq]) -> resid``. No global hook state.
+- ``run_to(model, tokens, L)`` returns the residual entering block L (``blocks.L.hook_resid_pre``
+  before any hook at that site); ``run_from(model, resid, L, hooks)`` continues from there, so the
+  prefix below a perturbed layer is computed once and reused.
+- Blocks are stacked on a leading ``layer`` axis and run with ``lax.scan``; a block that carries a
+  hook or a capture is run unrolled between scanned segments.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxrecover._pytree import pytree_dataclass, static
+from jaxrecover.config import TransformerConfig
+from jaxrecover.sites import POINTS, Site
+
+Hook = Callable[[Float[Array, "seq d_model"], Int[Array, " seq"]], Float[Array, "seq d_model"]]
+Hooks = Mapping[Site, Hook]
+
+
+@pytree_dataclass
+class Norm:
+    """RMSNorm (``b is None``) or LayerNorm. Gemma's ``(1 + w)`` is folded into ``w`` at load time."""
+
+    w: Float[Array, "*layer d"]
+    b: Float[Array, "*layer d"] | None = None
+
+
+@pytree_dataclass
+class Attention:
+    W_Q: Float[Array, "*layer d_model n_heads d_head"]
+    W_K: Float[Array, "*layer d_model n_kv_heads d_head"]
+    W_V: Float[Array, "*layer d_model n_kv_heads d_head"]
+    W_O: Float[Array, "*layer n_heads d_head d_model"]
+    b_Q: Float[Array, "*layer n_heads d_head"] | None = None
+    b_K: Float[Array, "*layer n_kv_heads d_head"] | None = None
+    b_V: Float[Array, "*layer n_kv_heads d_head"] | None = None
+    b_O: Float[Array, "*layer d_model"] | None = None
+    q_norm: Norm | None = None  # Gemma-3
+    k_norm: Norm | None = None
+
+
+@pytree_dataclass
+class MLP:
+    W_in: Float[Array, "*layer d_model d_mlp"]
+    W_out: Float[Array, "*layer d_mlp d_model"]
+    W_gate: Float[Array, "*layer d_model d_mlp"] | None = None  # gated MLPs (SwiGLU / GeGLU)
+    b_in: Float[Array, "*layer d_mlp"] | None = None
+    b_out: Float[Array, "*layer d_model"] | None = None
+
+
+@pytree_dataclass
+class Block:
+    ln1: Norm
+    attn: Attention
+    ln2: Norm
+    mlp: MLP
+    ln1_post: Norm | None = None  # Gemma post-attention norm
+    ln2_post: Norm | None = None  # Gemma post-MLP norm
+
+
+@pytree_dataclass
+class Transformer:
+    """A whole model. ``blocks`` leaves carry a leading ``layer`` axis."""
+
+    cfg: TransformerConfig = static()
+    W_E: Float[Array, "d_vocab d_model"]
+    blocks: Block
+    ln_final: Norm
+    W_pos: Float[Array, "n_ctx d_model"] | None = None
+    W_U: Float[Array, "d_model d_vocab"] | None = None  # None: tied to W_E
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+
+def norm(p: Norm, x: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
+    """RMSNorm or LayerNorm, computed in float32 and cast back (bf16 statistics are too coarse)."""
+    x32 = x.astype(jnp.float32)
+    if p.b is None:
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * p.w.astype(jnp.float32)
+    else:
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+        y = (x32 - mu) * jax.lax.rsqrt(var + eps) * p.w.astype(jnp.float32) + p.b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _act(name: str, x: Array) -> Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name in ("gelu_new", "gelu_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"Unknown activation {name!r}.")
+
+
+def rope(x: Float[Array, "seq heads d_head"], positions: Int[Array, " seq"], theta: Array | float) -> Array:
+    """Rotary embedding, half-split layout (Hugging Face ``rotate_half``)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = positions.astype(jnp.float32)[:, None] * inv[None, :]  # [seq, d/2]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, axis=-1)[:, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, axis=-1)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    rot = jnp.concatenate([-x32[..., d // 2 :], x32[..., : d // 2]], axis=-1)
+    return (x32 * cos + rot * sin).astype(x.dtype)
+
+
+def attention_mask(
+    cfg: TransformerConfig,
+    q_slots: Int[Array, " q"],
+    k_slots: Int[Array, " k"],
+    q_pos: Int[Array, " q"],
+    k_pos: Int[Array, " k"],
+    k_valid: Bool[Array, " k"],
+    is_local: Bool[Array, ""],
+) -> Bool[Array, "q k"]:
+    """Causal over slots, never attend to padding, sliding window on local layers."""
+    mask = (k_slots[None, :] <= q_slots[:, None]) & k_valid[None, :]
+    if cfg.sliding_window is not None:
+        in_window = (q_pos[:, None] - k_pos[None, :]) < cfg.sliding_window
+        mask = mask & (in_window | ~is_local)
+    return mask
+
+
+def attend(
+    cfg: TransformerConfig,
+    q: Float[Array, "q n_heads d_head"],
+    k: Float[Array, "k n_kv_heads d_head"],
+    v: Float[Array, "k n_kv_heads d_head"],
+    mask: Bool[Array, "q k"],
+) -> Float[Array, "q n_heads d_head"]:
+    """Grouped-query softmax attention with optional tanh soft-capping."""
+    group = cfg.n_heads // cfg.n_kv_heads
+    qg = q.reshape(q.shape[0], cfg.n_kv_heads, group, cfg.d_head)  # heads grouped by their kv head
+    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.d_head**-0.5
+    scores = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    if cfg.attn_softcap is not None:
+        scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("hgqk,khd->qhgd", probs, v)
+    return out.reshape(q.shape[0], cfg.n_heads, cfg.d_head)
+
+
+def qkv(
+    cfg: TransformerConfig, p: Attention, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], is_local: Array
+) -> tuple[Array, Array, Array]:
+    """Projected, normed and rotated queries, keys and values."""
+    q = jnp.einsum("sd,dhk->shk", x, p.W_Q)
+    k = jnp.einsum("sd,dhk->shk", x, p.W_K)
+    v = jnp.einsum("sd,dhk->shk", x, p.W_V)
+    if p.b_Q is not None:
+        q, k, v = q + p.b_Q, k + p.b_K, v + p.b_V
+    if p.q_norm is not None:
+        q, k = norm(p.q_norm, q, cfg.norm_eps), norm(p.k_norm, k, cfg.norm_eps)
+    if cfg.arch != "gpt2":
+        theta = cfg.rope_theta
+        if cfg.rope_local_theta is not None:
+            theta = jnp.where(is_local, cfg.rope_local_theta, cfg.rope_theta)
+        q, k = rope(q, positions, theta), rope(k, positions, theta)
+    return q, k, v
+
+
+def attn_out(p: Attention, o: Float[Array, "seq n_heads d_head"]) -> Float[Array, "seq d_model"]:
+    y = jnp.einsum("shk,hkd->sd", o, p.W_O)
+    return y if p.b_O is None else y + p.b_O
+
+
+def mlp(cfg: TransformerConfig, p: MLP, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
+    h = x @ p.W_in
+    if p.b_in is not None:
+        h = h + p.b_in
+    h = _act(cfg.act, x @ p.W_gate) * h if p.W_gate is not None else _act(cfg.act, h)
+    y = h @ p.W_out
+    return y if p.b_out is None else y + p.b_out
+
+
+# ----------------------------------------------------------------------------- one block
+
+
+@pytree_dataclass
+class SeqInfo:
+    """Per-example bookkeeping shared by every block of one pass."""
+
+    slots: Int[Array, " seq"]
+    positions: Int[Array, " seq"]
+    valid: Bool[Array, " seq"]
+
+
+def seq_info(valid: Bool[Array, " seq"]) -> SeqInfo:
+    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0)
+    return SeqInfo(slots=jnp.arange(valid.shape[0], dtype=jnp.int32), positions=positions, valid=valid)
+
+
+def _identity_hook(x: Array, slots: Array) -> Array:
+    return x
+
+
+def block_forward(
+    cfg: TransformerConfig,
+    p: Block,
+    x: Float[Array, "seq d_model"],
+    info: SeqInfo,
+    is_local: Bool[Array, ""],
+    block_hooks: Mapping[str, Hook] | None = None,
+    captured: dict[str, Array] | None = None,
+) -> Float[Array, "seq d_model"]:
+    """One block. ``block_hooks`` maps a point name to a hook; ``captured`` (if given) receives the
+    residual at each point *before* that point's hook."""
+    hooks = block_hooks or {}
+
+    def at(point: str, h: Array) -> Array:
+        if captured is not None:
+            captured[point] = h
+        return hooks.get(point, _identity_hook)(h, info.slots)
+
+    x = at("resid_pre", x)
+    q, k, v = qkv(cfg, p.attn, norm(p.ln1, x, cfg.norm_eps), info.positions, is_local)
+    mask = attention_mask(cfg, info.slots, info.slots, info.positions, info.positions, info.valid, is_local)
+    a = attn_out(p.attn, attend(cfg, q, k, v, mask))
+    if p.ln1_post is not None:
+        a = norm(p.ln1_post, a, cfg.norm_eps)
+    x = at("resid_mid", x + a)
+    m = mlp(cfg, p.mlp, norm(p.ln2, x, cfg.norm_eps))
+    if p.ln2_post is not None:
+        m = norm(p.ln2_post, m, cfg.norm_eps)
+    return at("resid_post", x + m)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def compute_dtype(cfg: TransformerConfig) -> jnp.dtype:
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+def layer_is_local(cfg: TransformerConfig) -> Bool[Array, " layer"]:
+    return jnp.asarray(cfg.layer_is_local, dtype=bool)
+
+
+def embed(model: Transformer, tokens: Int[Array, " seq"], valid: Bool[Array, " seq"] | None = None) -> Array:
+    """Token (+ learned position) embedding, scaled for Gemma: the residual entering block 0."""
+    cfg = model.cfg
+    valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+    x = model.W_E[tokens].astype(compute_dtype(cfg))
+    if cfg.embed_scale != 1.0:
+        # Gemma multiplies by sqrt(d_model) rounded to the compute dtype, as the reference does.
+        x = x * jnp.asarray(cfg.embed_scale, dtype=x.dtype)
+    if model.W_pos is not None:
+        x = x + model.W_pos[seq_info(valid).positions].astype(x.dtype)
+    return x
+
+
+def unembed(model: Transformer, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_vocab"]:
+    """Final norm, unembedding and (Gemma-2) final soft-cap; logits are float32."""
+    cfg = model.cfg
+    h = norm(model.ln_final, x, cfg.norm_eps)
+    W_U = model.W_E.T if model.W_U is None else model.W_U
+    logits = jnp.einsum("sd,dv->sv", h, W_U.astype(h.dtype), preferred_element_type=jnp.float32)
+    if cfg.final_softcap is not None:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits
+
+
+def _slice_blocks(blocks: Block, start: int, stop: int) -> Block:
+    return jax.tree.map(lambda a: a[start:stop], blocks)
+
+
+def _index_block(blocks: Block, i: int) -> Block:
+    return jax.tree.map(lambda a: a[i], blocks)
+
+
+def _scan_blocks(model: Transformer, x: Array, info: SeqInfo, start: int, stop: int) -> Array:
+    if stop <= start:
+        return x
+    cfg = model.cfg
+
+    def body(h, layer):
+        p, local = layer
+        return block_forward(cfg, p, h, info, local), None
+
+    layers = (_slice_blocks(model.blocks, start, stop), layer_is_local(cfg)[start:stop])
+    x, _ = jax.lax.scan(body, x, layers)
+    return x
+
+
+def run_blocks(
+    model: Transformer,
+    x: Float[Array, "seq d_model"],
+    start: int,
+    stop: int,
+    hooks: Hooks | None = None,
+    *,
+    valid: Bool[Array, " seq"] | None = None,
+    capture: Sequence[Site] = (),
+) -> tuple[Float[Array, "seq d_model"], dict[Site, Array]]:
+    """Run blocks ``start .. stop-1`` from the residual entering ``start``.
+
+    Hooks and captures at sites outside ``[start, stop)`` are ignored. Returns the residual leaving
+    block ``stop-1`` and ``{site: residual before its hook}`` for each captured site.
+    """
+    cfg = model.cfg
+    if not 0 <= start <= stop <= cfg.n_layers:
+        raise ValueError(f"run_blocks: need 0 <= start <= stop <= n_layers={cfg.n_layers}, got {start}, {stop}.")
+    valid = jnp.ones(x.shape[:1], bool) if valid is None else valid
+    info = seq_info(valid)
+    hooks = {Site.parse(s): f for s, f in (hooks or {}).items()}
+    capture = tuple(Site.parse(s) for s in capture)
+    special = sorted({s.layer for s in (*hooks, *capture) if start <= s.layer < stop})
+    local = layer_is_local(cfg)
+    captured: dict[Site, Array] = {}
+    cursor = start
+    for layer in special:
+        x = _scan_blocks(model, x, info, cursor, layer)
+        block_hooks = {s.point: f for s, f in hooks.items() if s.layer == layer}
+        seen: dict[str, Array] = {}
+        x = block_forward(cfg, _index_block(model.blocks, layer), x, info, local[layer], block_hooks, seen)
+        captured.update({s: seen[s.point] for s in capture if s.layer == layer})
+        cursor = layer + 1
+    return _scan_blocks(model, x, info, cursor, stop), captured
+
+
+def run_to(
+    model: Transformer,
+    tokens: Int[Array, " seq"],
+    layer: int,
+    hooks: Hooks | None = None,
+    *,
+    valid: Bool[Array, " seq"] | None = None,
+) -> Float[Array, "seq d_model"]:
+    """Residual entering block ``layer`` (before any hook at ``blocks.{layer}.hook_resid_pre``)."""
+    x, _ = run_blocks(model, embed(model, tokens, valid), 0, layer, hooks, valid=valid)
+    return x
+
+
+def run_from(
+    model: Transformer,
+    resid: Float[Array, "seq d_model"],
+    layer: int,
+    hooks: Hooks | None = None,
+    *,
+    valid: Bool[Array, " seq"] | None = None,
+) -> Float[Array, "seq d_vocab"]:
+    """Logits from the residual entering block ``layer``; hooks at layers >= ``layer`` apply."""
+    x, _ = run_blocks(model, resid, layer, model.cfg.n_layers, hooks, valid=valid)
+    return unembed(model, x)
+
+
+def forward(
+    model: Transformer,
+    tokens: Int[Array, " seq"],
+    hooks: Hooks | None = None,
+    *,
+    valid: Bool[Array, " seq"] | None = None,
+) -> Float[Array, "seq d_vocab"]:
+    """Logits for one sequence, with interventions ``hooks`` applied at their sites."""
+    return run_from(model, run_to(model, tokens, 0, valid=valid), 0, hooks, valid=valid)
+
+
+def site_points() -> tuple[str, ...]:
+    return POINTS
+
+
+def n_params(model: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(model))
