@@ -1,0 +1,156 @@
+"""Results as files: JSONL per example, summary JSON, CSV, markdown tables and PNG plots.
+
+Every writer is atomic (temp file then rename) so an interrupted run never leaves a half-written
+result next to a complete one.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def to_jsonable(x: Any) -> Any:
+    """Arrays and numpy scalars to plain Python; NaN/inf to None (JSON has neither)."""
+    if isinstance(x, Mapping):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return to_jsonable(np.asarray(x).tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    _atomic_write(Path(path), json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    _atomic_write(Path(path), "".join(json.dumps(to_jsonable(r)) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: to_jsonable(v) for k, v in r.items()})
+    _atomic_write(Path(path), buf.getvalue())
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "--"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table; ``columns`` fixes order (default: first-seen key order)."""
+    if not rows:
+        return "(no rows)\n"
+    cols = list(columns) if columns else list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str | Path, title: str, sections: Sequence[tuple[str, str]]) -> None:
+    parts = [f"# {title}\n"] + [f"\n## {h}\n\n{body}" for h, body in sections]
+    _atomic_write(Path(path), "".join(parts))
+
+
+def rate_cell(k: int, n: int, lo: float, hi: float) -> str:
+    """'23/24 (95.8% [79.8, 99.3])' — the paper's way of printing a binary rate."""
+    if n == 0:
+        return "0/0"
+    return f"{k}/{n} ({100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}])"
+
+
+def line_plot(
+    path: str | Path,
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    logx: bool = False,
+) -> None:
+    """One PNG line plot; ``errors[name] = (lo, hi)`` draws a shaded interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for name, ys in series.items():
+        ax.plot(x, ys, marker="o", label=name)
+        if errors and name in errors:
+            lo, hi = errors[name]
+            ax.fill_between(x, lo, hi, alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def bar_plot(path: str | Path, labels: Sequence[str], values: Mapping[str, Sequence[float]], *, ylabel: str, title: str = "") -> None:
+    """Grouped bars: one group per label, one bar per series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(labels)), 3.6), dpi=120)
+    width = 0.8 / max(1, len(values))
+    xs = np.arange(len(labels))
+    for i, (name, ys) in enumerate(values.items()):
+        ax.bar(xs + i * width, ys, width, label=name)
+    ax.set_xticks(xs + width * (len(values) - 1) / 2, labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
