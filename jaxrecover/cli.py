@@ -1,0 +1,151 @@
+"""``jaxrecover`` command line: run the paper's experiments on the embedded default or your own
+model + SAE, and inspect checkpoints.
+
+Experiments are files in the repository's ``experiments/`` folder. Each defines a frozen
+``Config`` dataclass (every field is a CLI option) and ``main(cfg) -> dict``.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+EXPERIMENTS_ENV = "JAXRECOVER_EXPERIMENTS"
+
+_EPILOG = """\
+examples:
+  jaxrecover list                                   # what experiments exist
+  jaxrecover run refusal                            # the main job on the embedded default (CPU, ~15 min)
+  jaxrecover run refusal --help                     # every option of one experiment, with defaults
+  jaxrecover run refusal --n-prompts 16 --budget 20 --out results/refusal-small
+  jaxrecover run ioi --model-dir /path/to/hf-folder --sae /path/to/saelens-folder
+  jaxrecover info --model-dir /path/to/hf-folder    # config summary of a checkpoint
+
+Long runs checkpoint with orbax into <out>/ckpt; rerunning the same command resumes.
+Results: <out>/results.jsonl (per example), summary.json, table.md, *.csv and *.png.
+"""
+
+
+def experiments_dir() -> Path:
+    """``$JAXRECOVER_EXPERIMENTS``, else ``experiments/`` beside the package (editable install)."""
+    env = os.environ.get(EXPERIMENTS_ENV)
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "experiments", Path.cwd() / "experiments"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise SystemExit(
+        "jaxrecover: cannot find the experiments/ folder. Install the repository in editable mode "
+        f"(pip install -e .) or set {EXPERIMENTS_ENV}=/path/to/jaxrecover/experiments."
+    )
+
+
+def list_experiments() -> dict[str, Path]:
+    return {
+        p.stem: p
+        for p in sorted(experiments_dir().glob("*.py"))
+        if not p.name.startswith("_") and "def main" in p.read_text()
+    }
+
+
+def load_experiment(name: str) -> types.ModuleType:
+    found = list_experiments()
+    if name not in found:
+        raise SystemExit(f"jaxrecover: unknown experiment {name!r}. Available: {', '.join(found) or '(none)'}.")
+    spec = importlib.util.spec_from_file_location(f"jaxrecover_experiment_{name}", found[name])
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(found[name].parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def _field_type(tp: Any) -> Any:
+    """The scalar converter for a dataclass field annotation (handles ``X | None`` and tuples)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _field_type(args[0])
+    if origin in (tuple, list):
+        inner = _field_type(typing.get_args(tp)[0])
+        return lambda s: tuple(inner(v) for v in s.split(",") if v != "")
+    if tp is bool:
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    return tp if tp in (int, float, str) else str
+
+
+def config_parser(cfg_cls: type, prog: str, doc: str) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--option`` per config field, defaults shown."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        helptext = f.metadata.get("help", "")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_field_type(hints[f.name]),
+            default=default,
+            help=f"{helptext} (default: {default!r})",
+        )
+    return parser
+
+
+def cmd_run(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: jaxrecover run NAME [options]   (jaxrecover run NAME --help lists the options)")
+        print("experiments:", ", ".join(list_experiments()))
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = load_experiment(name)
+    parser = config_parser(module.Config, f"jaxrecover run {name}", module.__doc__ or "")
+    cfg = module.Config(**vars(parser.parse_args(rest)))
+    module.main(cfg)
+    return 0
+
+
+def cmd_list(argv: list[str]) -> int:
+    for name, path in list_experiments().items():
+        doc = (load_experiment(name).__doc__ or "").strip().splitlines()
+        print(f"{name:14s} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_info(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jaxrecover info", description="Summarise a model folder and/or an SAE.")
+    parser.add_argument("--model-dir", help="Hugging Face folder (config.json + *.safetensors); default: embedded")
+    parser.add_argument("--sae", help="SAE folder or file (SAELens, Gemma Scope, sparsify)")
+    args = parser.parse_args(argv)
+    from jaxrecover import io_hf
+
+    if args.model_dir or not args.sae:
+        from jaxrecover import embedded
+
+        folder = Path(args.model_dir) if args.model_dir else embedded.default_model_dir()
+        model = io_hf.load_transformer(folder)
+        print(f"model: {folder}\n  {model.cfg}")
+    if args.sae:
+        from jaxrecover.sae_io import load_sae
+
+        sae = load_sae(args.sae)
+        print(f"sae: {args.sae}\n  hook={sae.hook_name} activation={sae.activation} k={sae.k} d_in={sae.d_in} d_sae={sae.d_sae}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip() + "\n\ncommands: run NAME [options] | list | info\n\n" + _EPILOG)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
