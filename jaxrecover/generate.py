@@ -1,0 +1,552 @@
+"""Batched autoregressive generation with a per-layer KV cache, interventions staying on.
+
+Contract:
+- Core functions are written for ONE example and batched with ``jax.vmap``: ``prefill(model, tokens,
+  valid, max_len, hooks)`` runs the (left-padded) prompt and fills a ``KVCache`` of ``max_len`` slots;
+  ``decode_step(model, cache, token, hooks)`` appends one token at slot ``cache.length``.
+- Slots are raw indices into the padded buffer ``prompt slots ++ generated slots``, exactly the slots a
+  teacher-forced ``transformer.forward`` over that buffer would see. Hooks ``{Site: fn(resid, slots)}``
+  are called at every block point with the prompt slots during prefill and with ``[slot]`` at each
+  decode step. So a ``Clamp`` stays on for every generated token, and an ``AddDelta`` row whose slot is
+  a generated slot acts at exactly the step that produces that slot's residual (rows at prompt slots
+  act during prefill only: their effect reaches later tokens through the cached keys/values).
+- Positions count real tokens (``cumsum(valid) - 1``); a generated token's position is the number of
+  real tokens before it. Generated slots are always valid, including after EOS.
+- ``generate`` is one ``jit`` per shape bucket (batch, prompt length, ``max_new_tokens``) and static
+  options; decode steps run inside ``lax.scan``. Hooks are traced arguments, so new delta or clamp
+  values reuse the compiled program; a new hook *structure* (sites, types) recompiles.
+- ``generate_uncached`` recomputes the full buffer each step with ``transformer.forward``: slow and
+  obviously correct, the reference in tests.
+
+Not here: tokenization (``tokenizer``), stopping on strings, beam search.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxrecover._pytree import pytree_dataclass
+from jaxrecover.config import TransformerConfig
+from jaxrecover.sites import Site
+from jaxrecover.transformer import (
+    Block,
+    Hook,
+    Hooks,
+    Transformer,
+    attend,
+    attention_mask,
+    attn_out,
+    compute_dtype,
+    embed,
+    forward,
+    layer_is_local,
+    mlp,
+    norm,
+    qkv,
+    seq_info,
+    unembed,
+)
+
+_MSG_HOOK_LAYER = "Hook at {site} is outside the model: it has {n_layers} blocks (layers 0..{last})."
+_MSG_BATCH = "generate: tokens and valid must be [batch, seq] with the same shape, got {t} and {v}."
+_MSG_NEW = "generate: max_new_tokens must be >= 1, got {n}."
+
+
+@pytree_dataclass
+class KVCache:
+    """Keys/values of every layer for ``max_len`` slots of one sequence (``*batch`` under vmap).
+
+    ``valid[s]`` is True for real prompt tokens and generated tokens written so far; ``positions[s]``
+    is the RoPE position of slot ``s``; ``length`` is the next free slot.
+    """
+
+    k: Float[Array, "*batch layer max_len n_kv_heads d_head"]
+    v: Float[Array, "*batch layer max_len n_kv_heads d_head"]
+    valid: Bool[Array, "*batch max_len"]
+    positions: Int[Array, "*batch max_len"]
+    length: Int[Array, "*batch"]
+
+
+@pytree_dataclass
+class GenerationResult:
+    """Output of ``generate``.
+
+    ``tokens``: the new tokens (after a row's EOS: ``pad_id``). ``finished``: the row emitted EOS.
+    ``sequences``/``valid``: prompt ++ new tokens and its validity mask (prompt padding False).
+    ``logits``: the logits each new token was chosen from (only with ``return_logits=True``).
+    """
+
+    tokens: Int[Array, "batch new"]
+    finished: Bool[Array, " batch"]
+    sequences: Int[Array, "batch total"]
+    valid: Bool[Array, "batch total"]
+    logits: Float[Array, "batch new d_vocab"] | None = None
+
+
+def bucket_length(n: int, multiple: int = 16) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``n`` (at least ``multiple``): pad prompts to it so
+    a sweep over prompts of different lengths compiles a handful of times.
+
+    >>> bucket_length(17), bucket_length(32), bucket_length(0)
+    (32, 32, 16)
+    """
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+# ----------------------------------------------------------------------------- per-example core
+
+
+def _layer_hooks(cfg: TransformerConfig, hooks: Hooks | None) -> dict[int, dict[str, Hook]]:
+    """``{Site: fn}`` -> ``{layer: {point: fn}}``; a hook past the last block is an error."""
+    per_layer: dict[int, dict[str, Hook]] = {}
+    for name, fn in (hooks or {}).items():
+        site = Site.parse(name)
+        if site.layer >= cfg.n_layers:
+            raise ValueError(_MSG_HOOK_LAYER.format(site=site, n_layers=cfg.n_layers, last=cfg.n_layers - 1))
+        per_layer.setdefault(site.layer, {})[site.point] = fn
+    return per_layer
+
+
+def _identity_hook(x: Array, slots: Array) -> Array:
+    return x
+
+
+def cached_block(
+    cfg: TransformerConfig,
+    p: Block,
+    x: Float[Array, "q d_model"],
+    q_slots: Int[Array, " q"],
+    q_pos: Int[Array, " q"],
+    k_buf: Float[Array, "k n_kv_heads d_head"],
+    v_buf: Float[Array, "k n_kv_heads d_head"],
+    k_pos: Int[Array, " k"],
+    k_valid: Bool[Array, " k"],
+    is_local: Bool[Array, ""],
+    block_hooks: Mapping[str, Hook] | None = None,
+) -> tuple[Float[Array, "q d_model"], Float[Array, "q n_kv_heads d_head"], Float[Array, "q n_kv_heads d_head"]]:
+    """One block for the contiguous new slots ``q_slots``, attending over a key/value buffer.
+
+    The new keys/values are written into the buffer at ``q_slots[0]`` before attending (so a slot sees
+    itself); ``k_pos``/``k_valid`` must already describe the new slots. Returns the residual leaving
+    the block and the new keys/values, for the caller to store. Mirrors ``transformer.block_forward``.
+    """
+    hooks = block_hooks or {}
+
+    def at(point: str, h: Array) -> Array:
+        return hooks.get(point, _identity_hook)(h, q_slots)
+
+    x = at("resid_pre", x)
+    q, k, v = qkv(cfg, p.attn, norm(p.ln1, x, cfg.norm_eps), q_pos, is_local)
+    k, v = k.astype(k_buf.dtype), v.astype(v_buf.dtype)
+    start = (q_slots[0], jnp.int32(0), jnp.int32(0))
+    k_all = jax.lax.dynamic_update_slice(k_buf, k, start)
+    v_all = jax.lax.dynamic_update_slice(v_buf, v, start)
+    k_slots = jnp.arange(k_buf.shape[0], dtype=jnp.int32)
+    mask = attention_mask(cfg, q_slots, k_slots, q_pos, k_pos, k_valid, is_local)
+    a = attn_out(p.attn, attend(cfg, q, k_all, v_all, mask))
+    if p.ln1_post is not None:
+        a = norm(p.ln1_post, a, cfg.norm_eps)
+    x = at("resid_mid", x + a)
+    m = mlp(cfg, p.mlp, norm(p.ln2, x, cfg.norm_eps))
+    if p.ln2_post is not None:
+        m = norm(p.ln2_post, m, cfg.norm_eps)
+    return at("resid_post", x + m), k, v
+
+
+def _run_cached_blocks(
+    model: Transformer,
+    x: Array,
+    q_slots: Array,
+    q_pos: Array,
+    k_bufs: Array,
+    v_bufs: Array,
+    k_pos: Array,
+    k_valid: Array,
+    hooks: Hooks | None,
+) -> tuple[Array, Array, Array]:
+    """All blocks over the new slots: hooked layers unrolled, unhooked runs scanned (as
+    ``transformer.run_blocks``). Returns the final residual and the new keys/values ``[layer, q, ...]``."""
+    cfg = model.cfg
+    per_layer = _layer_hooks(cfg, hooks)
+    local = layer_is_local(cfg)
+
+    def step(h, layer):
+        p, kb, vb, is_local = layer
+        h, k, v = cached_block(cfg, p, h, q_slots, q_pos, kb, vb, k_pos, k_valid, is_local)
+        return h, (k, v)
+
+    def scan(h, start, stop):
+        layers = jax.tree.map(lambda a: a[start:stop], (model.blocks, k_bufs, v_bufs, local))
+        return jax.lax.scan(step, h, layers)
+
+    new_k, new_v = [], []
+    cursor = 0
+    for layer in sorted(per_layer):
+        if layer > cursor:
+            x, (k, v) = scan(x, cursor, layer)
+            new_k.append(k)
+            new_v.append(v)
+        p = jax.tree.map(lambda a: a[layer], model.blocks)
+        x, k, v = cached_block(
+            cfg, p, x, q_slots, q_pos, k_bufs[layer], v_bufs[layer], k_pos, k_valid, local[layer], per_layer[layer]
+        )
+        new_k.append(k[None])
+        new_v.append(v[None])
+        cursor = layer + 1
+    if cursor < cfg.n_layers:
+        x, (k, v) = scan(x, cursor, cfg.n_layers)
+        new_k.append(k)
+        new_v.append(v)
+    return x, jnp.concatenate(new_k), jnp.concatenate(new_v)
+
+
+def _embed_at(model: Transformer, tokens: Int[Array, " q"], positions: Int[Array, " q"]) -> Float[Array, "q d_model"]:
+    """``transformer.embed`` for tokens at explicit positions (a decode step has no prompt mask)."""
+    x = embed(dataclasses.replace(model, W_pos=None), tokens)
+    if model.W_pos is not None:
+        x = x + model.W_pos[positions].astype(x.dtype)
+    return x
+
+
+def prefill(
+    model: Transformer,
+    tokens: Int[Array, " seq"],
+    valid: Bool[Array, " seq"],
+    max_len: int,
+    hooks: Hooks | None = None,
+) -> tuple[Float[Array, " d_vocab"], KVCache]:
+    """Run the prompt with ``hooks`` and return the logits at its last slot and a cache of ``max_len``
+    slots (the prompt's ``seq`` slots filled, ``length = seq``).
+
+    The prompt attends over its own keys only, so the logits equal ``transformer.forward``'s.
+    """
+    cfg = model.cfg
+    seq = tokens.shape[0]
+    if max_len < seq:
+        raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt ({seq} slots).")
+    info = seq_info(valid)
+    empty = jnp.zeros((cfg.n_layers, seq, cfg.n_kv_heads, cfg.d_head), compute_dtype(cfg))
+    x, k, v = _run_cached_blocks(
+        model, embed(model, tokens, valid), info.slots, info.positions, empty, empty, info.positions, valid, hooks
+    )
+    logits = unembed(model, x[-1:])[0]
+    extra = max_len - seq
+    cache = KVCache(
+        k=jnp.pad(k, ((0, 0), (0, extra), (0, 0), (0, 0))),
+        v=jnp.pad(v, ((0, 0), (0, extra), (0, 0), (0, 0))),
+        valid=jnp.pad(valid, (0, extra)),
+        positions=jnp.pad(info.positions, (0, extra)),
+        length=jnp.asarray(seq, jnp.int32),
+    )
+    return logits, cache
+
+
+def decode_step(
+    model: Transformer, cache: KVCache, token: Int[Array, ""], hooks: Hooks | None = None
+) -> tuple[Float[Array, " d_vocab"], KVCache]:
+    """Append ``token`` at slot ``cache.length`` and return the next-token logits and the new cache.
+
+    Hooks are called with ``slots=[cache.length]`` at every block point. Writing past ``max_len`` is
+    not checked (``dynamic_update_slice`` would clamp the index); ``generate`` sizes the cache.
+    """
+    slot = cache.length
+    pos = jnp.sum(cache.valid.astype(jnp.int32))  # real tokens before this one
+    valid = cache.valid.at[slot].set(True)
+    positions = cache.positions.at[slot].set(pos)
+    x, k, v = _run_cached_blocks(
+        model,
+        _embed_at(model, token[None], pos[None]),
+        slot[None],
+        pos[None],
+        cache.k,
+        cache.v,
+        positions,
+        valid,
+        hooks,
+    )
+    zero = jnp.int32(0)
+    new = KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, k, (zero, slot, zero, zero)),
+        v=jax.lax.dynamic_update_slice(cache.v, v, (zero, slot, zero, zero)),
+        valid=valid,
+        positions=positions,
+        length=slot + 1,
+    )
+    return unembed(model, x)[0], new
+
+
+# ----------------------------------------------------------------------------- uncached reference
+
+
+@pytree_dataclass
+class _Buffer:
+    """State of the uncached reference: the whole padded buffer and the next free slot."""
+
+    tokens: Int[Array, "*batch max_len"]
+    valid: Bool[Array, "*batch max_len"]
+    length: Int[Array, "*batch"]
+
+
+def _prefill_uncached(
+    model: Transformer, tokens: Array, valid: Array, max_len: int, hooks: Hooks | None
+) -> tuple[Array, _Buffer]:
+    seq = tokens.shape[0]
+    buf = _Buffer(
+        tokens=jnp.pad(tokens, (0, max_len - seq)),
+        valid=jnp.pad(valid, (0, max_len - seq)),
+        length=jnp.asarray(seq, jnp.int32),
+    )
+    return forward(model, buf.tokens, hooks, valid=buf.valid)[seq - 1], buf
+
+
+def _step_uncached(model: Transformer, buf: _Buffer, token: Array, hooks: Hooks | None) -> tuple[Array, _Buffer]:
+    slot = buf.length
+    buf = _Buffer(tokens=buf.tokens.at[slot].set(token), valid=buf.valid.at[slot].set(True), length=slot + 1)
+    return forward(model, buf.tokens, hooks, valid=buf.valid)[slot], buf
+
+
+# ----------------------------------------------------------------------------- batched sampler
+
+
+def _choose(
+    logits: Float[Array, "batch d_vocab"],
+    keys: Array,
+    step: Array,
+    temperature: Array,
+    *,
+    greedy: bool,
+    top_k: int | None,
+) -> Int[Array, " batch"]:
+    """Greedy argmax, or a temperature / top-k sample with per-example keys folded with the step."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / temperature.astype(logits.dtype)
+    if top_k is not None:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+
+    def one(key: Array, row: Array) -> Array:
+        return jax.random.categorical(jax.random.fold_in(key, step), row).astype(jnp.int32)
+
+    return jax.vmap(one)(keys, scaled)
+
+
+def _generate_impl(
+    model: Transformer,
+    tokens: Array,
+    valid: Array,
+    hooks: Hooks | None,
+    temperature: Array,
+    key: Array,
+    *,
+    prefill_fn: Callable,
+    step_fn: Callable,
+    max_new_tokens: int,
+    greedy: bool,
+    top_k: int | None,
+    eos_id: int | None,
+    pad_id: int,
+    hooks_axes: tuple[tuple[Any, ...], Any],
+    return_logits: bool,
+) -> GenerationResult:
+    batch, seq = tokens.shape
+    max_len = seq + max_new_tokens
+    axes = jax.tree.unflatten(hooks_axes[1], hooks_axes[0])
+    start = jax.vmap(lambda t, m, h: prefill_fn(model, t, m, max_len, h), in_axes=(0, 0, axes))
+    advance = jax.vmap(lambda s, t, h: step_fn(model, s, t, h), in_axes=(0, 0, axes))
+    keys = jax.random.split(key, batch)
+    choose = functools.partial(_choose, keys=keys, temperature=temperature, greedy=greedy, top_k=top_k)
+
+    def emit(logits: Array, finished: Array, step: Array) -> tuple[Array, Array]:
+        tok = jnp.where(finished, jnp.int32(pad_id), choose(logits, step=step))
+        done = finished if eos_id is None else finished | (tok == eos_id)
+        return tok, done
+
+    def body(carry, step):
+        state, logits, finished = carry
+        tok, finished = emit(logits, finished, step)
+        next_logits, state = advance(state, tok, hooks)
+        return (state, next_logits, finished), (tok, logits if return_logits else None)
+
+    logits, state = start(tokens, valid, hooks)
+    finished = jnp.zeros((batch,), bool)
+    steps = jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
+    (state, logits, finished), (toks, seen) = jax.lax.scan(body, (state, logits, finished), steps)
+    last, finished = emit(logits, finished, jnp.int32(max_new_tokens - 1))
+    new = jnp.concatenate([toks.T, last[:, None]], axis=1)  # scan stacks steps first: [step, batch]
+    all_logits = None
+    if return_logits:
+        all_logits = jnp.concatenate([jnp.swapaxes(seen, 0, 1), logits[:, None]], axis=1)
+    return GenerationResult(
+        tokens=new,
+        finished=finished,
+        sequences=jnp.concatenate([tokens, new], axis=1),
+        valid=jnp.concatenate([valid, jnp.ones((batch, max_new_tokens), bool)], axis=1),
+        logits=all_logits,
+    )
+
+
+_STATIC = ("max_new_tokens", "greedy", "top_k", "eos_id", "pad_id", "hooks_axes", "return_logits")
+_generate_cached_jit = jax.jit(
+    functools.partial(_generate_impl, prefill_fn=prefill, step_fn=decode_step), static_argnames=_STATIC
+)
+_generate_uncached_jit = jax.jit(
+    functools.partial(_generate_impl, prefill_fn=_prefill_uncached, step_fn=_step_uncached), static_argnames=_STATIC
+)
+
+
+def _normalize_hooks(hooks: Hooks | None) -> dict[Site, Any]:
+    return {Site.parse(s): f for s, f in (hooks or {}).items()}
+
+
+def _call(
+    fn: Callable,
+    model: Transformer,
+    tokens: Int[Array, "batch seq"],
+    valid: Bool[Array, "batch seq"] | None,
+    *,
+    max_new_tokens: int,
+    hooks: Hooks | None,
+    hooks_in_axes: Any,
+    temperature: float,
+    top_k: int | None,
+    key: Array | None,
+    eos_id: int | None,
+    pad_id: int | None,
+    return_logits: bool,
+) -> GenerationResult:
+    tokens = jnp.asarray(tokens, jnp.int32)
+    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    if tokens.ndim != 2 or valid.shape != tokens.shape:
+        raise ValueError(_MSG_BATCH.format(t=tokens.shape, v=valid.shape))
+    if max_new_tokens < 1:
+        raise ValueError(_MSG_NEW.format(n=max_new_tokens))
+    hooks = _normalize_hooks(hooks)
+    _layer_hooks(model.cfg, hooks)  # fail here, not inside the trace
+    if isinstance(hooks_in_axes, Mapping):
+        hooks_in_axes = _normalize_hooks(hooks_in_axes)
+    # the in_axes prefix becomes a static argument: flatten it into hashable leaves + treedef
+    leaves, treedef = jax.tree.flatten(hooks_in_axes, is_leaf=lambda a: a is None)
+    greedy = float(temperature) == 0.0
+    if pad_id is None:
+        pad_id = eos_id if eos_id is not None else 0
+    return fn(
+        model,
+        tokens,
+        valid,
+        hooks,
+        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+        jax.random.key(0) if key is None else key,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        top_k=top_k,
+        eos_id=eos_id,
+        pad_id=int(pad_id),
+        hooks_axes=(tuple(leaves), treedef),
+        return_logits=return_logits,
+    )
+
+
+def generate(
+    model: Transformer,
+    tokens: Int[Array, "batch seq"],
+    valid: Bool[Array, "batch seq"] | None = None,
+    *,
+    max_new_tokens: int,
+    hooks: Hooks | None = None,
+    hooks_in_axes: Any = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    key: Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    return_logits: bool = False,
+) -> GenerationResult:
+    """Generate ``max_new_tokens`` tokens for a left-padded batch of prompts, with a KV cache.
+
+    Args:
+        model: the transformer.
+        tokens: ``[batch, seq]`` prompt ids, padded on the left (pad to ``bucket_length`` to limit
+            recompiles).
+        valid: ``[batch, seq]`` True at real tokens; ``None`` means all real.
+        max_new_tokens: number of tokens to generate (static; one compile per value).
+        hooks: ``{Site: fn(resid, slots) -> resid}`` applied at prefill and at every decode step.
+            Slots count from the first (padded) prompt slot; generated token ``i`` sits at slot
+            ``seq + i``. Traced: new array values do not recompile.
+        hooks_in_axes: how hook arrays map over the batch, as ``jax.vmap``'s ``in_axes`` for the hooks
+            argument. ``None`` (default): every hook is shared by all rows. ``0``: every array leaf
+            of every hook has a leading batch axis. A prefix pytree mixes them, e.g.
+            ``{site: compose(Clamp(None, None, None), AddDelta(0, None))}`` shares the SAE clamp and
+            gives each row its own delta (leaves that are ``None`` in the hook, like an absent
+            ``slot_mask``, need ``None`` here).
+        temperature: ``0.0`` is greedy (argmax); otherwise logits are divided by it and sampled. The
+            greedy/sampling choice is static, the temperature value is traced.
+        top_k: sample only among the ``top_k`` largest logits (static; ``None`` for all).
+        key: PRNG key for sampling; split into one key per row, folded with the step index, so a
+            row's sample does not depend on the batch it is in beyond its row index.
+        eos_id: once a row emits it, the row is ``finished`` and emits ``pad_id`` from then on.
+        pad_id: what finished rows emit; defaults to ``eos_id`` (or 0).
+        return_logits: also return the ``[batch, max_new_tokens, d_vocab]`` logits of each choice.
+
+    Returns:
+        A ``GenerationResult``.
+
+    >>> out = generate(model, tokens, valid, max_new_tokens=8, hooks={Site(6): clamp})
+    >>> out.tokens.shape
+    (batch, 8)
+    """
+    return _call(
+        _generate_cached_jit,
+        model,
+        tokens,
+        valid,
+        max_new_tokens=max_new_tokens,
+        hooks=hooks,
+        hooks_in_axes=hooks_in_axes,
+        temperature=temperature,
+        top_k=top_k,
+        key=key,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        return_logits=return_logits,
+    )
+
+
+def generate_uncached(
+    model: Transformer,
+    tokens: Int[Array, "batch seq"],
+    valid: Bool[Array, "batch seq"] | None = None,
+    *,
+    max_new_tokens: int,
+    hooks: Hooks | None = None,
+    hooks_in_axes: Any = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    key: Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    return_logits: bool = False,
+) -> GenerationResult:
+    """``generate`` without a cache: every step reruns ``transformer.forward`` over the whole
+    ``seq + max_new_tokens`` buffer (future slots marked invalid). Same arguments and result; cost is
+    quadratic in the number of steps. Use it as a reference."""
+    return _call(
+        _generate_uncached_jit,
+        model,
+        tokens,
+        valid,
+        max_new_tokens=max_new_tokens,
+        hooks=hooks,
+        hooks_in_axes=hooks_in_axes,
+        temperature=temperature,
+        top_k=top_k,
+        key=key,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        return_logits=return_logits,
+    )
