@@ -1,0 +1,240 @@
+"""Constraint maps for recovery perturbations: encoder-null projection (C1), Jacobian row-space
+projection (cross-layer C2/C3 to first order) and the Frobenius budget (C4).
+
+Contract:
+- A perturbation ``delta`` is ``[rows, d_model]``: one row per perturbed slot (see ``recovery``).
+- ``EncoderNullProjector.basis`` is a ``[d_model, k]`` matrix ``B`` with ``apply(P, v) = v - (v B) B^T``,
+  applied to every row independently (C1 holds per optimised position).
+
+  ================  ==================================================================================
+  ``"pinv"``        ``B`` = orthonormal basis of span(A), ``A = W_enc[:, S]`` (SVD, rank cutoff; zero
+                    columns past the rank). This is the paper's exact ``I - A (A^T A)^+ A^T``.
+  ``"ridge"``       ``B = A L^{-T}`` with ``L L^T = A^T A + ridge I`` (Cholesky, precomputed), so that
+                    ``v - B B^T v = v - A (A^T A + ridge I)^{-1} A^T v``: the authors' code (ridge 1e-4).
+                    Not exactly idempotent: it leaves a ``O(ridge / sigma_min^2)`` component along A.
+  ================  ==================================================================================
+
+- Because SAE pre-activations are affine in the residual, any ``delta`` whose rows lie in the
+  encoder-null space leaves the ``S`` pre-activations (hence relu/jumprelu latents) exactly unchanged.
+  This does NOT hold for top-k SAEs (the ranking depends on every latent).
+- ``jacobian_basis`` builds an orthonormal basis of (a sketch of) the row space of
+  ``J = dPhi/d delta``; ``project_off`` removes it from a gradient. Exact = every row of J (one VJP per
+  entry of Phi, batched with ``vmap``) followed by an SVD with a rank cutoff (equivalent to QR of
+  ``J^T`` but robust to the zero rows that masked positions produce). Sketch = the authors' code:
+  ``probes`` random unit vectors in Phi-space (plus the unit drift direction when nonzero), their
+  VJPs, Gram-Schmidt with drop tolerance 1e-7.
+- ``clip_l2`` is the code's rescale ``delta * eps / (||delta|| + 1e-8)`` when ``||delta|| > eps``
+  (Frobenius over all rows, the paper; or per row).
+- ``projected_updates(fn)`` is an optax transform applying ``fn`` to the incoming gradient (put it
+  *before* Adam, as paper and code do); ``projected_params(fn)`` rewrites the update so that the new
+  parameters equal ``fn(params + update)`` (put it *last*: post-step re-projection and clipping).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+from jaxtyping import Array, Float, Int
+
+from jaxrecover._pytree import pytree_dataclass
+from jaxrecover.sae import SAE
+
+PROJECTOR_METHODS = ("pinv", "ridge")
+JACOBIAN_METHODS = ("exact", "sketch")
+BUDGET_PER = ("example", "position")
+GS_DROP_TOL = 1e-7  # authors' Gram-Schmidt drop tolerance
+CLIP_EPS = 1e-8  # authors' clipping denominator guard
+
+
+@pytree_dataclass
+class EncoderNullProjector:
+    """``apply(P, v) = v - (v @ basis) @ basis.T`` row by row (see module docstring)."""
+
+    basis: Float[Array, "d k"]
+
+
+def encoder_null_projector(
+    sae: SAE, features: Int[Array, " k"], *, method: str = "pinv", ridge: float = 1e-4, rcond: float | None = None
+) -> EncoderNullProjector:
+    """Projector onto the null space of ``A^T``, ``A = W_enc[:, features]``.
+
+    Args:
+        sae: the SAE at the perturbed site.
+        features: the clamped feature indices ``S``.
+        method: ``"pinv"`` (paper, exact orthogonal projector) or ``"ridge"`` (authors' code).
+        ridge: the ridge of ``"ridge"`` (code: 1e-4).
+        rcond: relative singular-value cutoff for ``"pinv"`` (default ``max(d, k) * eps``, as numpy).
+
+    >>> P = encoder_null_projector(sae, jnp.array([3, 7]))
+    >>> v_null = apply(P, v)   # encode_pre(sae, x + v_null)[..., S] == encode_pre(sae, x)[..., S]
+    """
+    A = sae.W_enc[:, features].astype(jnp.float32)  # [d, k]
+    if method == "pinv":
+        U, s, _ = jnp.linalg.svd(A, full_matrices=False)  # U [d, min(d, k)]
+        cutoff = (max(A.shape) * jnp.finfo(A.dtype).eps if rcond is None else rcond) * jnp.max(s)
+        keep = (s > cutoff).astype(U.dtype)
+        return EncoderNullProjector(basis=U * keep[None, :])
+    if method == "ridge":
+        G = A.T @ A + ridge * jnp.eye(A.shape[1], dtype=A.dtype)
+        L = jnp.linalg.cholesky(G)
+        # B = A L^{-T}  <=>  B^T = L^{-1} A^T, so B B^T = A (L L^T)^{-1} A^T
+        Bt = jax.scipy.linalg.solve_triangular(L, A.T, lower=True)
+        return EncoderNullProjector(basis=Bt.T)
+    raise ValueError(f"Unknown projector method {method!r}; expected one of {PROJECTOR_METHODS}.")
+
+
+def apply(proj: EncoderNullProjector, v: Float[Array, "rows d"]) -> Float[Array, "rows d"]:
+    """Project every row of ``v`` off span(A) (see ``EncoderNullProjector``)."""
+    B = proj.basis.astype(v.dtype)
+    return v - (v @ B) @ B.T
+
+
+# ----------------------------------------------------------------------------- Jacobian (cross-layer)
+
+
+def _flat(tree: Any) -> Array:
+    return ravel_pytree(tree)[0]
+
+
+def _gram_schmidt(vectors: Float[Array, "n p"], tol: float) -> Float[Array, "n p"]:
+    """Orthonormalise rows in order (modified GS, two passes); rows whose residual norm <= tol become 0."""
+    basis = jnp.zeros_like(vectors)
+    for i in range(vectors.shape[0]):  # n is small and static (probes + 1)
+        v = vectors[i]
+        for _ in range(2):  # re-orthogonalisation: float32 GS loses orthogonality otherwise
+            v = v - basis.T @ (basis @ v)
+        n = jnp.linalg.norm(v)
+        keep = n > tol
+        basis = basis.at[i].set(jnp.where(keep, v / jnp.where(keep, n, 1.0), jnp.zeros_like(v)))
+    return basis
+
+
+def jacobian_basis(
+    vjp_fn: Callable[[Any], Any],
+    phi: Any,
+    *,
+    method: str = "exact",
+    key: Array | None = None,
+    probes: int = 8,
+    phi_ref: Any = None,
+    drift_probe: bool = True,
+    tol: float = GS_DROP_TOL,
+    rcond: float = 1e-6,
+) -> Array:
+    """Orthonormal rows spanning (a sketch of) the row space of ``J = dPhi/d delta``.
+
+    Args:
+        vjp_fn: ``cotangent_phi -> d(<cotangent, Phi>)/d delta`` (e.g. from ``jax.vjp``), where the
+            cotangent has the pytree structure of ``phi``. Extra outputs may be zeroed by the caller.
+        phi: ``Phi`` at the current ``delta`` (any pytree of arrays).
+        method: ``"exact"`` (every row of J, SVD rank cutoff ``rcond * s_max``) or ``"sketch"``.
+        key: PRNG key for the sketch's Gaussian probes (seed it per step).
+        probes: number of random unit probes (code: 8).
+        phi_ref: reference ``Phi`` (delta = 0) for the drift probe ``(Phi - Phi_ref)/||.||``.
+        drift_probe: add the drift probe when ``||Phi - Phi_ref|| > 1e-8``.
+        tol: Gram-Schmidt drop tolerance (code: 1e-7).
+
+    Returns:
+        ``[n_basis, delta.size]``: orthonormal rows (flattened like ``delta.reshape(-1)``); unused
+        rows are zero.
+    """
+    flat_phi, unravel = ravel_pytree(phi)
+    m = flat_phi.shape[0]
+    if method == "exact":
+        J = jax.vmap(lambda e: _flat(vjp_fn(unravel(e))))(jnp.eye(m, dtype=flat_phi.dtype))  # [m, p]
+        U, s, _ = jnp.linalg.svd(J.T, full_matrices=False)  # [p, min(p, m)]
+        keep = (s > rcond * jnp.max(s)) & (s > 0)
+        rows = (U * keep.astype(U.dtype)[None, :]).T
+    elif method == "sketch":
+        if key is None:
+            raise ValueError("jacobian_basis(method='sketch') needs a PRNG key.")
+        R = jax.random.normal(key, (probes, m), flat_phi.dtype)
+        R = R / jnp.linalg.norm(R, axis=1, keepdims=True)
+        if drift_probe and phi_ref is not None:
+            d = flat_phi - _flat(phi_ref)
+            n = jnp.linalg.norm(d)
+            use = n > 1e-8
+            d = jnp.where(use, d / jnp.where(use, n, 1.0), jnp.zeros_like(d))
+            R = jnp.concatenate([R, d[None, :]], axis=0)
+        V = jax.vmap(lambda r: _flat(vjp_fn(unravel(r))))(R)  # [n_probe, p]
+        rows = _gram_schmidt(V, tol)
+    else:
+        raise ValueError(f"Unknown jacobian method {method!r}; expected one of {JACOBIAN_METHODS}.")
+    return rows
+
+
+def project_off(basis: Array, g: Array) -> Array:
+    """``g - sum_b <g, b> b`` for orthonormal (or zero) rows ``b`` of ``basis`` ``[n, g.size]``."""
+    flat = g.reshape(-1)
+    return (flat - basis.T @ (basis @ flat)).reshape(g.shape)
+
+
+def jacobian_null_project(
+    phi_fn: Callable[[Array], Any],
+    delta: Float[Array, "rows d"],
+    g: Float[Array, "rows d"],
+    *,
+    method: str = "exact",
+    key: Array | None = None,
+    probes: int = 8,
+    phi_ref: Any = None,
+    drift_probe: bool = True,
+    tol: float = GS_DROP_TOL,
+) -> Float[Array, "rows d"]:
+    """Project ``g`` off the row space of ``J = dPhi/d delta`` at ``delta`` (``P_J g``).
+
+    The exact version is the paper's ``g - J^T (J J^T)^+ J g``: to first order, a step along the
+    result leaves every defended activation ``Phi`` unchanged. See ``jacobian_basis`` for the sketch.
+    """
+    phi, vjp = jax.vjp(phi_fn, delta)
+    basis = jacobian_basis(
+        lambda c: vjp(c)[0], phi, method=method, key=key, probes=probes, phi_ref=phi_ref,
+        drift_probe=drift_probe, tol=tol,
+    )
+    return project_off(basis, g)
+
+
+# ----------------------------------------------------------------------------- budget (C4)
+
+
+def clip_l2(delta: Float[Array, "rows d"], budget: float | Array, *, per: str = "example") -> Float[Array, "rows d"]:
+    """Rescale so ``||delta||_F <= budget`` (``per="example"``, paper) or each row ``<= budget``
+    (``per="position"``), with the code's ``budget / (norm + 1e-8)`` factor. ``budget = 0`` gives 0."""
+    if per == "example":
+        n = jnp.sqrt(jnp.sum(jnp.square(delta)))
+    elif per == "position":
+        n = jnp.sqrt(jnp.sum(jnp.square(delta), axis=-1, keepdims=True))
+    else:
+        raise ValueError(f"Unknown budget_per {per!r}; expected one of {BUDGET_PER}.")
+    scale = jnp.where(n > budget, budget / (n + CLIP_EPS), jnp.ones_like(n))
+    return delta * scale.astype(delta.dtype)
+
+
+# ----------------------------------------------------------------------------- optax glue
+
+
+def projected_updates(fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Apply ``fn`` to the incoming updates (gradients). Chain it BEFORE the optimiser:
+    ``optax.chain(projected_updates(lambda g: apply(P, g)), optax.adam(lr))``."""
+
+    def update(updates, state, params=None):
+        del params
+        return fn(updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def projected_params(fn: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Last link of a chain: rewrites ``u`` so that ``params + u == fn(params + u)`` (post-step
+    re-projection / clipping of ``delta`` itself)."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("projected_params needs params: call tx.update(grads, state, params).")
+        new = fn(optax.apply_updates(params, updates))
+        return jax.tree.map(jnp.subtract, new, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
