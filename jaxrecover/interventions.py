@@ -37,9 +37,10 @@ CLAMP_MODES = ("set", "zero", "scale", "negative_on_positive", "floor", "ceiling
 
 def clamp_latents(mode: str, z_S: Float[Array, "*seq k"], values: Float[Array, " k"]) -> Float[Array, "*seq k"]:
     """The defended values of the selected latents, given their current values."""
-    values = values.astype(z_S.dtype)
+    # explicit broadcast: tests run with jax_numpy_rank_promotion="raise"
+    values = jnp.broadcast_to(values.astype(z_S.dtype), z_S.shape)
     if mode == "set":
-        return jnp.broadcast_to(values, z_S.shape)
+        return values
     if mode == "zero":
         return jnp.zeros_like(z_S)
     if mode == "scale":
@@ -69,10 +70,14 @@ class Clamp:
     the mask are clamped.
     """
 
-    sae: SAE
-    features: Int[Array, " k"]
-    values: Float[Array, " k"]
-    slot_mask: Bool[Array, " n_slots"] | None = None
+    # The field annotations admit what JAX itself builds: a stack of clamps (leading ``*batch`` axes,
+    # e.g. the output of ``jax.vmap``) and an ``in_axes`` prefix such as ``Clamp(None, 0, 0)``.
+    # register_dataclass unflattens through ``__init__``, which jaxtyping checks; ``__call__`` still
+    # checks the per-example shapes.
+    sae: SAE | None
+    features: Int[Array, "*batch k"] | int | None
+    values: Float[Array, "*batch k"] | int | None
+    slot_mask: Bool[Array, "*batch n_slots"] | int | None = None
     mode: str = static("set")
 
     def __post_init__(self) -> None:
@@ -88,12 +93,37 @@ class Clamp:
         return resid + (dz @ self.sae.W_dec[self.features]).astype(resid.dtype)
 
 
+def reencoding_error(clamp: Clamp, resid: Float[Array, "seq d"], slots: Int[Array, " seq"]) -> Float[Array, ""]:
+    """How far the clamped features read back from their targets: ``max |z_S(clamp(h)) - target|``.
+
+    The clamp writes ``target - z_S`` along the decoder rows ``W_dec[S]``; re-encoding the result gives
+    ``target`` back only when ``W_dec[S] @ W_enc[:, S]`` is the identity and no feature crosses its
+    (jump)ReLU / top-k boundary, so a real SAE reads back approximately. This reports the gap, over the
+    clamped slots and features (slots the ``slot_mask`` skips count against their unclamped value).
+
+    Args:
+        clamp: the clamp.
+        resid: the residual before the clamp.
+        slots: raw slot indices of ``resid``'s rows.
+
+    Returns:
+        A scalar, in the SAE's latent units.
+    """
+    z_S = encode_features(clamp.sae, resid, clamp.features)
+    target = clamp_latents(clamp.mode, z_S, clamp.values)
+    gate = _slot_gate(clamp.slot_mask, slots)
+    if gate is not None:
+        target = jnp.where(jnp.broadcast_to(gate[:, None], target.shape), target, z_S)
+    read_back = encode_features(clamp.sae, clamp(resid, slots), clamp.features)
+    return jnp.max(jnp.abs(read_back - target))
+
+
 @pytree_dataclass
 class AddDelta:
     """Add ``delta[r]`` to the residual at slot ``slots[r]`` (rows with slot -1 are inactive)."""
 
-    delta: Float[Array, "rows d"]
-    slots: Int[Array, " rows"]
+    delta: Float[Array, "*batch rows d"] | int | None  # batch / int / None: see the note in Clamp
+    slots: Int[Array, "*batch rows"] | int | None
 
     def __call__(self, resid: Float[Array, "seq d"], slots: Int[Array, " seq"]) -> Float[Array, "seq d"]:
         # one-hot scatter: works unchanged for a full pass and for a single decode slot

@@ -10,11 +10,18 @@ Activations:
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int
 
 from jaxrecover._pytree import pytree_dataclass, static
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
+
+
+def _rows(v: Array, like: Array) -> Array:
+    """Broadcast a per-feature vector over the leading axes of ``like`` explicitly (the tests run with
+    ``jax_numpy_rank_promotion="raise"``, which forbids ``[seq, d] + [d]``)."""
+    return jnp.broadcast_to(v, like.shape[:-1] + v.shape)
 
 
 @pytree_dataclass
@@ -51,8 +58,9 @@ class SAE:
 def encode_pre(sae: SAE, x: Float[Array, "*seq d_in"]) -> Float[Array, "*seq d_sae"]:
     """Pre-activations. Affine in ``x``: the fact the encoder-null projection relies on."""
     if sae.apply_b_dec_to_input:
-        x = x - sae.b_dec.astype(x.dtype)
-    return x.astype(sae.W_enc.dtype) @ sae.W_enc + sae.b_enc
+        x = x - _rows(sae.b_dec.astype(x.dtype), x)
+    pre = x.astype(sae.W_enc.dtype) @ sae.W_enc
+    return pre + _rows(sae.b_enc, pre)
 
 
 def activate(sae: SAE, pre: Float[Array, "*seq d_sae"]) -> Float[Array, "*seq d_sae"]:
@@ -60,7 +68,7 @@ def activate(sae: SAE, pre: Float[Array, "*seq d_sae"]) -> Float[Array, "*seq d_
     if sae.activation == "relu":
         return jax.nn.relu(pre)
     if sae.activation == "jumprelu":
-        return jax.nn.relu(pre) * (pre > sae.threshold).astype(pre.dtype)
+        return jax.nn.relu(pre) * (pre > _rows(sae.threshold, pre)).astype(pre.dtype)
     # top-k: mask everything below the k-th largest value (ties keep all equal values, as SAELens' topk
     # keeps exactly k; ties have probability zero for float activations)
     kth = jax.lax.top_k(pre, sae.k)[0][..., -1:]
@@ -78,23 +86,25 @@ def encode_features(sae: SAE, x: Float[Array, "*seq d_in"], features: Int[Array,
     if sae.activation == "topk":
         return encode(sae, x)[..., features]
     if sae.apply_b_dec_to_input:
-        x = x - sae.b_dec.astype(x.dtype)
-    pre = x.astype(sae.W_enc.dtype) @ sae.W_enc[:, features] + sae.b_enc[features]
+        x = x - _rows(sae.b_dec.astype(x.dtype), x)
+    pre = x.astype(sae.W_enc.dtype) @ sae.W_enc[:, features]
+    pre = pre + _rows(sae.b_enc[features], pre)
     z = jax.nn.relu(pre)
     if sae.activation == "jumprelu":
-        z = z * (pre > sae.threshold[features]).astype(pre.dtype)
+        z = z * (pre > _rows(sae.threshold[features], pre)).astype(pre.dtype)
     return z
 
 
 def decode(sae: SAE, z: Float[Array, "*seq d_sae"]) -> Float[Array, "*seq d_in"]:
     """Reconstruction ``x_hat = D(z)``."""
-    return z @ sae.W_dec + sae.b_dec
+    x_hat = z @ sae.W_dec
+    return x_hat + _rows(sae.b_dec, x_hat)
 
 
 def reconstruct(sae: SAE, x: Float[Array, "*seq d_in"]) -> Float[Array, "*seq d_in"]:
     return decode(sae, encode(sae, x))
 
 
-def astype(sae: SAE, dtype: jnp.dtype) -> SAE:
+def astype(sae: SAE, dtype: DTypeLike) -> SAE:
     """Cast every array (threshold included) to ``dtype``."""
     return jax.tree.map(lambda a: a.astype(dtype), sae)
