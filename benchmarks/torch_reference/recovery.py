@@ -1,0 +1,524 @@
+"""PyTorch reference of single-layer post-intervention recovery, in the paper's own style.
+
+What it computes (the same problem as ``jaxrecover.recovery``):
+
+- The defended state at one residual site ``blocks.{L}.hook_{resid_pre|resid_post}``: a closed-form
+  SAE clamp that keeps the SAE error term, ``h_def = h + (clamp(z_S) - z_S) @ W_dec[S]``. ``z_S`` is
+  computed from ``h`` inside the hook and nothing is detached, so gradients flow through the clamp and
+  the error term alike (SAELens detaches its error term; that gives the wrong recovery gradient).
+- The recovery perturbation ``delta [rows, d_model]`` is added after the clamp at the rows' token
+  positions (``AddDelta``).
+- Each step: forward, ``loss = -objective``, backward, project ``delta.grad`` row by row onto the
+  null space of the clamped features' encoder columns ``A = W_enc[:, S]`` (ridge solve as in the
+  paper's code, or the exact pseudo-inverse / QR projector), ``torch.optim.Adam`` step, optionally
+  re-project ``delta``, then clip ``||delta||_F`` to the budget.
+
+Adam equivalence with optax: both use bias-corrected moments and put ``eps`` outside the square root,
+``update = lr * m_hat / (sqrt(v_hat) + eps)``; ``torch.optim.Adam(lr, betas, eps)`` and
+``optax.adam(lr, b1, b2, eps)`` take identical steps on identical gradients.
+
+Two execution modes, same numbers:
+
+- ``recover_per_example``: the paper's loop. One example at a time, a forward hook registered on
+  ``model.model.layers[L]`` (a pre-hook for ``resid_pre``), the full HF forward every step.
+- ``recover_batched``: every example at once. The residual entering block ``L`` is computed once
+  (``run_to``); each step runs only blocks ``L..`` (``run_from``), optionally under ``torch.compile``.
+  One Adam over the stacked ``delta [batch, rows, d_model]`` is exactly per-example Adam (it is
+  elementwise), the loss is the sum of per-example losses (examples do not interact), and the budget
+  clip is per example.
+
+Not here: cross-layer Jacobian projection, generation, padding (examples share one length).
+"""
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+POINTS = ("resid_pre", "resid_post")
+OBJECTIVES = ("continuation_logprob", "logit_diff", "choice_margin")
+PROJECTIONS = ("none", "ridge", "pinv", "qr")
+CLAMP_MODES = ("set", "zero", "scale", "negative_on_positive", "floor", "ceiling")
+
+_MSG_SITE = "site {site!r}: the torch reference supports 'blocks.{{L}}.hook_resid_pre' and 'blocks.{{L}}.hook_resid_post'."
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TorchRecoveryConfig:
+    """Hyper-parameters of one recovery run; mirrors ``jaxrecover.recovery.RecoveryConfig``.
+
+    Attributes:
+        layer: block index of the site.
+        point: ``"resid_pre"`` (input of block ``layer``) or ``"resid_post"`` (its output).
+        steps: optimisation steps.
+        lr, b1, b2, eps: Adam hyper-parameters (torch defaults for betas/eps).
+        budget: ``||delta||_F`` bound per example, enforced by rescaling after every step.
+        projection: ``"ridge"`` (paper code, ``(A^T A + ridge I)^-1``), ``"pinv"``, ``"qr"`` or ``"none"``.
+        ridge: ridge of the ``"ridge"`` projector.
+        reproject: also project ``delta`` itself after each Adam step (Adam's scaling leaves the null space).
+        clip_eps: the ``1e-8`` in ``delta * budget / (||delta|| + clip_eps)``.
+        objective: ``"continuation_logprob" | "logit_diff" | "choice_margin"``; "recovered" is the
+            matching ``jaxrecover.objectives`` success predicate at the final ``delta``.
+    """
+
+    layer: int
+    point: str = "resid_post"
+    steps: int = 20
+    lr: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    budget: float = 20.0
+    projection: str = "ridge"
+    ridge: float = 1e-4
+    reproject: bool = False
+    clip_eps: float = 1e-8
+    objective: str = "logit_diff"
+
+    def __post_init__(self) -> None:
+        if self.point not in POINTS:
+            raise ValueError(_MSG_SITE.format(site=f"blocks.{self.layer}.hook_{self.point}"))
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}.")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
+
+
+# ----------------------------------------------------------------------------- SAE and clamp
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TorchSAE:
+    """SAELens-convention SAE: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``."""
+
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    threshold: Tensor | None = None
+    activation: str = "relu"  # "relu" | "jumprelu"
+    apply_b_dec_to_input: bool = False
+
+    @classmethod
+    def from_jax(cls, sae: Any, device: str | torch.device = "cpu") -> "TorchSAE":
+        """Copy a ``jaxrecover.sae.SAE`` (float32)."""
+        import numpy as np
+
+        t = lambda a: None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)  # noqa: E731
+        if sae.activation not in ("relu", "jumprelu"):
+            raise ValueError(f"TorchSAE supports relu/jumprelu, got {sae.activation!r}.")
+        return cls(W_enc=t(sae.W_enc), b_enc=t(sae.b_enc), W_dec=t(sae.W_dec), b_dec=t(sae.b_dec),
+                   threshold=t(sae.threshold), activation=sae.activation,
+                   apply_b_dec_to_input=sae.apply_b_dec_to_input)
+
+    def encode_features(self, x: Tensor, features: Tensor) -> Tensor:
+        """Latents of the selected features only: ``[..., d_in] -> [..., k]`` (float32)."""
+        x = x.float()
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = x @ self.W_enc[:, features] + self.b_enc[features]
+        z = torch.relu(pre)
+        if self.activation == "jumprelu":
+            z = z * (pre > self.threshold[features]).to(pre.dtype)
+        return z
+
+
+def clamp_latents(mode: str, z_S: Tensor, values: Tensor) -> Tensor:
+    """Defended values of the selected latents (same table as ``jaxrecover.interventions``)."""
+    if mode == "set":
+        return values.expand_as(z_S)
+    if mode == "zero":
+        return torch.zeros_like(z_S)
+    if mode == "scale":
+        return z_S * values
+    if mode == "negative_on_positive":
+        return torch.where(z_S > 0, values.expand_as(z_S), z_S)
+    if mode == "floor":
+        return torch.maximum(z_S, values)
+    if mode == "ceiling":
+        return torch.minimum(z_S, values)
+    raise ValueError(f"Unknown clamp mode {mode!r}; expected one of {CLAMP_MODES}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TorchClamp:
+    """Closed-form clamp keeping the SAE error: ``h + (clamp(z_S) - z_S) @ W_dec[S]``, nothing detached."""
+
+    sae: TorchSAE
+    features: Tensor  # long [k]
+    values: Tensor  # float [k]
+    mode: str = "set"
+
+    def __call__(self, h: Tensor) -> Tensor:
+        z_S = self.sae.encode_features(h, self.features)
+        dz = clamp_latents(self.mode, z_S, self.values) - z_S
+        return h + (dz @ self.sae.W_dec[self.features]).to(h.dtype)
+
+    @property
+    def encoder_columns(self) -> Tensor:
+        """``A = W_enc[:, S]`` (``[d_in, k]``): the directions the projection keeps ``delta`` away from."""
+        return self.sae.W_enc[:, self.features]
+
+
+# ----------------------------------------------------------------------------- projection and clip
+
+
+def null_projector(A: Tensor, kind: str, ridge: float = 1e-4) -> Tensor:
+    """``P [d, d]`` with ``g @ P`` the projection of rows ``g`` onto ``null(A^T)``; ``A = W_enc[:, S]``.
+
+    - ``"ridge"``: ``I - A (A^T A + ridge I)^-1 A^T`` (the paper's code).
+    - ``"pinv"``:  ``I - A pinv(A)`` (the paper's equation, ``(A^T A)^+``).
+    - ``"qr"``:    ``I - Q Q^T`` with ``Q`` from a reduced QR of ``A`` (equal to ``pinv`` for full rank).
+    - ``"none"``:  ``I``.
+    Computed in float64 then cast to float32: the projector is built once, so its accuracy is free.
+    """
+    d = A.shape[0]
+    A64 = A.double()
+    eye = torch.eye(d, dtype=torch.float64, device=A.device)
+    if kind == "none":
+        P = eye
+    elif kind == "ridge":
+        gram = A64.T @ A64 + ridge * torch.eye(A.shape[1], dtype=torch.float64, device=A.device)
+        P = eye - A64 @ torch.linalg.solve(gram, A64.T)
+    elif kind == "pinv":
+        P = eye - A64 @ torch.linalg.pinv(A64)
+    elif kind == "qr":
+        Q, _ = torch.linalg.qr(A64, mode="reduced")
+        P = eye - Q @ Q.T
+    else:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}.")
+    return P.float()
+
+
+@torch.no_grad()
+def clip_budget_(delta: Tensor, budget: float, clip_eps: float) -> None:
+    """In place: ``delta <- delta * budget / (||delta||_F + clip_eps)`` where ``||delta||_F > budget``,
+    per example (the norm is over the last two axes ``[rows, d_model]``)."""
+    norm = torch.linalg.vector_norm(delta, dim=(-2, -1), keepdim=True)
+    scale = torch.where(norm > budget, budget / (norm + clip_eps), torch.ones_like(norm))
+    delta.mul_(scale)
+
+
+# ----------------------------------------------------------------------------- examples and objectives
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TorchExamples:
+    """A batch of same-length examples (leading axis ``batch``; one token variant per example).
+
+    Attributes:
+        tokens: long ``[batch, seq]``.
+        delta_slots: long ``[batch, rows]``: token positions of the ``delta`` rows.
+        target: the objective's fields, each with a leading ``batch`` axis, named as the fields of the
+            matching ``jaxrecover.objectives`` target (variant axis dropped):
+
+            - ``continuation_logprob``: ``ids [b, seq]`` (next-token targets), ``weights [b, seq]``.
+            - ``logit_diff``: ``slot [b]``, ``io [b]``, ``s [b]``.
+            - ``choice_margin``: ``slot [b]``, ``choice_ids [b, n_choice]``, ``correct [b]``.
+    """
+
+    tokens: Tensor
+    delta_slots: Tensor
+    target: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, i: int) -> "TorchExamples":
+        """Example ``i`` as a batch of one."""
+        return TorchExamples(tokens=self.tokens[i : i + 1], delta_slots=self.delta_slots[i : i + 1],
+                             target={k: v[i : i + 1] for k, v in self.target.items()})
+
+    def to(self, device: str | torch.device) -> "TorchExamples":
+        return TorchExamples(tokens=self.tokens.to(device), delta_slots=self.delta_slots.to(device),
+                             target={k: v.to(device) for k, v in self.target.items()})
+
+
+def _choice_logits(logits: Tensor, t: dict[str, Tensor]) -> Tensor:
+    batch = torch.arange(logits.shape[0], device=logits.device)
+    return logits.float()[batch, t["slot"]].gather(-1, t["choice_ids"])  # [b, n_choice]
+
+
+def objective_values(name: str, logits: Tensor, t: dict[str, Tensor]) -> Tensor:
+    """Per-example objective ``[batch]`` from logits ``[batch, seq, vocab]`` (higher is better).
+
+    Same definitions as ``jaxrecover.objectives`` (one variant per example):
+
+    - ``continuation_logprob``: weighted mean of ``log p(ids[t] | logits[t])`` over slots.
+    - ``logit_diff``: ``logit[io] - logit[s]`` at ``slot``.
+    - ``choice_margin``: ``logit[choice[correct]] - mean(logits of the other choices)`` at ``slot``.
+    """
+    if name == "continuation_logprob":
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        tok = lp.gather(-1, t["ids"].clamp(0, logits.shape[-1] - 1)[..., None])[..., 0]  # [b, seq]
+        w = t["weights"].float()
+        return (tok * w).sum(-1) / w.sum(-1).clamp_min(1e-8)
+    if name == "logit_diff":
+        batch = torch.arange(logits.shape[0], device=logits.device)
+        at = logits.float()[batch, t["slot"]]  # [b, vocab]
+        return at[batch, t["io"]] - at[batch, t["s"]]
+    if name == "choice_margin":
+        c = _choice_logits(logits, t)
+        correct = c.gather(-1, t["correct"][:, None])[:, 0]
+        return correct - (c.sum(-1) - correct) / (c.shape[-1] - 1)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}.")
+
+
+def success_values(name: str, logits: Tensor, t: dict[str, Tensor]) -> Tensor:
+    """Per-example "recovered" decision ``[batch]`` (bool), as ``jaxrecover.objectives``' predicates.
+
+    - ``continuation_logprob``: greedy argmax reproduces every scored target token.
+    - ``logit_diff``: ``logit[io] > logit[s]``.
+    - ``choice_margin``: the correct choice has the largest choice logit.
+    """
+    if name == "continuation_logprob":
+        hit = logits.argmax(-1) == t["ids"]
+        return (hit | (t["weights"] <= 0)).all(-1)
+    if name == "logit_diff":
+        return objective_values(name, logits, t) > 0
+    if name == "choice_margin":
+        return _choice_logits(logits, t).argmax(-1) == t["correct"]
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}.")
+
+
+# ----------------------------------------------------------------------------- HF model plumbing
+
+
+def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    """``AutoModelForCausalLM`` from a local HF folder, eager attention, eval mode, weights frozen."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+class _Stop(Exception):
+    """Raised inside a pre-hook to end a forward pass early (``run_to``)."""
+
+
+def _layers(model: Any) -> Any:
+    return model.model.layers
+
+
+@torch.no_grad()
+def run_to(model: Any, tokens: Tensor, layer: int) -> Tensor:
+    """Residual entering block ``layer`` (``blocks.{layer}.hook_resid_pre``): runs blocks ``< layer`` only."""
+    captured: list[Tensor] = []
+
+    def grab(module: Any, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = _layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model.model(input_ids=tokens)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0].detach()
+
+
+def _masks(model: Any, x: Tensor, position_ids: Tensor) -> dict[str, Any]:
+    """Attention masks per layer type, built by transformers' own mask helpers."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    cfg = model.config
+    kw = dict(config=cfg, inputs_embeds=x, attention_mask=None, cache=None, position_ids=position_ids)
+    masks = {"full_attention": create_causal_mask(**kw)}
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+    return masks
+
+
+def run_from(model: Any, resid: Tensor, layer: int, hook: Callable[[Tensor], Tensor] | None, point: str) -> Tensor:
+    """Logits ``[batch, seq, vocab]`` from the residual entering block ``layer``, ``hook`` at the site.
+
+    Mirrors the decoder loop of ``LlamaModel`` / ``Gemma2Model`` (masks, rotary embeddings, final
+    norm, ``lm_head``, Gemma-2 final soft-cap) for the blocks ``layer..`` only.
+    """
+    cfg = model.config
+    position_ids = torch.arange(resid.shape[1], device=resid.device)[None]
+    masks = _masks(model, resid, position_ids)
+    position_embeddings = model.model.rotary_emb(resid, position_ids)
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    x = resid
+    if hook is not None and point == "resid_pre":
+        x = hook(x)
+    for i in range(layer, cfg.num_hidden_layers):
+        x = _layers(model)[i](x, attention_mask=masks[types[i]], position_embeddings=position_embeddings,
+                              position_ids=position_ids)
+        if hook is not None and point == "resid_post" and i == layer:
+            x = hook(x)
+    logits = model.lm_head(model.model.norm(x))
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _defend_and_perturb(clamp: TorchClamp, delta: Tensor, slots: Tensor) -> Callable[[Tensor], Tensor]:
+    """``h -> clamp(h) + delta`` at ``slots``: ``delta [batch, rows, d]``, ``slots [batch, rows]``."""
+
+    def hook(h: Tensor) -> Tensor:
+        h = clamp(h)
+        onehot = (torch.arange(h.shape[1], device=h.device)[None, :, None] == slots[:, None, :]).to(delta.dtype)
+        return h + torch.bmm(onehot, delta).to(h.dtype)  # [b, seq, rows] @ [b, rows, d]
+
+    return hook
+
+
+@contextlib.contextmanager
+def site_hook(model: Any, layer: int, point: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Register ``fn`` on ``model.model.layers[layer]``: a forward hook on its output (``resid_post``)
+    or a pre-hook on its input (``resid_pre``); removed on exit."""
+    block = _layers(model)[layer]
+    if point == "resid_post":
+        def post(module: Any, args: tuple, output: Any) -> Any:
+            if isinstance(output, tuple):  # transformers < 4.54 returns (hidden_states, ...)
+                return (fn(output[0]), *output[1:])
+            return fn(output)
+
+        handle = block.register_forward_hook(post)
+    elif point == "resid_pre":
+        def pre(module: Any, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        raise ValueError(_MSG_SITE.format(site=f"blocks.{layer}.hook_{point}"))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ----------------------------------------------------------------------------- the solvers
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchRecovery:
+    """Result for a batch of examples.
+
+    Attributes:
+        delta: ``[batch, rows, d_model]`` final perturbation.
+        losses: ``[batch, steps]``: ``-objective`` at the start of each step (before its update).
+        final_objective: ``[batch]`` objective at the final ``delta``.
+        clamped_objective: ``[batch]`` objective with the clamp and ``delta = 0``.
+        recovered: ``[batch]`` bool, the objective's success predicate at the final ``delta``.
+        clamped_success: ``[batch]`` bool, the same predicate with ``delta = 0``.
+    """
+
+    delta: Tensor
+    losses: Tensor
+    final_objective: Tensor
+    clamped_objective: Tensor
+    recovered: Tensor
+    clamped_success: Tensor
+
+
+def _step_update(cfg: TorchRecoveryConfig, delta: Tensor, opt: torch.optim.Optimizer, P: Tensor) -> None:
+    """Project the gradient, Adam step, optional re-projection, budget clip (in place)."""
+    with torch.no_grad():
+        delta.grad = delta.grad @ P
+    opt.step()
+    with torch.no_grad():
+        if cfg.reproject:
+            delta.copy_(delta @ P)
+        clip_budget_(delta, cfg.budget, cfg.clip_eps)
+
+
+def _adam(cfg: TorchRecoveryConfig, delta: Tensor) -> torch.optim.Optimizer:
+    # foreach=False keeps the plain per-tensor loop: identical math, no multi-tensor kernels to compile.
+    return torch.optim.Adam([delta], lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, foreach=False)
+
+
+def _evaluate(cfg: TorchRecoveryConfig, logits: Tensor, ex: TorchExamples) -> tuple[Tensor, Tensor]:
+    return objective_values(cfg.objective, logits, ex.target), success_values(cfg.objective, logits, ex.target)
+
+
+def recover_per_example(model: Any, clamp: TorchClamp, examples: TorchExamples, cfg: TorchRecoveryConfig) -> TorchRecovery:
+    """The paper's loop: for each example, a fresh ``delta`` and Adam, full HF forward every step."""
+    P = null_projector(clamp.encoder_columns, cfg.projection, cfg.ridge)
+    d = clamp.sae.W_dec.shape[1]
+    out: list[tuple[Tensor, ...]] = []
+    for i in range(len(examples)):
+        ex = examples.select(i)
+        delta = torch.zeros(1, ex.delta_slots.shape[1], d, device=ex.tokens.device, requires_grad=True)
+        opt = _adam(cfg, delta)
+        losses = []
+        with site_hook(model, cfg.layer, cfg.point, _defend_and_perturb(clamp, delta, ex.delta_slots)):
+            for _ in range(cfg.steps):
+                opt.zero_grad(set_to_none=True)
+                loss = -objective_values(cfg.objective, model(input_ids=ex.tokens).logits, ex.target).sum()
+                loss.backward()
+                losses.append(loss.detach())
+                _step_update(cfg, delta, opt, P)
+            with torch.no_grad():
+                final, ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex)
+        zero = torch.zeros_like(delta)
+        with torch.no_grad(), site_hook(model, cfg.layer, cfg.point, _defend_and_perturb(clamp, zero, ex.delta_slots)):
+            clamped, clamped_ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex)
+        out.append((delta.detach()[0], torch.stack(losses), final[0], clamped[0], ok[0], clamped_ok[0]))
+    deltas, losses, finals, clampeds, oks, clamped_oks = (torch.stack(t) for t in zip(*out, strict=True))
+    return TorchRecovery(deltas, losses, finals, clampeds, oks, clamped_oks)
+
+
+def make_batched_loss(model: Any, clamp: TorchClamp, cfg: TorchRecoveryConfig) -> Callable[[Tensor, Tensor, TorchExamples], Tensor]:
+    """``(resid, delta, examples) -> logits [batch, seq, vocab]`` through blocks ``layer..`` only.
+
+    This is the function ``recover_batched`` differentiates (and may hand to ``torch.compile``).
+    """
+
+    def logits_fn(resid: Tensor, delta: Tensor, slots: Tensor) -> Tensor:
+        return run_from(model, resid, cfg.layer, _defend_and_perturb(clamp, delta, slots), cfg.point)
+
+    return logits_fn
+
+
+def recover_batched(
+    model: Any,
+    clamp: TorchClamp,
+    examples: TorchExamples,
+    cfg: TorchRecoveryConfig,
+    *,
+    compile: bool = False,
+    resid: Tensor | None = None,
+) -> TorchRecovery:
+    """All examples at once; the prefix below the site is computed once (pass ``resid`` to reuse it).
+
+    Args:
+        compile: wrap the suffix forward in ``torch.compile`` (inductor; needs a C++ compiler on CPU).
+        resid: the residual entering block ``cfg.layer`` (``run_to``), if already computed.
+    """
+    if resid is None:
+        resid = run_to(model, examples.tokens, cfg.layer)
+    P = null_projector(clamp.encoder_columns, cfg.projection, cfg.ridge)
+    logits_fn = make_batched_loss(model, clamp, cfg)
+    if compile:
+        logits_fn = torch.compile(logits_fn, dynamic=False)
+    b, rows = examples.delta_slots.shape
+    delta = torch.zeros(b, rows, resid.shape[-1], device=resid.device, requires_grad=True)
+    opt = _adam(cfg, delta)
+    history = []
+    for _ in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        per_example = -objective_values(cfg.objective, logits_fn(resid, delta, examples.delta_slots), examples.target)
+        per_example.sum().backward()  # examples are independent: each gets its own gradient
+        history.append(per_example.detach())
+        _step_update(cfg, delta, opt, P)
+    with torch.no_grad():
+        final, ok = _evaluate(cfg, logits_fn(resid, delta, examples.delta_slots), examples)
+        clamped, clamped_ok = _evaluate(cfg, logits_fn(resid, torch.zeros_like(delta), examples.delta_slots), examples)
+    return TorchRecovery(delta.detach(), torch.stack(history, dim=1), final, clamped, ok, clamped_ok)
