@@ -1,0 +1,145 @@
+"""Shared plumbing for the experiment files: model/SAE loading, prompt encoding, batched
+generation, and writing results. Experiment logic lives in each experiment file."""
+
+import dataclasses
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrecover import generate as G
+from jaxrecover import report
+from jaxrecover.sae import SAE
+from jaxrecover.sites import Site
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_RELEASE = REPO / "sae_weights" / "smollm2-135m-instruct-res"
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def load_model(model_dir: str = "", dtype: str = "float32") -> tuple[Any, Any]:
+    """``(model, tokenizer)``: ``model_dir`` (a Hugging Face folder) or the embedded default."""
+    from jaxrecover import embedded, io_hf, tokenizer
+
+    folder = Path(model_dir) if model_dir else embedded.default_model_dir()
+    if not folder.is_dir():
+        raise SystemExit(f"--model-dir {folder}: not a folder (expected config.json + *.safetensors + tokenizer.json).")
+    say(f"loading model from {folder}")
+    return io_hf.load_transformer(folder, dtype=dtype), tokenizer.load_tokenizer(folder)
+
+
+def shipped_sae_path(layer: int, point: str = "resid_post") -> Path:
+    return SHIPPED_RELEASE / f"blocks.{layer}.hook_{point}"
+
+
+def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site, SAE]:
+    """``{site: SAE}`` from explicit paths (comma list) or the shipped SAEs at ``default_layers``."""
+    from jaxrecover.sae_io import load_sae
+
+    chosen = [Path(p) for p in paths if p] or [shipped_sae_path(layer) for layer in default_layers]
+    out = {}
+    for p in chosen:
+        if not p.exists():
+            raise SystemExit(f"SAE path {p} does not exist (SAELens folder, Gemma Scope params.npz, or sparsify folder).")
+        sae = load_sae(p)
+        out[Site.parse(sae.hook_name)] = sae
+    return out
+
+
+def out_dir(path: str, name: str) -> Path:
+    p = Path(path) if path else REPO / "results" / name
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def chat(tok: Any, prompts: Sequence[str]) -> list[str]:
+    from jaxrecover.tokenizer import apply_chat_template
+
+    return [apply_chat_template(tok, p) for p in prompts]
+
+
+def generate_texts(
+    model: Any,
+    tok: Any,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    hooks: Mapping[Site, Any] | None = None,
+    hooks_in_axes: Any = None,
+    batch_size: int = 16,
+    pad_to: int = 16,
+    desc: str = "generate",
+) -> tuple[list[str], list[list[int]]]:
+    """Greedy generation for many prompts in fixed-size, length-bucketed batches (one compile per
+    bucket). Per-example hook arrays (``hooks_in_axes``) are sliced with the batch."""
+    from tqdm.auto import tqdm
+
+    from jaxrecover.tokenizer import decode, encode_batch
+
+    tokens, valid = encode_batch(tok, list(texts), pad_to=pad_to)
+    n = len(texts)
+    outs_text, outs_ids = [], []
+    eos = tok.eos_id
+    for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):
+        stop = min(n, start + batch_size)
+        idx = np.arange(start, start + batch_size) % n  # pad the last batch by wrapping (dropped below)
+        h = hooks
+        if hooks is not None and hooks_in_axes is not None:
+            h = slice_hooks(hooks, hooks_in_axes, idx)
+        res = G.generate(
+            model, jnp.asarray(tokens[idx]), jnp.asarray(valid[idx]), max_new_tokens=max_new_tokens,
+            hooks=h, hooks_in_axes=hooks_in_axes, eos_id=eos,
+        )
+        new = np.asarray(res.tokens)[: stop - start]
+        for row in new:
+            ids = [int(t) for t in row]
+            if eos is not None and eos in ids:
+                ids = ids[: ids.index(eos)]
+            outs_ids.append(ids)
+            outs_text.append(decode(tok, ids, skip_special_tokens=True))
+    return outs_text, outs_ids
+
+
+def slice_hooks(hooks: Mapping[Site, Any], in_axes: Mapping[Site, Any], idx: np.ndarray) -> dict[Site, Any]:
+    """Take rows ``idx`` of every hook whose in_axes entry is 0 (a pytree prefix of zeros/None)."""
+    out = {}
+    for site, h in hooks.items():
+        ax = in_axes.get(site) if isinstance(in_axes, Mapping) else in_axes
+        if ax is None:
+            out[site] = h
+        else:
+            out[site] = jax.tree.map(lambda a, x: a if x is None else a[idx], h, ax, is_leaf=lambda x: x is None)
+    return out
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def rates(records: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """Binary rate with the paper's Wilson 95% interval."""
+    from jaxrecover.metrics import wilson_interval
+
+    k = sum(bool(r[key]) for r in records)
+    n = len(records)
+    lo, hi = wilson_interval(k, n) if n else (0.0, 0.0)
+    return {"k": k, "n": n, "rate": k / n if n else None, "lo": lo, "hi": hi, "cell": report.rate_cell(k, n, lo, hi)}
+
+
+def mean_ci(records: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """Mean with the paper's bootstrap 95% interval (None values skipped)."""
+    from jaxrecover.metrics import bootstrap_mean_ci
+
+    vals = [float(r[key]) for r in records if r.get(key) is not None]
+    if not vals:
+        return {"mean": None, "lo": None, "hi": None, "cell": "--"}
+    m, lo, hi = bootstrap_mean_ci(vals)
+    return {"mean": m, "lo": lo, "hi": hi, "cell": f"{m:.3f} [{lo:.3f}, {hi:.3f}]"}
