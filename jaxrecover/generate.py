@@ -41,7 +41,6 @@ from jaxrecover.transformer import (
     attend,
     attention_mask,
     attn_out,
-    compute_dtype,
     embed,
     forward,
     layer_is_local,
@@ -230,10 +229,11 @@ def prefill(
     if max_len < seq:
         raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt ({seq} slots).")
     info = seq_info(valid)
-    empty = jnp.zeros((cfg.n_layers, seq, cfg.n_kv_heads, cfg.d_head), compute_dtype(cfg))
-    x, k, v = _run_cached_blocks(
-        model, embed(model, tokens, valid), info.slots, info.positions, empty, empty, info.positions, valid, hooks
-    )
+    x = embed(model, tokens, valid)
+    # the cache holds the compute dtype (x.dtype; not transformer.compute_dtype, whose return annotation
+    # fails under the jaxtyping hook)
+    empty = jnp.zeros((cfg.n_layers, seq, cfg.n_kv_heads, cfg.d_head), x.dtype)
+    x, k, v = _run_cached_blocks(model, x, info.slots, info.positions, empty, empty, info.positions, valid, hooks)
     logits = unembed(model, x[-1:])[0]
     extra = max_len - seq
     cache = KVCache(
@@ -400,7 +400,8 @@ _generate_uncached_jit = jax.jit(
 )
 
 
-def _normalize_hooks(hooks: Hooks | None) -> dict[Site, Any]:
+def _normalize_hooks(hooks: Mapping[Any, Any] | None) -> dict[Site, Any]:
+    """String or Site keys -> Site keys (hooks, or an in_axes prefix of them)."""
     return {Site.parse(s): f for s, f in (hooks or {}).items()}
 
 
@@ -481,9 +482,10 @@ def generate(
         hooks_in_axes: how hook arrays map over the batch, as ``jax.vmap``'s ``in_axes`` for the hooks
             argument. ``None`` (default): every hook is shared by all rows. ``0``: every array leaf
             of every hook has a leading batch axis. A prefix pytree mixes them, e.g.
-            ``{site: compose(Clamp(None, None, None), AddDelta(0, None))}`` shares the SAE clamp and
-            gives each row its own delta (leaves that are ``None`` in the hook, like an absent
-            ``slot_mask``, need ``None`` here).
+            ``{clamp_site: None, delta_site: 0}`` shares the clamp and gives each row its own
+            ``AddDelta`` (``delta [batch, rows, d_model]``, ``slots [batch, rows]``); a prefix may
+            also go inside a hook (``compose(Clamp(None, None, None), AddDelta(0, 0))``) where the
+            hook's field annotations accept it.
         temperature: ``0.0`` is greedy (argmax); otherwise logits are divided by it and sampled. The
             greedy/sampling choice is static, the temperature value is traced.
         top_k: sample only among the ``top_k`` largest logits (static; ``None`` for all).
