@@ -448,23 +448,24 @@ def _gated_to_jumprelu(a: dict) -> dict:
 # ---- Gemma Scope (1): params.npz
 
 
-_GS_HOOKS = (("mlp", "blocks.{layer}.hook_mlp_out"), ("att", "blocks.{layer}.attn.hook_z"))
+_GS_REPO = re.compile(r"gemma-scope-[\w.-]*?-(res|mlp|att)(?:-|$|\b)")
+_GS_HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
+             "att": "blocks.{layer}.attn.hook_z"}
 
 
 def _gemma_scope_hook(file: Path) -> str:
-    """``.../layer_12/width_16k/average_l0_82/params.npz`` -> ``blocks.12.hook_resid_post`` (or
-    ``hook_mlp_out`` / ``attn.hook_z`` when a path component says mlp / att, like the HF repo names)."""
-    text = str(file.resolve())
+    """``.../layer_12/width_16k/average_l0_82/params.npz`` -> ``blocks.12.hook_resid_post``; a folder
+    named like the HF repo (``gemma-scope-2b-pt-mlp``) above ``layer_<N>`` selects mlp_out / attn.hook_z.
+    Returns "" when the path has no ``layer_<N>`` component."""
+    text = file.resolve().as_posix()
     match = re.search(r"layer_(\d+)", text)
     if match is None:
         return ""
-    layer = int(match.group(1))
-    # only look at components above the layer folder (e.g. 'gemma-scope-2b-pt-mlp')
-    above = text[: match.start()].lower().split(os.sep)[-3:]
-    for hint, template in _GS_HOOKS:
-        if any(hint in part for part in above):
-            return template.format(layer=layer)
-    return f"blocks.{layer}.hook_resid_post"
+    repo = None
+    for part in text[: match.start()].split("/"):
+        found = _GS_REPO.search(part.lower())
+        repo = found.group(1) if found else repo
+    return _GS_HOOKS[repo or "res"].format(layer=int(match.group(1)))
 
 
 def _load_gemma_scope(weights: Path, cfg_file: Path | None, cfg: dict[str, Any]):
@@ -530,7 +531,13 @@ def _gemma_scope_2_hook(file: Path, hf_hook: Any) -> str:
     if isinstance(hf_hook, str):
         match = re.fullmatch(r"(?:model\.)?(?:language_model\.)?layers\.(\d+)\.output", hf_hook)
         return f"blocks.{match.group(1)}.hook_resid_post" if match else hf_hook
-    return _gemma_scope_hook(file)
+    # no config: the release folder says the site (resid_post[_all]/, mlp_out[_all]/, attn_out[_all]/)
+    hook = _gemma_scope_hook(file)
+    site = file.resolve().parent.parent.name
+    for prefix, point in (("mlp_out", "hook_mlp_out"), ("attn_out", "hook_attn_out")):
+        if hook and site.startswith(prefix):
+            return hook.rsplit(".", 1)[0] + "." + point
+    return hook
 
 
 # ---- EleutherAI sparsify: cfg.json + sae.safetensors
