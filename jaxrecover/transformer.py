@@ -87,15 +87,22 @@ class Transformer:
 # ----------------------------------------------------------------------------- small pieces
 
 
+def _like(v: Array, x: Array) -> Array:
+    """``v`` with leading unit axes up to ``x``'s rank: broadcasting stays explicit, so the code runs
+    under ``jax_numpy_rank_promotion="raise"`` (the test setting)."""
+    return jnp.expand_dims(v, tuple(range(x.ndim - v.ndim)))
+
+
 def norm(p: Norm, x: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
     """RMSNorm or LayerNorm, computed in float32 and cast back (bf16 statistics are too coarse)."""
     x32 = x.astype(jnp.float32)
+    w = _like(p.w.astype(jnp.float32), x32)
     if p.b is None:
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * p.w.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * w
     else:
         mu = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
-        y = (x32 - mu) * jax.lax.rsqrt(var + eps) * p.w.astype(jnp.float32) + p.b.astype(jnp.float32)
+        y = (x32 - mu) * jax.lax.rsqrt(var + eps) * w + _like(p.b.astype(jnp.float32), x32)
     return y.astype(x.dtype)
 
 
@@ -164,7 +171,7 @@ def qkv(
     k = jnp.einsum("sd,dhk->shk", x, p.W_K)
     v = jnp.einsum("sd,dhk->shk", x, p.W_V)
     if p.b_Q is not None:
-        q, k, v = q + p.b_Q, k + p.b_K, v + p.b_V
+        q, k, v = q + _like(p.b_Q, q), k + _like(p.b_K, k), v + _like(p.b_V, v)
     if p.q_norm is not None:
         q, k = norm(p.q_norm, q, cfg.norm_eps), norm(p.k_norm, k, cfg.norm_eps)
     if cfg.arch != "gpt2":
@@ -177,16 +184,16 @@ def qkv(
 
 def attn_out(p: Attention, o: Float[Array, "seq n_heads d_head"]) -> Float[Array, "seq d_model"]:
     y = jnp.einsum("shk,hkd->sd", o, p.W_O)
-    return y if p.b_O is None else y + p.b_O
+    return y if p.b_O is None else y + _like(p.b_O, y)
 
 
 def mlp(cfg: TransformerConfig, p: MLP, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
     h = x @ p.W_in
     if p.b_in is not None:
-        h = h + p.b_in
+        h = h + _like(p.b_in, h)
     h = _act(cfg.act, x @ p.W_gate) * h if p.W_gate is not None else _act(cfg.act, h)
     y = h @ p.W_out
-    return y if p.b_out is None else y + p.b_out
+    return y if p.b_out is None else y + _like(p.b_out, y)
 
 
 # ----------------------------------------------------------------------------- one block
@@ -245,7 +252,7 @@ def block_forward(
 
 
 def compute_dtype(cfg: TransformerConfig) -> jnp.dtype:
-    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    return jnp.dtype(jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32)
 
 
 def layer_is_local(cfg: TransformerConfig) -> Bool[Array, " layer"]:
