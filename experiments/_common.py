@@ -78,14 +78,35 @@ def generate_texts(
     pad_to: int = 16,
     desc: str = "generate",
 ) -> tuple[list[str], list[list[int]]]:
-    """Greedy generation for many prompts in fixed-size, length-bucketed batches (one compile per
-    bucket). Per-example hook arrays (``hooks_in_axes``) are sliced with the batch."""
-    from tqdm.auto import tqdm
-
-    from jaxrecover.tokenizer import decode, encode_batch
+    """Greedy generation for many chat-formatted prompts (see ``generate_tokens``)."""
+    from jaxrecover.tokenizer import encode_batch
 
     tokens, valid = encode_batch(tok, list(texts), pad_to=pad_to)
-    n = len(texts)
+    return generate_tokens(model, tok, tokens, valid, max_new_tokens=max_new_tokens, hooks=hooks,
+                           hooks_in_axes=hooks_in_axes, batch_size=batch_size, desc=desc)
+
+
+def generate_tokens(
+    model: Any,
+    tok: Any,
+    tokens: np.ndarray,
+    valid: np.ndarray,
+    *,
+    max_new_tokens: int,
+    hooks: Mapping[Site, Any] | None = None,
+    hooks_in_axes: Any = None,
+    batch_size: int = 16,
+    desc: str = "generate",
+) -> tuple[list[str], list[list[int]]]:
+    """Greedy generation for left-padded ``[n, seq]`` prompts in fixed-size batches (one compile per
+    shape). Per-example hook arrays (``hooks_in_axes``) are sliced with the batch; the slot layout is
+    exactly the one of ``tokens``, so slot-indexed perturbations line up with teacher forcing."""
+    from tqdm.auto import tqdm
+
+    from jaxrecover.tokenizer import decode
+
+    n = len(tokens)
+    batch_size = min(batch_size, n)
     outs_text, outs_ids = [], []
     eos = tok.eos_id
     for start in tqdm(range(0, n, batch_size), desc=desc, leave=False):

@@ -1,0 +1,484 @@
+"""Refusal steering (paper section 6): amplify refusal SAE features, keep strict-valid flips, and
+recover the base model's own answer with the clamp active.
+
+Pipeline (every stage batched; base generations cached in the results folder):
+1. Base greedy answers to harmful requests (no clamp). SmolLM2 complies with nearly all of them.
+2. Refusal features: per SAE layer, the steering vector mean(harmful) - mean(harmless) at the last
+   prompt token; the ``candidates_per_layer`` features whose decoder rows align best with it; then a
+   global top-K by linear attribution to the refusal-opening log-probability (Yeo et al. style).
+3. Clamp: ``z_S <- 3 z_S`` (paper: scale 3.0) at every position of every SAE layer, in every pass.
+4. Strict-valid flips: base neither refuses nor cues safety, the clamped model refuses.
+5. Recovery on the flips (delta at the first SAE layer, rows at the last prompt token and the
+   first ``answer_tokens`` answer slots; objective = the code's stage-2 refusal objective):
+   ``jacobian`` (cross-layer Jacobian-null projection over all defended features),
+   ``encoder`` (single-layer encoder-null projection), ``none`` (unconstrained), and the
+   ``soft_suffix`` baseline (learned input embeddings after the prompt, clamp active).
+6. Regenerate under the clamp with each delta; judge non-refusal / base-like / strict base-like.
+7. Attribution of the first method's delta (clamped-feature, other-feature, top-k, SAE-residual
+   parts, and top-k knockout), each replayed under the clamp.
+
+Delta rows at answer slots act at the matching decode steps (slot-indexed; see README
+"design decisions"); ``--decode-delta prompt_only`` reproduces the authors' code, where only
+prompt-slot rows act during cached generation.
+
+Responsible release: completions are not written unless ``--save-text true``.
+"""
+
+import dataclasses
+import json
+import time
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import _common as C
+from jaxrecover import datasets, features, judges, report
+from jaxrecover import objectives as O
+from jaxrecover import recovery as R
+from jaxrecover.interventions import AddDelta, Clamp, compose
+from jaxrecover.sae import encode, encode_features
+from jaxrecover.sites import Site
+from jaxrecover.transformer import run_blocks, run_to, unembed
+
+PAPER = {  # AdvBench, 24 strict-valid (Fig. 5 / Table 3 / Table 10)
+    "jacobian": {"nonref": "23/24", "base_like": "15/24", "strict": "12/24", "drift": 0.131, "floor": 0.127},
+    "none": {"nonref": "21/24", "base_like": "14/24", "strict": "11/24", "drift": 0.161, "floor": 0.158},
+    "soft_suffix": {"nonref": "24/24", "base_like": "20/24", "strict": "19/24", "drift": 0.815, "floor": 0.702},
+}
+PAPER_REPLAY = {
+    "full": "23/24", "residual": "23/24", "other_features": "2/24", "topk_features": "1/24",
+    "clamped_features": "0/24", "topk_knockout": "21/24",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    out: str = field(default="", metadata={"help": "results folder (default results/refusal)"})
+    model_dir: str = field(default="", metadata={"help": "Hugging Face model folder; empty = embedded SmolLM2-135M-Instruct"})
+    sae: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated SAE paths; empty = shipped SAEs at --layers"})
+    layers: tuple[int, ...] = field(default=(9, 15), metadata={"help": "layers of the shipped SAEs to use"})
+    dataset: str = field(default="builtin", metadata={"help": "builtin | advbench:PATH.csv | harmbench:PATH.csv"})
+    n_prompts: int = field(default=120, metadata={"help": "harmful prompts scanned for flips"})
+    n_harmless: int = field(default=60, metadata={"help": "harmless prompts for the steering vector"})
+    candidates_per_layer: int = field(default=10, metadata={"help": "top-cosine candidates per layer"})
+    k_features: int = field(default=20, metadata={"help": "global feature set size K"})
+    clamp_mode: str = field(default="scale", metadata={"help": "scale | set | floor | ... (interventions.CLAMP_MODES)"})
+    clamp_value: float = field(default=3.0, metadata={"help": "scale factor (paper 3.0) or value"})
+    max_new_tokens: int = field(default=40, metadata={"help": "generated tokens per answer (paper 128)"})
+    answer_tokens: int = field(default=16, metadata={"help": "teacher-forced base-answer tokens (paper 48)"})
+    max_valid: int = field(default=12, metadata={"help": "recover at most this many strict-valid flips"})
+    methods: tuple[str, ...] = field(default=("jacobian", "encoder", "none", "soft_suffix"), metadata={"help": "recovery methods"})
+    steps: int = field(default=40, metadata={"help": "optimisation steps (paper stage 2: 120)"})
+    lr: float = field(default=0.05, metadata={"help": "Adam learning rate (paper stage 2: 0.05)"})
+    budget: float = field(default=0.0, metadata={"help": "L2 budget on ||delta||_F; 0 = budget_rel * median ||h_def|| per row * sqrt(rows)"})
+    budget_rel: float = field(default=0.5, metadata={"help": "budget relative to the defended residual norm when --budget 0"})
+    jacobian: str = field(default="sketch", metadata={"help": "exact (paper) | sketch (authors' code: probes + drift probe)"})
+    probes: int = field(default=4, metadata={"help": "random probes for the sketch (code: 8)"})
+    drift_penalty: float = field(default=0.0, metadata={"help": "lambda_act (paper 0; authors' refusal code 200)"})
+    suffix_tokens: int = field(default=8, metadata={"help": "soft-suffix length (paper 16)"})
+    suffix_budget: float = field(default=0.0, metadata={"help": "budget on ||suffix - init||; 0 = budget_rel * embedding norms"})
+    suffix_lr: float = field(default=0.01, metadata={"help": "soft-suffix Adam lr (paper 0.01)"})
+    topk_attr: int = field(default=20, metadata={"help": "k of the top-k other-feature component"})
+    decode_delta: str = field(default="slots", metadata={"help": "slots (answer rows act at decode steps) | prompt_only (authors' code)"})
+    batch_size: int = field(default=16, metadata={"help": "generation batch size"})
+    save_text: bool = field(default=False, metadata={"help": "also write completions (harmful content!)"})
+    seed: int = field(default=0, metadata={"help": "seed"})
+
+
+# ----------------------------------------------------------------------------- prompts and features
+
+
+def load_prompts(cfg: Config) -> list[str]:
+    if cfg.dataset == "builtin":
+        items = datasets.load_harmful()
+    elif cfg.dataset.startswith("advbench:"):
+        items = datasets.load_advbench_csv(cfg.dataset.split(":", 1)[1])
+    elif cfg.dataset.startswith("harmbench:"):
+        items = datasets.load_harmbench_csv(cfg.dataset.split(":", 1)[1])
+    else:
+        raise SystemExit(f"--dataset {cfg.dataset!r}: expected builtin, advbench:PATH or harmbench:PATH.")
+    return [it.prompt for it in items][: cfg.n_prompts]
+
+
+def first_token_ids(tok: Any, texts: tuple[str, ...]) -> list[int]:
+    """First token of each text (and of ' ' + text), deduplicated: what an opening starts with."""
+    ids: list[int] = []
+    for t in texts:
+        for v in (t, " " + t):
+            e = tok.tokenizer.encode(v, add_special_tokens=False).ids
+            if e and e[0] not in ids:
+                ids.append(e[0])
+    return ids
+
+
+def residuals_at(model: Any, tokens: np.ndarray, valid: np.ndarray, sites: list[Site], batch: int = 16) -> dict[Site, np.ndarray]:
+    """Residual at each site (pre-hook) for every prompt, last real token only (left padding)."""
+    stop = max(s.layer for s in sites) + 1
+
+    @jax.jit
+    def one_batch(t, v):
+        def one(ti, vi):
+            x = run_to(model, ti, 0, valid=vi)
+            _, cap = run_blocks(model, x, 0, stop, valid=vi, capture=tuple(sites))
+            return {s: cap[s][-1] for s in sites}
+
+        return jax.vmap(one)(t, v)
+
+    out: dict[Site, list] = {s: [] for s in sites}
+    for i in range(0, len(tokens), batch):
+        idx = np.arange(i, i + batch) % len(tokens)
+        r = one_batch(jnp.asarray(tokens[idx]), jnp.asarray(valid[idx]))
+        for s in sites:
+            out[s].append(np.asarray(r[s])[: min(batch, len(tokens) - i)])
+    return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def select_features(model, tok, saes, harmful_tok, harmless_tok, refusal_ids, cfg) -> dict[Site, np.ndarray]:
+    """Steering-vector candidates per layer, then a global top-K by attribution to refusal."""
+    sites = sorted(saes)
+    h_harm = residuals_at(model, *harmful_tok, sites)
+    h_safe = residuals_at(model, *harmless_tok, sites)
+    cands = {s: np.asarray(features.top_by_cosine(saes[s], jnp.asarray(h_harm[s].mean(0) - h_safe[s].mean(0)), cfg.candidates_per_layer)) for s in sites}
+    refusal_ids = jnp.asarray(refusal_ids)
+
+    def metric_grads(t, v, s):
+        def one(ti, vi):
+            x0 = run_to(model, ti, s.layer + 1, valid=vi)
+
+            def m(x):
+                h, _ = run_blocks(model, x, s.layer + 1, model.cfg.n_layers, valid=vi)
+                lp = jax.nn.log_softmax(unembed(model, h[-1:])[0])
+                return jax.nn.logsumexp(lp[refusal_ids])  # log-prob mass of refusal openings
+
+            return x0, jax.grad(m)(x0)
+
+        return jax.vmap(one)(t, v)
+
+    scores = []
+    tokens, valid = harmful_tok
+    n = min(32, len(tokens))
+    for s in sites:
+        # resid_post of layer L is the residual entering L+1
+        x, g = jax.jit(metric_grads, static_argnums=2)(jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]), s)
+        mask = jnp.asarray(valid[:n]) & (jnp.cumsum(jnp.asarray(valid[:n]), axis=1) > 1)  # skip the first real token
+        a = np.asarray(features.attribution(saes[s], x, g, mask))
+        scores += [(float(a[f]), s, int(f)) for f in cands[s]]
+    scores.sort(key=lambda t: -t[0])
+    chosen: dict[Site, list[int]] = {}
+    for _, s, f in scores[: cfg.k_features]:
+        chosen.setdefault(s, []).append(f)
+    return {s: np.asarray(sorted(v), np.int32) for s, v in chosen.items()}
+
+
+def make_clamps(saes, feats, cfg) -> dict[Site, Clamp]:
+    return {
+        s: Clamp(saes[s], jnp.asarray(f), jnp.full((len(f),), cfg.clamp_value, jnp.float32), mode=cfg.clamp_mode)
+        for s, f in feats.items()
+    }
+
+
+# ----------------------------------------------------------------------------- recovery examples
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    tokens: np.ndarray  # [n, seq] prompt (left-padded to P) + [suffix] + answer (right-padded)
+    valid: np.ndarray
+    prompt_len: int  # P (+ suffix): slot of the first answer token
+    answers: list[list[int]]
+
+
+def build_batch(tok, prompt_texts, base_ids, cfg, suffix: int = 0) -> Batch:
+    from jaxrecover.tokenizer import encode_batch
+
+    ptok, pval = encode_batch(tok, prompt_texts, pad_to=8)
+    n, P = ptok.shape
+    A = cfg.answer_tokens
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    bang = tok.tokenizer.encode("!", add_special_tokens=False).ids[0]
+    sfx = np.full((n, suffix), bang, np.int32)
+    ans = np.full((n, A), pad, np.int32)
+    aval = np.zeros((n, A), bool)
+    answers = []
+    for i, ids in enumerate(base_ids):
+        ids = ids[:A]
+        answers.append(ids)
+        ans[i, : len(ids)] = ids
+        aval[i, : len(ids)] = True
+    tokens = np.concatenate([ptok, sfx, ans], 1)
+    valid = np.concatenate([pval, np.ones((n, suffix), bool), aval], 1)
+    return Batch(tokens, valid, P + suffix, answers)
+
+
+def examples_for(batch: Batch, discouraged: list[int], delta_slots: np.ndarray) -> R.Example:
+    n, seq = batch.tokens.shape
+    P = batch.prompt_len
+    ids = np.zeros((n, seq), np.int32)
+    w = np.zeros((n, seq), np.float32)
+    ids[:, :-1] = batch.tokens[:, 1:]  # logits at slot t predict token t+1
+    for i, a in enumerate(batch.answers):
+        w[i, P - 1 : P - 1 + len(a)] = 1.0
+    disc = np.asarray(discouraged, np.int32)
+    measure = np.zeros((n, seq), bool)
+    measure[:, P - 1 :] = batch.valid[:, P - 1 :]
+    target = O.Continuation(
+        ids=jnp.asarray(ids[:, None]), weights=jnp.asarray(w[:, None]),
+        answer_start=jnp.full((n,), P - 1, jnp.int32), discouraged=jnp.asarray(np.tile(disc, (n, 1))),
+    )
+    return R.Example(
+        tokens=jnp.asarray(batch.tokens[:, None]), valid=jnp.asarray(batch.valid[:, None]),
+        delta_slots=jnp.asarray(np.tile(delta_slots, (n, 1))), measure_mask=jnp.asarray(measure), target=target,
+    )
+
+
+def row_norms_at(model, clamps, site: Site, ex: R.Example) -> np.ndarray:
+    """||h_def|| at each delta row (defended residual at the delta site), per example."""
+
+    def one(t, v, slots):
+        below = {s: c for s, c in clamps.items() if s.order <= site.order}
+        x = run_to(model, t[0], 0, valid=v[0])
+        _, cap = run_blocks(model, x, 0, site.layer + 1, below, valid=v[0], capture=(site,))
+        h = cap[site]
+        if site in clamps:
+            h = clamps[site](h, jnp.arange(h.shape[0], dtype=jnp.int32))
+        return jnp.linalg.norm(h[jnp.clip(slots, 0, h.shape[0] - 1)], axis=-1)
+
+    return np.asarray(jax.jit(jax.vmap(one))(ex.tokens, ex.valid, ex.delta_slots))
+
+
+# ----------------------------------------------------------------------------- generation + judging
+
+
+def gen_with(model, tok, prompt_tok, clamps, cfg, delta_site=None, deltas=None, slots=None, first_answer_slot=0, desc="generate"):
+    """Greedy answers under the clamps (and a per-example delta at ``delta_site``) for the
+    left-padded prompts ``prompt_tok = (tokens, valid)``."""
+    hooks: dict = dict(clamps)
+    axes = None
+    if deltas is not None:
+        if cfg.decode_delta == "prompt_only":  # authors' code: answer-slot rows never act when generating
+            slots = np.where(slots < first_answer_slot, slots, -1)
+        add = AddDelta(jnp.asarray(deltas), jnp.asarray(slots))
+        hooks[delta_site] = compose(clamps[delta_site], add) if delta_site in clamps else add
+        axes = {s: None for s in clamps}
+        axes[delta_site] = compose(None, AddDelta(0, 0)) if delta_site in clamps else AddDelta(0, 0)
+    texts, _ = C.generate_tokens(model, tok, *prompt_tok, max_new_tokens=cfg.max_new_tokens, hooks=hooks,
+                                 hooks_in_axes=axes, batch_size=cfg.batch_size, desc=desc)
+    return texts
+
+
+def judge(texts: list[str], bases: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for t, b in zip(texts, bases):
+        q = judges.assess_recovery_quality(t, b)
+        out.append({"non_refusal": not q.refusal, "base_like": q.base_like, "strict_base_like": q.strict_base_like,
+                    "safety_cue": q.safety_cue, "jaccard": q.jaccard})
+    return out
+
+
+# ----------------------------------------------------------------------------- attribution
+
+
+def decompose(sae, S: np.ndarray, h_def: jax.Array, delta: jax.Array, k: int) -> dict[str, jax.Array]:
+    """Paper App. J: split delta into decoded feature parts and the SAE-unexplained residual."""
+    dz = encode(sae, h_def + delta) - encode(sae, h_def)  # [rows, d_sae]
+    inS = jnp.zeros(dz.shape[-1], bool).at[jnp.asarray(S)].set(True)
+    W = sae.W_dec
+    clamped = jnp.where(inS, dz, 0.0) @ W
+    other_dz = jnp.where(inS, 0.0, dz)
+    other = other_dz @ W
+    thresh = jax.lax.top_k(jnp.abs(other_dz), k)[0][..., -1:]
+    top = jnp.where(jnp.abs(other_dz) >= thresh, other_dz, 0.0) @ W
+    residual = delta - (clamped + other)
+    return {"full": delta, "residual": residual, "other_features": other, "topk_features": top,
+            "clamped_features": clamped, "topk_knockout": delta - top}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_ids, prompt_texts, discouraged, site):
+    """Run one recovery method on the flips; returns (records, deltas, slots, delta_site, prompts)."""
+    first = sorted(clamps)[0]
+    if method == "soft_suffix":
+        batch = build_batch(tok, prompt_texts, bases_ids, cfg, suffix=cfg.suffix_tokens)
+        P = batch.prompt_len
+        slots = np.arange(P - cfg.suffix_tokens, P, dtype=np.int32)
+        dsite = Site(0, "resid_pre")
+        ex = examples_for(batch, discouraged, slots)
+        budget = cfg.suffix_budget or cfg.budget_rel * float(np.median(row_norms_at(model, clamps, dsite, ex))) * np.sqrt(len(slots))
+        rc = R.RecoveryConfig(steps=cfg.steps, lr=cfg.suffix_lr, budget=budget, constraint="none", seed=cfg.seed)
+    else:
+        batch = build_batch(tok, prompt_texts, bases_ids, cfg)
+        P = batch.prompt_len
+        slots = np.arange(P - 1, P - 1 + cfg.answer_tokens, dtype=np.int32)
+        dsite = site
+        ex = examples_for(batch, discouraged, slots)
+        budget = cfg.budget or cfg.budget_rel * float(np.median(row_norms_at(model, clamps, dsite, ex))) * np.sqrt(len(slots))
+        rc = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=budget, constraint=method, jacobian=cfg.jacobian,
+                              probes=cfg.probes, drift_penalty=cfg.drift_penalty, seed=cfg.seed)
+    problem = R.RecoveryProblem(delta_site=dsite, clamp_sites=tuple(clamps))
+    solver = R.make_solver(problem, rc, O.refusal_stage2, O.continuation_success)
+    t0 = time.time()
+    res = R.solve_batch(solver, model, ex, clamps)
+    jax.block_until_ready(res.delta)
+    wall = time.time() - t0
+    recs = R.result_records(res)
+    prompt_tok = (batch.tokens[:, :P], batch.valid[:, :P])  # the exact slots the deltas were fit on
+    return recs, np.asarray(res.delta), slots, dsite, prompt_tok, {"wall_s": wall, "budget": budget, "P": P}, batch
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    t_start = time.time()
+    out = C.out_dir(cfg.out, "refusal")
+    model, tok = C.load_model(cfg.model_dir)
+    saes = C.load_saes(cfg.sae, cfg.layers)
+    return run(model, tok, saes, cfg, out, t_start)
+
+
+def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) -> dict[str, Any]:
+    t_start = t_start or time.time()
+    harmful = load_prompts(cfg)
+    harmless = [it.prompt for it in datasets.load_harmless()][: cfg.n_harmless]
+    p_harm, p_safe = C.chat(tok, harmful), C.chat(tok, harmless)
+    from jaxrecover.tokenizer import encode_batch
+
+    refusal_ids = first_token_ids(tok, judges.REFUSAL_SUBSTRINGS)
+    discouraged = first_token_ids(tok, judges.DISCOURAGED_PREFIXES)
+
+    # 1. base answers (cached)
+    cache = out / "base_cache.json"
+    key = {"model": str(cfg.model_dir), "n": len(harmful), "max_new_tokens": cfg.max_new_tokens, "dataset": cfg.dataset}
+    if cache.exists() and json.loads(cache.read_text())["key"] == key:
+        c = json.loads(cache.read_text())
+        base_texts, base_ids = c["texts"], c["ids"]
+        C.say(f"base answers: cached ({len(base_texts)})")
+    else:
+        C.say(f"base answers for {len(harmful)} prompts")
+        base_texts, base_ids = C.generate_texts(model, tok, p_harm, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, pad_to=8, desc="base")
+        report.write_json(cache, {"key": key, "texts": base_texts, "ids": base_ids})
+    base_refusals = sum(judges.is_refusal(t) for t in base_texts)
+
+    # 2. features
+    C.say("selecting refusal features")
+    feats = select_features(model, tok, saes, encode_batch(tok, p_harm, pad_to=8), encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
+    clamps = make_clamps(saes, feats, cfg)
+
+    # 3-4. clamped answers and strict-valid flips
+    C.say("clamped answers")
+    clamp_texts = gen_with(model, tok, p_harm, clamps, cfg, desc="clamped")
+    valid = [judges.strict_valid(b, c) for b, c in zip(base_texts, clamp_texts)]
+    flips = [i for i, v in enumerate(valid) if v and len(base_ids[i]) >= 4][: cfg.max_valid]
+    C.say(f"strict-valid flips: {sum(valid)} of {len(harmful)}; recovering {len(flips)}")
+    summary: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "features": {str(s): f.tolist() for s, f in feats.items()},
+        "n_prompts": len(harmful), "base_refusals": base_refusals,
+        "clamp_refusals": sum(judges.is_effective_refusal(t) for t in clamp_texts),
+        "strict_valid": sum(valid), "recovered_on": len(flips), "methods": {},
+    }
+    records: list[dict[str, Any]] = []
+    if not flips:
+        C.say("no strict-valid flips: raise --clamp-value or --k-features")
+        return finish(out, summary, records, t_start)
+
+    site = sorted(clamps)[0]
+    pf = [p_harm[i] for i in flips]
+    bids = [base_ids[i] for i in flips]
+    btx = [base_texts[i] for i in flips]
+    keep: dict[str, Any] = {}
+    for method in cfg.methods:
+        C.say(f"recovery: {method}")
+        recs, deltas, slots, dsite, prompts, info, batch = recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bids, pf, discouraged, site)
+        texts = gen_with(model, tok, prompts, clamps, cfg, dsite, deltas, np.tile(slots, (len(flips), 1)), info["P"], desc=method)
+        js = judge(texts, btx)
+        for i, (r, j) in enumerate(zip(recs, js)):
+            row = {"method": method, "prompt_index": flips[i], **j, **{k: r.get(k) for k in ("drift_rel", "floor_violation", "drift_abs", "delta_norm", "delta_rel", "final_objective", "clamped_objective", "base_objective")}}
+            if cfg.save_text:
+                row["text"] = texts[i]
+            records.append(row)
+        keep[method] = (deltas, slots, dsite, prompts, info["P"], batch)
+        summary["methods"][method] = {**info, **method_summary([r for r in records if r["method"] == method])}
+
+    # 7. attribution of the first delta-site method
+    attr_method = next((m for m in cfg.methods if m in ("jacobian", "encoder", "none")), None)
+    if attr_method is not None:
+        deltas, slots, dsite, prompts, P, batch = keep[attr_method]
+        summary["attribution"] = attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, attr_method)
+    return finish(out, summary, records, t_start)
+
+
+def method_summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "non_refusal": C.rates(rs, "non_refusal"), "base_like": C.rates(rs, "base_like"),
+        "strict_base_like": C.rates(rs, "strict_base_like"),
+        "drift_rel": C.mean_ci(rs, "drift_rel"), "floor_violation": C.mean_ci(rs, "floor_violation"),
+        "delta_norm": C.mean_ci(rs, "delta_norm"), "delta_rel": C.mean_ci(rs, "delta_rel"),
+    }
+
+
+def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, method):
+    """Decompose each delta at its site and replay every part under the clamp (paper App. J).
+
+    Every row is decomposed against the defended residual of the teacher-forced pass (prompt + base
+    answer) at its slot, where the delta was optimised."""
+    C.say(f"attribution of the {method} delta")
+    sae, S = saes[dsite], feats[dsite]
+    n = len(deltas)
+    tokens, valid = batch.tokens, batch.valid
+
+    def hdef(t, v):
+        x = run_to(model, t, 0, valid=v)
+        _, cap = run_blocks(model, x, 0, dsite.layer + 1, clamps, valid=v, capture=(dsite,))
+        return clamps[dsite](cap[dsite], jnp.arange(x.shape[0], dtype=jnp.int32))[jnp.asarray(slots)]
+
+    h_def = jax.jit(jax.vmap(hdef))(jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]))
+    parts = jax.vmap(lambda h, d: decompose(sae, S, h, d, cfg.topk_attr))(h_def, jnp.asarray(deltas))
+    out: dict[str, Any] = {"method": method, "norms": {k: float(jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))) for k, v in parts.items()}}
+    rows = []
+    for name, comp in parts.items():
+        texts = gen_with(model, tok, prompts, clamps, cfg, dsite, np.asarray(comp), np.tile(slots, (n, 1)), P, desc=f"replay {name}")
+        js = judge(texts, btx)
+        rows.append({"component": name, **{k: C.rates(js, k)["cell"] for k in ("non_refusal", "base_like", "strict_base_like")},
+                     "mean_norm": out["norms"][name], "paper_non_refusal": PAPER_REPLAY.get(name, "--")})
+        for i, j in enumerate(js):
+            records.append({"method": f"replay:{name}", "prompt_index": i, **j})
+    out["table"] = rows
+    return out
+
+
+def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_start: float) -> dict[str, Any]:
+    summary["wall_s"] = time.time() - t_start
+    report.write_jsonl(out / "results.jsonl", records)
+    report.write_json(out / "summary.json", summary)
+    rows = []
+    for m, s in summary["methods"].items():
+        p = PAPER.get(m, {})
+        rows.append({
+            "method": m, "non-refusal": s["non_refusal"]["cell"], "base-like": s["base_like"]["cell"],
+            "strict base-like": s["strict_base_like"]["cell"], "drift (rel)": s["drift_rel"]["cell"],
+            "floor viol.": s["floor_violation"]["cell"], "||delta||": s["delta_norm"]["cell"],
+            "paper non-ref": p.get("nonref", "--"), "paper base-like": p.get("base_like", "--"), "paper drift": p.get("drift", "--"),
+        })
+    report.write_csv(out / "methods.csv", rows) if rows else None
+    sections = [
+        ("Setup", f"prompts {summary['n_prompts']}, base refusals {summary['base_refusals']}, clamped refusals "
+                  f"{summary['clamp_refusals']}, strict-valid {summary['strict_valid']}, recovered on {summary['recovered_on']}; "
+                  f"features {summary['features']}; wall {summary['wall_s']:.0f} s\n"),
+        ("Recovery (Wilson / bootstrap 95% CIs; paper = AdvBench, Gemma-2-2B-it)", report.markdown_table(rows)),
+    ]
+    if "attribution" in summary:
+        sections.append(("Recovery-path attribution (replay under the clamp)", report.markdown_table(summary["attribution"]["table"])))
+    report.write_markdown(out / "table.md", "Refusal steering recovery", sections)
+    if rows:
+        ms = list(summary["methods"])
+        report.bar_plot(out / "recovery.png", ms, {
+            "non-refusal": [summary["methods"][m]["non_refusal"]["rate"] or 0 for m in ms],
+            "base-like": [summary["methods"][m]["base_like"]["rate"] or 0 for m in ms],
+            "drift (rel)": [summary["methods"][m]["drift_rel"]["mean"] or 0 for m in ms],
+        }, ylabel="rate / drift", title="Refusal recovery under the clamp")
+    print((out / "table.md").read_text())
+    return summary
