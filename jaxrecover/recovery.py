@@ -430,7 +430,9 @@ def make_solver(
             g = g + cfg.drift_penalty * vjp((jnp.zeros_like(obj), dphi))[0]
         drift = _rel_drift(phi, ctx.z_ref, ctx.mask)
 
-        updates, opt_state = tx(ctx.basis).update(g, state.opt_state, delta)
+        # optax computes `b ** count` (float ** int32): not allowed under strict dtype promotion
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx(ctx.basis).update(g, state.opt_state, delta)
         new = optax.apply_updates(delta, updates)
         if cfg.correction_steps:
             fix = post(ctx.basis)
