@@ -1,0 +1,272 @@
+"""Shared machinery of the recovery experiments (``ioi``, ``unlearning``, ``tpp``, ``sweeps``).
+
+- ``resolve_sae``: the SAE at ``--sae PATH`` or the shipped one at a layer (fails loudly if absent).
+- ``run_solver``: ``jax.vmap`` of one ``recovery.make_solver`` over stacked examples, run as
+  ``init -> advance (chunks, tqdm) -> finish``; clamps may be shared (``clamp_axes=None``) or one per
+  example (``clamp_axes = {site: Clamp(None, 0, 0)}``).
+- ``evaluate_deltas``: measure given deltas (no optimisation) with the solver's own ``finish`` (the
+  replay and shared-delta evaluations).
+- ``replay_components``: split a recovered delta at the delta site into the clamped-feature part
+  ``dz_S @ W_dec[S]``, the whole SAE-feature part ``dz @ W_dec`` and the SAE-residual part
+  ``delta - dz @ W_dec`` (paper App. J, single layer).
+- ``mode_summary`` / ``paper_table``: the paper's uncertainty summaries (Wilson / bootstrap 95%).
+
+The helpers never loop over examples in Python on the hot path: every array op is vmapped.
+"""
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrecover import metrics as M
+from jaxrecover import recovery as R
+from jaxrecover import report
+from jaxrecover.sae import SAE, encode
+from jaxrecover.sites import Site
+
+REPO = Path(__file__).resolve().parent.parent
+
+_MSG_NO_SAE = (
+    "{path}: no SAE there. The shipped SmolLM2 SAEs live in sae_weights/smollm2-135m-instruct-res/"
+    "blocks.{{9,15}}.hook_resid_post/ (experiments/train_saes.py writes them); pass --sae PATH to use "
+    "another SAELens / Gemma Scope / sparsify SAE."
+)
+
+
+def say(msg: str) -> None:
+    import sys
+
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def default_out(out: str, name: str) -> Path:
+    """``out`` or ``experiments/results/<name>`` (the committed result folders)."""
+    p = Path(out) if out else REPO / "experiments" / "results" / name
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def resolve_sae(path: str, layer: int) -> tuple[Site, SAE, str]:
+    """``(site, sae, source)`` from ``path`` or the shipped SAE at ``blocks.{layer}.hook_resid_post``."""
+    from jaxrecover.sae_io import load_sae
+
+    p = Path(path) if path else REPO / "sae_weights" / "smollm2-135m-instruct-res" / f"blocks.{layer}.hook_resid_post"
+    if not p.exists():
+        raise SystemExit(_MSG_NO_SAE.format(path=p))
+    sae = load_sae(p)
+    sae = jax.tree.map(lambda a: a.astype(jnp.float32), sae)
+    return Site.parse(sae.hook_name), sae, str(p)
+
+
+def resid_and_grad(model: Any, tokens: Any, valid: Any, site: Site, metric: Any) -> tuple[Any, Any]:
+    """Residual at ``site`` (before any hook) and ``dM/dh`` there, for one sequence.
+
+    ``metric(logits [seq, vocab]) -> scalar``. The gradient is taken through an additive zero at the
+    site, so it works for every point of a block.
+    """
+    from jaxrecover.transformer import embed, run_blocks, unembed
+
+    x0, _ = run_blocks(model, embed(model, tokens, valid), 0, site.layer, valid=valid)
+
+    def f(eps):
+        hooks = {site: lambda r, s: r + eps}
+        h, cap = run_blocks(model, x0, site.layer, model.cfg.n_layers, hooks, valid=valid, capture=(site,))
+        return metric(unembed(model, h)), cap[site]
+
+    eps = jnp.zeros(x0.shape, jnp.float32)
+    (_, resid), g = jax.value_and_grad(f, has_aux=True)(eps)
+    return resid, g
+
+
+def resid_at(model: Any, tokens: Any, valid: Any, site: Site, hooks: Mapping | None = None) -> Any:
+    """Residual at ``site`` (before its hook) for one sequence; blocks past the site are not run."""
+    from jaxrecover.transformer import embed, run_blocks
+
+    _, cap = run_blocks(model, embed(model, tokens, valid), 0, site.layer + 1, hooks, valid=valid, capture=(site,))
+    return cap[site]
+
+
+# ----------------------------------------------------------------------------- running the solver
+
+
+@dataclasses.dataclass
+class Run:
+    """A batched solver result plus its per-example records (``recovery.result_records``)."""
+
+    result: Any
+    records: list[dict[str, Any]]
+    seconds: float
+    ctx: Any = None
+
+
+def _axes(clamp_axes: Any) -> Any:
+    return None if clamp_axes is None else clamp_axes
+
+
+def _jits(solver: R.Solver, clamp_axes: Any) -> tuple[Any, Any, Any]:
+    ca = _axes(clamp_axes)
+    init = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, ca)))
+    finish = jax.jit(jax.vmap(solver.finish, in_axes=(None, 0, ca, 0, 0)))
+    advances: dict[int, Any] = {}
+
+    def advance(n: int) -> Any:
+        if n not in advances:
+            advances[n] = jax.jit(
+                jax.vmap(lambda m, e, c, x, s: solver.advance(m, e, c, x, s, n), in_axes=(None, 0, ca, 0, 0))
+            )
+        return advances[n]
+
+    return init, advance, finish
+
+
+def run_solver(
+    solver: R.Solver,
+    model: Any,
+    examples: R.Example,
+    clamps: Mapping[Site, Any],
+    *,
+    clamp_axes: Any = None,
+    chunk: int = 25,
+    desc: str = "recover",
+    progress: bool = True,
+) -> Run:
+    """All examples at once (``vmap``), ``chunk`` steps per jitted ``advance`` call."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    init, advance, finish = _jits(solver, clamp_axes)
+    n_ex = jax.tree.leaves(examples)[0].shape[0]
+    ctx, state = init(model, examples, clamps)
+    steps = solver.cfg.steps
+    bar = tqdm(total=steps * n_ex, desc=desc, disable=not progress, leave=False, unit="ex-step")
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        state, _ = advance(n)(model, examples, clamps, ctx, state)
+        jax.block_until_ready(state.delta)
+        done += n
+        bar.update(n * n_ex)
+    bar.close()
+    res = finish(model, examples, clamps, ctx, state)
+    res = jax.device_get(res)
+    return Run(res, R.result_records(res), time.time() - t0, ctx)
+
+
+def evaluate_deltas(
+    solver: R.Solver,
+    model: Any,
+    examples: R.Example,
+    clamps: Mapping[Site, Any],
+    deltas: Any,
+    *,
+    clamp_axes: Any = None,
+) -> Run:
+    """Measure fixed ``deltas [n, rows, d]`` (no optimisation) with the solver's ``finish``."""
+    t0 = time.time()
+    ca = _axes(clamp_axes)
+
+    def one(model, ex, cl, delta):
+        ctx, state = solver.init(model, ex, cl)
+        state = dataclasses.replace(state, delta=delta.astype(jnp.float32), step=jnp.zeros((), jnp.int32))
+        return solver.finish(model, ex, cl, ctx, state)
+
+    res = jax.jit(jax.vmap(one, in_axes=(None, 0, ca, 0)))(model, examples, clamps, deltas)
+    res = jax.device_get(res)
+    return Run(res, R.result_records(res), time.time() - t0)
+
+
+def replay_components(sae: SAE, features: Any, h_def_rows: Any, delta: Any) -> dict[str, Any]:
+    """Decompose ``delta [n, rows, d]`` at the delta site (paper App. J): ``dz = E(h_def + delta) -
+    E(h_def)``; ``clamped = dz_S @ W_dec[S]``, ``features = dz @ W_dec``, ``residual = delta - features``."""
+
+    def one(sae, h, d):
+        dz = encode(sae, h + d) - encode(sae, h)
+        feat = dz @ sae.W_dec
+        clamped = dz[:, features] @ sae.W_dec[features]
+        return {"clamped_feature": clamped, "sae_feature": feat, "sae_residual": d - feat}
+
+    fn = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+    return jax.device_get(fn(sae, jnp.asarray(h_def_rows), jnp.asarray(delta)))
+
+
+def stack(examples: Sequence[R.Example]) -> R.Example:
+    """Stack per-example pytrees on a new leading axis (host-side, numpy)."""
+    return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *examples)
+
+
+def take(tree: Any, idx: Sequence[int] | np.ndarray) -> Any:
+    idx = np.asarray(idx, dtype=np.int32)
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def mode_summary(records: Sequence[Mapping[str, Any]], drift_key: str = "drift_abs") -> dict[str, Any]:
+    """Wilson rates for recovered / zero-reactivation, bootstrap means for the continuous metrics."""
+    from _common import mean_ci, rates
+
+    out: dict[str, Any] = {"n": len(records)}
+    if not records:
+        return out
+    out["recovered"] = rates(records, "recovered")
+    if all("zero_reactivation" in r for r in records):
+        out["zero_reactivation"] = rates(records, "zero_reactivation")
+    for key in ("final_objective", "drift_abs", "drift_rel", "decode_drift", "react_frac", "floor_violation",
+                "delta_norm", "delta_rel", "steps_to_success"):
+        if any(r.get(key) is not None for r in records):
+            vals = [r for r in records if key != "steps_to_success" or (r.get("recovered") and r[key] >= 0)]
+            out[key] = mean_ci(vals, key)
+    drifted = [dict(r, drifted=(r.get(drift_key) or 0.0) > 1e-3) for r in records]
+    out["drift_gt_1e-3"] = rates(drifted, "drifted")
+    return out
+
+
+def cell(summary: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """Table cell for a summary entry (rate cell or mean [lo, hi])."""
+    v = summary.get(key)
+    if v is None:
+        return "--"
+    if "cell" in v and "k" in v:
+        return v["cell"]
+    if v.get("mean") is None:
+        return "--"
+    return f"{v['mean']:.{digits}f} [{v['lo']:.{digits}f}, {v['hi']:.{digits}f}]"
+
+
+def count_cell(summary: Mapping[str, Any], key: str) -> str:
+    v = summary.get(key)
+    return "--" if v is None else f"{v['k']}/{v['n']}"
+
+
+def write_outputs(
+    out: Path,
+    *,
+    name: str,
+    records: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    table_rows: Sequence[Mapping[str, Any]],
+    csv_rows: Sequence[Mapping[str, Any]],
+    notes: str,
+    title: str,
+) -> str:
+    """results.jsonl, summary.json, table.md, ``{name}.csv``; returns the markdown table."""
+    report.write_jsonl(out / "results.jsonl", records)
+    report.write_json(out / "summary.json", summary)
+    report.write_csv(out / f"{name}.csv", csv_rows)
+    cols = list(dict.fromkeys(k for r in table_rows for k in r))
+    paper = [c for c in cols if c.startswith("paper")]
+    table = report.markdown_table(table_rows, [c for c in cols if c not in paper] + paper)
+    report.write_markdown(out / "table.md", title, [("Results (ours vs paper)", table), ("Notes", notes)])
+    return table
+
+
+def finite(x: Any) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
