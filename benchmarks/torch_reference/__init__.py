@@ -11,9 +11,12 @@ from benchmarks.torch_reference.recovery import (
     TorchRecoveryConfig as TorchRecoveryConfig,
     TorchSAE as TorchSAE,
     load_hf_model as load_hf_model,
+    make_batched_logits as make_batched_logits,
     null_projector as null_projector,
+    parse_site as parse_site,
     recover_batched as recover_batched,
     recover_per_example as recover_per_example,
-    run_to as run_to,
     run_from as run_from,
+    run_to as run_to,
+    site_hooks as site_hooks,
 )

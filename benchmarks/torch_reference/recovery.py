@@ -111,7 +111,7 @@ class TorchSAE:
         """Copy a ``jaxrecover.sae.SAE`` (float32)."""
         import numpy as np
 
-        t = lambda a: None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device)  # noqa: E731
+        t = lambda a: None if a is None else torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731
         if sae.activation not in ("relu", "jumprelu"):
             raise ValueError(f"TorchSAE supports relu/jumprelu, got {sae.activation!r}.")
         return cls(W_enc=t(sae.W_enc), b_enc=t(sae.b_enc), W_dec=t(sae.W_dec), b_dec=t(sae.b_dec),
@@ -301,6 +301,26 @@ def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
     return model
 
 
+Hook = Callable[[Tensor], Tensor]
+SiteKey = tuple[int, str]  # (layer, point)
+
+
+def parse_site(site: "str | SiteKey") -> SiteKey:
+    """``"blocks.{L}.hook_{point}"`` (or ``(L, point)``, or a ``jaxrecover.Site``) -> ``(L, point)``."""
+    if isinstance(site, tuple):
+        layer, point = site
+    elif hasattr(site, "layer") and hasattr(site, "point"):
+        layer, point = site.layer, site.point
+    else:
+        parts = str(site).split(".")
+        if len(parts) != 3 or parts[0] != "blocks" or not parts[2].startswith("hook_"):
+            raise ValueError(_MSG_SITE.format(site=site))
+        layer, point = int(parts[1]), parts[2][len("hook_"):]
+    if point not in POINTS:
+        raise ValueError(_MSG_SITE.format(site=site))
+    return int(layer), point
+
+
 class _Stop(Exception):
     """Raised inside a pre-hook to end a forward pass early (``run_to``)."""
 
@@ -309,22 +329,60 @@ def _layers(model: Any) -> Any:
     return model.model.layers
 
 
+@contextlib.contextmanager
+def site_hooks(model: Any, hooks: dict[SiteKey, Hook]) -> Iterator[None]:
+    """Register ``{(layer, point): fn}`` on ``model.model.layers``: a forward hook on a block's output
+    (``resid_post``) or a pre-hook on its input (``resid_pre``); all removed on exit."""
+    handles = []
+
+    def post_hook(fn: Hook) -> Callable:
+        def post(module: Any, args: tuple, output: Any) -> Any:
+            if isinstance(output, tuple):  # transformers < 4.54 returns (hidden_states, ...)
+                return (fn(output[0]), *output[1:])
+            return fn(output)
+
+        return post
+
+    def pre_hook(fn: Hook) -> Callable:
+        def pre(module: Any, args: tuple, kwargs: dict) -> Any:
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+        return pre
+
+    try:
+        for (layer, point), fn in sorted(hooks.items()):
+            block = _layers(model)[layer]
+            if point == "resid_post":
+                handles.append(block.register_forward_hook(post_hook(fn)))
+            else:
+                handles.append(block.register_forward_pre_hook(pre_hook(fn), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
-def run_to(model: Any, tokens: Tensor, layer: int) -> Tensor:
-    """Residual entering block ``layer`` (``blocks.{layer}.hook_resid_pre``): runs blocks ``< layer`` only."""
+def run_to(model: Any, tokens: Tensor, layer: int, hooks: dict[SiteKey, Hook] | None = None) -> Tensor:
+    """Residual entering block ``layer`` (before any hook there); runs blocks ``< layer`` only, with
+    the ``hooks`` of those blocks (clamps below the delta site act in the prefix too)."""
     captured: list[Tensor] = []
 
     def grab(module: Any, args: tuple, kwargs: dict) -> None:
         captured.append(args[0] if args else kwargs["hidden_states"])
         raise _Stop
 
-    handle = _layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model.model(input_ids=tokens)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    below = {k: f for k, f in (hooks or {}).items() if k[0] < layer}
+    with site_hooks(model, below):
+        handle = _layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model.model(input_ids=tokens)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
     return captured[0].detach()
 
 
@@ -340,25 +398,27 @@ def _masks(model: Any, x: Tensor, position_ids: Tensor) -> dict[str, Any]:
     return masks
 
 
-def run_from(model: Any, resid: Tensor, layer: int, hook: Callable[[Tensor], Tensor] | None, point: str) -> Tensor:
-    """Logits ``[batch, seq, vocab]`` from the residual entering block ``layer``, ``hook`` at the site.
+def run_from(model: Any, resid: Tensor, layer: int, hooks: dict[SiteKey, Hook] | None = None) -> Tensor:
+    """Logits ``[batch, seq, vocab]`` from the residual entering block ``layer``; ``hooks`` at layers
+    ``>= layer`` apply.
 
     Mirrors the decoder loop of ``LlamaModel`` / ``Gemma2Model`` (masks, rotary embeddings, final
-    norm, ``lm_head``, Gemma-2 final soft-cap) for the blocks ``layer..`` only.
+    norm, ``lm_head``, Gemma-2 final soft-cap) for blocks ``layer..`` only.
     """
     cfg = model.config
+    hooks = hooks or {}
     position_ids = torch.arange(resid.shape[1], device=resid.device)[None]
     masks = _masks(model, resid, position_ids)
     position_embeddings = model.model.rotary_emb(resid, position_ids)
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     x = resid
-    if hook is not None and point == "resid_pre":
-        x = hook(x)
     for i in range(layer, cfg.num_hidden_layers):
+        if (i, "resid_pre") in hooks:
+            x = hooks[(i, "resid_pre")](x)
         x = _layers(model)[i](x, attention_mask=masks[types[i]], position_embeddings=position_embeddings,
                               position_ids=position_ids)
-        if hook is not None and point == "resid_post" and i == layer:
-            x = hook(x)
+        if (i, "resid_post") in hooks:
+            x = hooks[(i, "resid_post")](x)
     logits = model.lm_head(model.model.norm(x))
     softcap = getattr(cfg, "final_logit_softcapping", None)
     if softcap is not None:
@@ -366,42 +426,26 @@ def run_from(model: Any, resid: Tensor, layer: int, hook: Callable[[Tensor], Ten
     return logits
 
 
-def _defend_and_perturb(clamp: TorchClamp, delta: Tensor, slots: Tensor) -> Callable[[Tensor], Tensor]:
-    """``h -> clamp(h) + delta`` at ``slots``: ``delta [batch, rows, d]``, ``slots [batch, rows]``."""
+def add_delta(delta: Tensor, slots: Tensor) -> Hook:
+    """``h -> h + delta`` at ``slots``: ``delta [batch, rows, d]``, ``slots [batch, rows]`` (-1 = unused)."""
 
     def hook(h: Tensor) -> Tensor:
-        h = clamp(h)
         onehot = (torch.arange(h.shape[1], device=h.device)[None, :, None] == slots[:, None, :]).to(delta.dtype)
         return h + torch.bmm(onehot, delta).to(h.dtype)  # [b, seq, rows] @ [b, rows, d]
 
     return hook
 
 
-@contextlib.contextmanager
-def site_hook(model: Any, layer: int, point: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Register ``fn`` on ``model.model.layers[layer]``: a forward hook on its output (``resid_post``)
-    or a pre-hook on its input (``resid_pre``); removed on exit."""
-    block = _layers(model)[layer]
-    if point == "resid_post":
-        def post(module: Any, args: tuple, output: Any) -> Any:
-            if isinstance(output, tuple):  # transformers < 4.54 returns (hidden_states, ...)
-                return (fn(output[0]), *output[1:])
-            return fn(output)
-
-        handle = block.register_forward_hook(post)
-    elif point == "resid_pre":
-        def pre(module: Any, args: tuple, kwargs: dict) -> Any:
-            if args:
-                return (fn(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-        handle = block.register_forward_pre_hook(pre, with_kwargs=True)
+def _hooks_with(clamps: dict[SiteKey, TorchClamp], site: SiteKey, delta: Tensor, slots: Tensor) -> dict[SiteKey, Hook]:
+    """Every clamp at its site; at the delta site ``clamp`` then ``+ delta`` (``h_rec = h_def + delta``)."""
+    hooks: dict[SiteKey, Hook] = dict(clamps)
+    add = add_delta(delta, slots)
+    if site in clamps:
+        clamp = clamps[site]
+        hooks[site] = lambda h: add(clamp(h))
     else:
-        raise ValueError(_MSG_SITE.format(site=f"blocks.{layer}.hook_{point}"))
-    try:
-        yield
-    finally:
-        handle.remove()
+        hooks[site] = add
+    return hooks
 
 
 # ----------------------------------------------------------------------------- the solvers
@@ -413,9 +457,10 @@ class TorchRecovery:
 
     Attributes:
         delta: ``[batch, rows, d_model]`` final perturbation.
-        losses: ``[batch, steps]``: ``-objective`` at the start of each step (before its update).
+        losses: ``[batch, steps]``: ``-objective`` at the start of each step (before its update); the
+            JAX engine's ``trace["objective"]`` is minus this.
         final_objective: ``[batch]`` objective at the final ``delta``.
-        clamped_objective: ``[batch]`` objective with the clamp and ``delta = 0``.
+        clamped_objective: ``[batch]`` objective with the clamps and ``delta = 0``.
         recovered: ``[batch]`` bool, the objective's success predicate at the final ``delta``.
         clamped_success: ``[batch]`` bool, the same predicate with ``delta = 0``.
     """
@@ -426,6 +471,17 @@ class TorchRecovery:
     clamped_objective: Tensor
     recovered: Tensor
     clamped_success: Tensor
+
+
+def _prepare(clamps: Any, cfg: TorchRecoveryConfig) -> tuple[dict[SiteKey, TorchClamp], SiteKey, Tensor]:
+    """Normalised clamps, the delta site and the projector ``P``."""
+    clamps = {parse_site(k): v for k, v in clamps.items()}
+    site = (cfg.layer, cfg.point)
+    if cfg.projection != "none" and site not in clamps:
+        raise ValueError(f"projection={cfg.projection!r} needs a clamp at the delta site {site}; clamps at {sorted(clamps)}.")
+    any_clamp = next(iter(clamps.values()))
+    A = clamps[site].encoder_columns if site in clamps else any_clamp.sae.W_enc[:, :1]
+    return clamps, site, null_projector(A, cfg.projection, cfg.ridge)
 
 
 def _step_update(cfg: TorchRecoveryConfig, delta: Tensor, opt: torch.optim.Optimizer, P: Tensor) -> None:
@@ -448,17 +504,25 @@ def _evaluate(cfg: TorchRecoveryConfig, logits: Tensor, ex: TorchExamples) -> tu
     return objective_values(cfg.objective, logits, ex.target), success_values(cfg.objective, logits, ex.target)
 
 
-def recover_per_example(model: Any, clamp: TorchClamp, examples: TorchExamples, cfg: TorchRecoveryConfig) -> TorchRecovery:
-    """The paper's loop: for each example, a fresh ``delta`` and Adam, full HF forward every step."""
-    P = null_projector(clamp.encoder_columns, cfg.projection, cfg.ridge)
-    d = clamp.sae.W_dec.shape[1]
+def recover_per_example(model: Any, clamps: Any, examples: TorchExamples, cfg: TorchRecoveryConfig) -> TorchRecovery:
+    """The paper's loop: for each example a fresh ``delta`` and Adam; HF forward hooks; the full
+    forward every step.
+
+    Args:
+        model: an HF causal LM (``load_hf_model``).
+        clamps: ``{site: TorchClamp}``, site as ``"blocks.L.hook_resid_post"``; all act in every pass.
+        examples: the batch (solved one by one).
+        cfg: the delta site and hyper-parameters.
+    """
+    clamps, site, P = _prepare(clamps, cfg)
+    d = model.config.hidden_size
     out: list[tuple[Tensor, ...]] = []
     for i in range(len(examples)):
         ex = examples.select(i)
         delta = torch.zeros(1, ex.delta_slots.shape[1], d, device=ex.tokens.device, requires_grad=True)
         opt = _adam(cfg, delta)
         losses = []
-        with site_hook(model, cfg.layer, cfg.point, _defend_and_perturb(clamp, delta, ex.delta_slots)):
+        with site_hooks(model, _hooks_with(clamps, site, delta, ex.delta_slots)):
             for _ in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
                 loss = -objective_values(cfg.objective, model(input_ids=ex.tokens).logits, ex.target).sum()
@@ -468,44 +532,47 @@ def recover_per_example(model: Any, clamp: TorchClamp, examples: TorchExamples, 
             with torch.no_grad():
                 final, ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex)
         zero = torch.zeros_like(delta)
-        with torch.no_grad(), site_hook(model, cfg.layer, cfg.point, _defend_and_perturb(clamp, zero, ex.delta_slots)):
+        with torch.no_grad(), site_hooks(model, _hooks_with(clamps, site, zero, ex.delta_slots)):
             clamped, clamped_ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex)
-        out.append((delta.detach()[0], torch.stack(losses), final[0], clamped[0], ok[0], clamped_ok[0]))
+        history = torch.stack(losses) if losses else torch.zeros(0, device=delta.device)
+        out.append((delta.detach()[0], history, final[0], clamped[0], ok[0], clamped_ok[0]))
     deltas, losses, finals, clampeds, oks, clamped_oks = (torch.stack(t) for t in zip(*out, strict=True))
     return TorchRecovery(deltas, losses, finals, clampeds, oks, clamped_oks)
 
 
-def make_batched_loss(model: Any, clamp: TorchClamp, cfg: TorchRecoveryConfig) -> Callable[[Tensor, Tensor, TorchExamples], Tensor]:
-    """``(resid, delta, examples) -> logits [batch, seq, vocab]`` through blocks ``layer..`` only.
+def make_batched_logits(model: Any, clamps: dict[SiteKey, TorchClamp], cfg: TorchRecoveryConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``(resid, delta, slots) -> logits [batch, seq, vocab]`` through blocks ``layer..`` only.
 
     This is the function ``recover_batched`` differentiates (and may hand to ``torch.compile``).
     """
+    site = (cfg.layer, cfg.point)
 
     def logits_fn(resid: Tensor, delta: Tensor, slots: Tensor) -> Tensor:
-        return run_from(model, resid, cfg.layer, _defend_and_perturb(clamp, delta, slots), cfg.point)
+        return run_from(model, resid, cfg.layer, _hooks_with(clamps, site, delta, slots))
 
     return logits_fn
 
 
 def recover_batched(
     model: Any,
-    clamp: TorchClamp,
+    clamps: Any,
     examples: TorchExamples,
     cfg: TorchRecoveryConfig,
     *,
     compile: bool = False,
     resid: Tensor | None = None,
 ) -> TorchRecovery:
-    """All examples at once; the prefix below the site is computed once (pass ``resid`` to reuse it).
+    """All examples at once; the prefix below the delta site is computed once.
 
     Args:
+        model, clamps, examples, cfg: as ``recover_per_example``.
         compile: wrap the suffix forward in ``torch.compile`` (inductor; needs a C++ compiler on CPU).
         resid: the residual entering block ``cfg.layer`` (``run_to``), if already computed.
     """
+    clamps, site, P = _prepare(clamps, cfg)
     if resid is None:
-        resid = run_to(model, examples.tokens, cfg.layer)
-    P = null_projector(clamp.encoder_columns, cfg.projection, cfg.ridge)
-    logits_fn = make_batched_loss(model, clamp, cfg)
+        resid = run_to(model, examples.tokens, cfg.layer, dict(clamps))
+    logits_fn = make_batched_logits(model, clamps, cfg)
     if compile:
         logits_fn = torch.compile(logits_fn, dynamic=False)
     b, rows = examples.delta_slots.shape
@@ -521,4 +588,5 @@ def recover_batched(
     with torch.no_grad():
         final, ok = _evaluate(cfg, logits_fn(resid, delta, examples.delta_slots), examples)
         clamped, clamped_ok = _evaluate(cfg, logits_fn(resid, torch.zeros_like(delta), examples.delta_slots), examples)
-    return TorchRecovery(delta.detach(), torch.stack(history, dim=1), final, clamped, ok, clamped_ok)
+    losses = torch.stack(history, dim=1) if history else torch.zeros(b, 0, device=delta.device)
+    return TorchRecovery(delta.detach(), losses, final, clamped, ok, clamped_ok)
