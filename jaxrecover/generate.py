@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxrecover._pytree import pytree_dataclass
@@ -36,7 +37,6 @@ from jaxrecover.sites import Site
 from jaxrecover.transformer import (
     Block,
     Hook,
-    Hooks,
     Transformer,
     attend,
     attention_mask,
@@ -50,6 +50,12 @@ from jaxrecover.transformer import (
     seq_info,
     unembed,
 )
+
+# hooks keyed by Site or by "blocks.{L}.hook_{point}" string (Site.parse accepts both)
+AnyHooks = Mapping[Site | str, Hook]
+# prompts may come from the tokenizer as host NumPy arrays
+_Tokens = Int[Array | np.ndarray, "batch seq"]
+_Valid = Bool[Array | np.ndarray, "batch seq"]
 
 _MSG_HOOK_LAYER = "Hook at {site} is outside the model: it has {n_layers} blocks (layers 0..{last})."
 _MSG_BATCH = "generate: tokens and valid must be [batch, seq] with the same shape, got {t} and {v}."
@@ -100,7 +106,7 @@ def bucket_length(n: int, multiple: int = 16) -> int:
 # ----------------------------------------------------------------------------- per-example core
 
 
-def _layer_hooks(cfg: TransformerConfig, hooks: Hooks | None) -> dict[int, dict[str, Hook]]:
+def _layer_hooks(cfg: TransformerConfig, hooks: AnyHooks | None) -> dict[int, dict[str, Hook]]:
     """``{Site: fn}`` -> ``{layer: {point: fn}}``; a hook past the last block is an error."""
     per_layer: dict[int, dict[str, Hook]] = {}
     for name, fn in (hooks or {}).items():
@@ -180,7 +186,7 @@ def _run_cached_blocks(
     v_bufs: Array,
     k_pos: Array,
     k_valid: Array,
-    hooks: Hooks | None,
+    hooks: AnyHooks | None,
 ) -> tuple[Array, Array, Array]:
     """All blocks over the new slots: hooked layers unrolled, unhooked runs scanned (as
     ``transformer.run_blocks``). Returns the final residual and the new keys/values ``[layer, q, ...]``."""
@@ -231,7 +237,7 @@ def prefill(
     tokens: Int[Array, " seq"],
     valid: Bool[Array, " seq"],
     max_len: int,
-    hooks: Hooks | None = None,
+    hooks: AnyHooks | None = None,
 ) -> tuple[Float[Array, " d_vocab"], KVCache]:
     """Run the prompt with ``hooks`` and return the logits at its last slot and a cache of ``max_len``
     slots (the prompt's ``seq`` slots filled, ``length = seq``).
@@ -261,7 +267,7 @@ def prefill(
 
 
 def decode_step(
-    model: Transformer, cache: KVCache, token: Int[Array, ""], hooks: Hooks | None = None
+    model: Transformer, cache: KVCache, token: Int[Array, ""], hooks: AnyHooks | None = None
 ) -> tuple[Float[Array, " d_vocab"], KVCache]:
     """Append ``token`` at slot ``cache.length`` and return the next-token logits and the new cache.
 
@@ -308,7 +314,7 @@ class _Buffer:
 
 
 def _prefill_uncached(
-    model: Transformer, tokens: Array, valid: Array, max_len: int, hooks: Hooks | None
+    model: Transformer, tokens: Array, valid: Array, max_len: int, hooks: AnyHooks | None
 ) -> tuple[Array, _Buffer]:
     seq = tokens.shape[0]
     buf = _Buffer(
@@ -319,7 +325,7 @@ def _prefill_uncached(
     return forward(model, buf.tokens, hooks, valid=buf.valid)[seq - 1], buf
 
 
-def _step_uncached(model: Transformer, buf: _Buffer, token: Array, hooks: Hooks | None) -> tuple[Array, _Buffer]:
+def _step_uncached(model: Transformer, buf: _Buffer, token: Array, hooks: AnyHooks | None) -> tuple[Array, _Buffer]:
     slot = buf.length
     buf = _Buffer(tokens=buf.tokens.at[slot].set(token), valid=buf.valid.at[slot].set(True), length=slot + 1)
     return forward(model, buf.tokens, hooks, valid=buf.valid)[slot], buf
@@ -355,7 +361,7 @@ def _generate_impl(
     model: Transformer,
     tokens: Array,
     valid: Array,
-    hooks: Hooks | None,
+    hooks: AnyHooks | None,
     temperature: Array,
     key: Array,
     *,
@@ -423,11 +429,11 @@ def _normalize_hooks(hooks: Mapping[Any, Any] | None) -> dict[Site, Any]:
 def _call(
     fn: Callable,
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
-    valid: Bool[Array, "batch seq"] | None,
+    tokens: _Tokens,
+    valid: _Valid | None,
     *,
     max_new_tokens: int,
-    hooks: Hooks | None,
+    hooks: AnyHooks | None,
     hooks_in_axes: Any,
     temperature: float,
     top_k: int | None,
@@ -470,11 +476,11 @@ def _call(
 
 def generate(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
-    valid: Bool[Array, "batch seq"] | None = None,
+    tokens: _Tokens,
+    valid: _Valid | None = None,
     *,
     max_new_tokens: int,
-    hooks: Hooks | None = None,
+    hooks: AnyHooks | None = None,
     hooks_in_axes: Any = None,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -536,11 +542,11 @@ def generate(
 
 def generate_uncached(
     model: Transformer,
-    tokens: Int[Array, "batch seq"],
-    valid: Bool[Array, "batch seq"] | None = None,
+    tokens: _Tokens,
+    valid: _Valid | None = None,
     *,
     max_new_tokens: int,
-    hooks: Hooks | None = None,
+    hooks: AnyHooks | None = None,
     hooks_in_axes: Any = None,
     temperature: float = 0.0,
     top_k: int | None = None,

@@ -83,7 +83,7 @@ def test_prefill_logits_equal_forward(arch):
 
 
 @pytest.mark.parametrize(
-    ("arch", "kind"), [("llama", "none"), ("llama", "clamp"), ("llama", "delta"), ("gemma2", "delta")]
+    ("arch", "kind"), [("llama", "none"), ("llama", "clamp"), ("llama", "delta"), ("gemma2", "delta"), ("gpt2", "clamp")]
 )
 def test_cached_equals_uncached(arch, kind):
     model = _model(arch)
@@ -117,7 +117,7 @@ def test_left_padded_batch_equals_each_prompt_alone():
     hooks = {Site(0, "resid_post"): _clamp(model.cfg)}  # slot-independent, so padding cannot shift it
     batch = gen.generate(model, tokens, valid, max_new_tokens=NEW, hooks=hooks, return_logits=True)
     for row in range(tokens.shape[0]):
-        alone = tokens[row][valid[row]][None]
+        alone = np.asarray(tokens[row])[np.asarray(valid[row])][None]  # host NumPy, as the tokenizer gives
         one = gen.generate(model, alone, max_new_tokens=NEW, hooks=hooks, return_logits=True)
         np.testing.assert_array_equal(batch.tokens[row], one.tokens[0])
         np.testing.assert_allclose(batch.logits[row], one.logits[0], atol=ATOL, rtol=ATOL)
