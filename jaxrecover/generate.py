@@ -250,8 +250,7 @@ def prefill(
         raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt ({seq} slots).")
     info = seq_info(valid)
     x = embed(model, tokens, valid)
-    # the cache holds the compute dtype (x.dtype; not transformer.compute_dtype, whose return annotation
-    # fails under the jaxtyping hook)
+    # the cache holds keys/values in the compute dtype (that of the embedded residual)
     empty = jnp.zeros((cfg.n_layers, seq, cfg.n_kv_heads, cfg.d_head), x.dtype)
     x, k, v = _run_cached_blocks(model, x, info.slots, info.positions, empty, empty, info.positions, valid, hooks)
     logits = unembed(model, x[-1:])[0]

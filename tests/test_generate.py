@@ -6,8 +6,6 @@ a Clamp, and an AddDelta whose rows sit at a prompt slot and at a generated slot
 the key; EOS rows emit padding; one compile per shape bucket.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +23,8 @@ ATOL = 1e-4
 
 
 def _model(arch: str):
-    # an independent unembedding: with a tied random W_E, greedy decoding just repeats the last token
-    model = random_transformer(jax.random.key(0), tiny_config(arch))
-    cfg = model.cfg
-    W_U = jax.random.normal(jax.random.key(9), (cfg.d_model, cfg.d_vocab)) * cfg.d_model**-0.5
-    return dataclasses.replace(model, cfg=cfg.replace(tied_embeddings=False), W_U=W_U)
+    # untied unembedding: with a tied random W_E, greedy decoding just repeats the last token
+    return random_transformer(jax.random.key(0), tiny_config(arch, tied_embeddings=False))
 
 
 def _prompts(cfg, batch: int = 2, seq: int = 6):
