@@ -78,7 +78,8 @@ def test_prefill_logits_equal_forward(arch):
 
 
 @pytest.mark.parametrize(
-    ("arch", "kind"), [("llama", "none"), ("llama", "clamp"), ("llama", "delta"), ("gemma2", "delta"), ("gpt2", "clamp")]
+    ("arch", "kind"),
+    [("llama", "none"), ("llama", "clamp"), ("llama", "delta"), ("gemma2", "delta"), ("gpt2", "clamp")],
 )
 def test_cached_equals_uncached(arch, kind):
     model = _model(arch)
