@@ -335,7 +335,8 @@ def jax_minimal_fn(p: Problem, cache_prefix: bool, steps: int | None = None) -> 
         def step(carry: Any, _: Any) -> Any:
             delta, state = carry
             value, g = jax.value_and_grad(loss)(delta)
-            updates, state = tx.update(proj.apply(basis, g), state, delta)
+            with jax.numpy_dtype_promotion("standard"):  # optax computes `b1 ** count` (float ** int32)
+                updates, state = tx.update(proj.apply(basis, g), state, delta)
             delta = proj.clip_l2(optax.apply_updates(delta, updates), cfg.budget)
             return (delta, state), value
 
@@ -549,6 +550,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="steady-state repeats (default 1 on CPU, 3 on GPU).")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="device peak for MFU, TFLOP/s (default: measured large matmul in --dtype).")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads for the torch modes (default: torch's choice, one per core). On a "
+                         "shared, oversubscribed CPU, OpenMP threads that spin at barriers can make torch several "
+                         "times slower; 1 avoids that.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>/).")
     ap.add_argument("--name", default=None, help="file stem (default recovery_<model>_<dtype>).")
@@ -568,6 +573,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
     repeats = args.repeats or (3 if on_gpu else 1)
     tdev = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     modes = [m for m in args.modes.split(",") if m]
     if args.torch_compile and "torch_compiled" not in modes:
         modes.append("torch_compiled")

@@ -137,3 +137,25 @@ def test_solve_matches_torch_reference(models, objective, projector, reproject):
         np.testing.assert_allclose(t.delta.numpy(), np.asarray(res.delta), rtol=1e-3, atol=1e-4)
     norms = np.linalg.norm(np.asarray(res.delta).reshape(BATCH, -1), axis=-1)
     assert (norms <= p.torch_cfg.budget * (1 + 1e-5)).all()
+
+
+@pytest.mark.slow  # ~30-60 s on 2 shared cores: six XLA compiles (engine and minimal loops, steps and 0 steps)
+def test_bench_recovery_smoke(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import bench_recovery
+
+    monkeypatch.setenv("JAXRECOVER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    bench_recovery.main(["--model", "random:tiny", "--seqs", "8", "--batches", "1,2", "--steps", "2",
+                         "--ablation-batch", "2", "--out", str(out), "--name", "smoke"])
+    report = json.loads((out / "smoke.json").read_text())
+    assert (out / "smoke.md").exists() and (out / "smoke.png").exists()
+    assert report["errors"] == []
+    modes = {(r["mode"], r["batch"]) for r in report["rows"]}
+    assert {("jax", 1), ("jax", 2), ("torch_loop", 2), ("torch_batched", 2), ("jax_min_cache", 2),
+            ("jax_min_full", 2)} <= modes
+    for r in report["rows"]:
+        assert r["examples_per_s"] > 0 and r["step_s"] > 0 and r["step_flops"] > 0 and 0 < r["mfu"]
+    assert report["ratios"]["jax/torch_loop"]["geomean"] > 0
+    assert report["meta"]["steps"] == 2 and report["meta"]["peak_tflops"] > 0
