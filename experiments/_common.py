@@ -137,7 +137,11 @@ def slice_hooks(hooks: Mapping[Site, Any], in_axes: Mapping[Site, Any], idx: np.
         if ax is None:
             out[site] = h
         else:
-            out[site] = jax.tree.map(lambda a, x: a if x is None else a[idx], h, ax, is_leaf=lambda x: x is None)
+            # walk the in_axes prefix: a None leaf keeps its whole subtree, a 0 leaf slices it
+            out[site] = jax.tree.map(
+                lambda x, sub: sub if x is None else jax.tree.map(lambda a: a[idx], sub), ax, h,
+                is_leaf=lambda x: x is None,
+            )
     return out
 
 
