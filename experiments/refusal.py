@@ -119,8 +119,8 @@ def residuals_at(model: Any, tokens: np.ndarray, valid: np.ndarray, sites: list[
     """Residual at each site (pre-hook) for every prompt, last real token only (left padding)."""
     stop = max(s.layer for s in sites) + 1
 
-    @jax.jit
-    def one_batch(t, v):
+    @jax.jit  # the model is an argument, not a closure: closed-over weights become XLA constants
+    def one_batch(model, t, v):
         def one(ti, vi):
             x = run_to(model, ti, 0, valid=vi)
             _, cap = run_blocks(model, x, 0, stop, valid=vi, capture=tuple(sites))
@@ -131,7 +131,7 @@ def residuals_at(model: Any, tokens: np.ndarray, valid: np.ndarray, sites: list[
     out: dict[Site, list] = {s: [] for s in sites}
     for i in range(0, len(tokens), batch):
         idx = np.arange(i, i + batch) % len(tokens)
-        r = one_batch(jnp.asarray(tokens[idx]), jnp.asarray(valid[idx]))
+        r = one_batch(model, jnp.asarray(tokens[idx]), jnp.asarray(valid[idx]))
         for s in sites:
             out[s].append(np.asarray(r[s])[: min(batch, len(tokens) - i)])
     return {s: np.concatenate(v) for s, v in out.items()}
@@ -145,7 +145,7 @@ def select_features(model, tok, saes, harmful_tok, harmless_tok, refusal_ids, cf
     cands = {s: np.asarray(features.top_by_cosine(saes[s], jnp.asarray(h_harm[s].mean(0) - h_safe[s].mean(0)), cfg.candidates_per_layer)) for s in sites}
     refusal_ids = jnp.asarray(refusal_ids)
 
-    def metric_grads(t, v, s):
+    def metric_grads(model, t, v, s):
         def one(ti, vi):
             x0 = run_to(model, ti, s.layer + 1, valid=vi)
 
@@ -163,7 +163,7 @@ def select_features(model, tok, saes, harmful_tok, harmless_tok, refusal_ids, cf
     n = min(32, len(tokens))
     for s in sites:
         # resid_post of layer L is the residual entering L+1
-        x, g = jax.jit(metric_grads, static_argnums=2)(jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]), s)
+        x, g = jax.jit(metric_grads, static_argnums=3)(model, jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]), s)
         mask = jnp.asarray(valid[:n]) & (jnp.cumsum(jnp.asarray(valid[:n]), axis=1) > 1)  # skip the first real token
         a = np.asarray(features.attribution(saes[s], x, g, mask))
         scores += [(float(a[f]), s, int(f)) for f in cands[s]]
@@ -238,7 +238,7 @@ def examples_for(batch: Batch, discouraged: list[int], delta_slots: np.ndarray) 
 def row_norms_at(model, clamps, site: Site, ex: R.Example) -> np.ndarray:
     """||h_def|| at each delta row (defended residual at the delta site), per example."""
 
-    def one(t, v, slots):
+    def one(model, clamps, t, v, slots):
         below = {s: c for s, c in clamps.items() if s.order <= site.order}
         x = run_to(model, t[0], 0, valid=v[0])
         _, cap = run_blocks(model, x, 0, site.layer + 1, below, valid=v[0], capture=(site,))
@@ -247,7 +247,7 @@ def row_norms_at(model, clamps, site: Site, ex: R.Example) -> np.ndarray:
             h = clamps[site](h, jnp.arange(h.shape[0], dtype=jnp.int32))
         return jnp.linalg.norm(h[jnp.clip(slots, 0, h.shape[0] - 1)], axis=-1)
 
-    return np.asarray(jax.jit(jax.vmap(one))(ex.tokens, ex.valid, ex.delta_slots))
+    return np.asarray(jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0)))(model, clamps, ex.tokens, ex.valid, ex.delta_slots))
 
 
 # ----------------------------------------------------------------------------- generation + judging
@@ -364,12 +364,13 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
 
     # 2. features
     C.say("selecting refusal features")
-    feats = select_features(model, tok, saes, encode_batch(tok, p_harm, pad_to=8), encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
+    harm_tok = encode_batch(tok, p_harm, pad_to=8)
+    feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
     clamps = make_clamps(saes, feats, cfg)
 
     # 3-4. clamped answers and strict-valid flips
     C.say("clamped answers")
-    clamp_texts = gen_with(model, tok, p_harm, clamps, cfg, desc="clamped")
+    clamp_texts = gen_with(model, tok, harm_tok, clamps, cfg, desc="clamped")
     valid = [judges.strict_valid(b, c) for b, c in zip(base_texts, clamp_texts)]
     flips = [i for i, v in enumerate(valid) if v and len(base_ids[i]) >= 4][: cfg.max_valid]
     C.say(f"strict-valid flips: {sum(valid)} of {len(harmful)}; recovering {len(flips)}")
@@ -430,12 +431,12 @@ def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prom
     n = len(deltas)
     tokens, valid = batch.tokens, batch.valid
 
-    def hdef(t, v):
+    def hdef(model, clamps, t, v):
         x = run_to(model, t, 0, valid=v)
         _, cap = run_blocks(model, x, 0, dsite.layer + 1, clamps, valid=v, capture=(dsite,))
         return clamps[dsite](cap[dsite], jnp.arange(x.shape[0], dtype=jnp.int32))[jnp.asarray(slots)]
 
-    h_def = jax.jit(jax.vmap(hdef))(jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]))
+    h_def = jax.jit(jax.vmap(hdef, in_axes=(None, None, 0, 0)))(model, clamps, jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]))
     parts = jax.vmap(lambda h, d: decompose(sae, S, h, d, cfg.topk_attr))(h_def, jnp.asarray(deltas))
     out: dict[str, Any] = {"method": method, "norms": {k: float(jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))) for k, v in parts.items()}}
     rows = []
