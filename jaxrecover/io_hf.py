@@ -440,12 +440,12 @@ def load_transformer(path: str | os.PathLike, *, dtype: str = "float32") -> Tran
         finally:
             handle_cm.__exit__(None, None, None)
 
-    first_file = next(iter(_weight_files(folder)))
+    where = folder / INDEX_FILE if (folder / INDEX_FILE).exists() else folder / WEIGHTS_FILE
     for p, done in filled.items():
         if not done.all():
             layer = int(np.argmin(done)) if p.startswith("blocks.") else None
             key = next((k for k, s in slots.items() if p in s.params and s.layer == layer), p)
-            raise CheckpointError(_MSG_MISSING.format(file=first_file, key=key, param=p, layer=layer))
+            raise CheckpointError(_MSG_MISSING.format(file=where, key=key, param=p, layer=layer))
     for file, key, value in tied:
         if not np.array_equal(value.astype(target), arrays["W_E"]):
             raise CheckpointError(_MSG_TIED.format(file=file, key=key))
