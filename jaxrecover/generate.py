@@ -194,14 +194,15 @@ def _run_cached_blocks(
     per_layer = _layer_hooks(cfg, hooks)
     local = layer_is_local(cfg)
 
-    def step(h, layer):
-        p, kb, vb, is_local = layer
+    def step(h, i):
+        # index the full stacks inside the loop: scanning over a static slice ``blocks[a:b]`` makes
+        # XLA copy that slice of the weights on every call (measured ~3x slower decode steps)
+        p, kb, vb, is_local = jax.tree.map(lambda a: a[i], (model.blocks, k_bufs, v_bufs, local))
         h, k, v = cached_block(cfg, p, h, q_slots, q_pos, kb, vb, k_pos, k_valid, is_local)
         return h, (k, v)
 
     def scan(h, start, stop):
-        layers = jax.tree.map(lambda a: a[start:stop], (model.blocks, k_bufs, v_bufs, local))
-        return jax.lax.scan(step, h, layers)
+        return jax.lax.scan(step, h, jnp.arange(start, stop, dtype=jnp.int32))
 
     new_k, new_v = [], []
     cursor = 0
