@@ -44,6 +44,7 @@ class Config:
     seq_len: int = 128
     train_chunks: int = 6400
     eval_chunks: int = 128
+    eval_use: int = 128  # held-out chunks actually evaluated (a prefix of eval_chunks.npy)
     epochs: float = 3.0
     batch_size: int = 2048
     lr: float | None = None  # None: TrainConfig's width-scaled default
@@ -106,6 +107,7 @@ def tokenize(cfg: Config, tok: Any) -> dict[str, Any]:
         raise ValueError(f"{cfg.corpus}: not enough tokens for {cfg.train_chunks} + {cfg.eval_chunks} chunks.")
     np.save(acts / "train_chunks.npy", train_ids.reshape(cfg.train_chunks, cfg.seq_len))
     np.save(acts / "eval_chunks.npy", eval_ids.reshape(cfg.eval_chunks, cfg.seq_len))
+    np.save(acts / "train_sources.npy", train_src.reshape(cfg.train_chunks, cfg.seq_len))
 
     def per_source(src: np.ndarray) -> dict[str, int]:
         counts = np.bincount(src.astype(np.int64), minlength=len(SOURCES))
@@ -126,6 +128,20 @@ def tokenize(cfg: Config, tok: Any) -> dict[str, Any]:
     }
     info_file.write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def used_rows_by_source(cfg: Config, tok: Any, n_chunks: int) -> dict[str, int]:
+    """Training rows (slot 0 excluded) per corpus source in the first ``n_chunks`` chunks."""
+    from jaxrecover.corpus import SOURCES, read_corpus
+
+    path = Path(cfg.acts_dir) / "train_sources.npy"
+    if not path.exists():  # data.json from an older run: re-tokenise (deterministic)
+        docs = list(read_corpus(cfg.corpus))
+        _, src, _ = _token_stream(tok, docs, cfg.train_chunks * cfg.seq_len, tok.tokenizer.token_to_id("<|endoftext|>"))
+        np.save(path, src.reshape(cfg.train_chunks, cfg.seq_len))
+    src = np.load(path)[:n_chunks, 1:].reshape(-1)
+    counts = np.bincount(src.astype(np.int64), minlength=len(SOURCES))
+    return {s: int(c) for s, c in zip(SOURCES, counts, strict=True) if c}
 
 
 def _sha256(path: str) -> str:
@@ -205,7 +221,9 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     n_rows = harvested_rows(cfg)
     if n_rows is None:
         raise SystemExit("no harvested activations; run with --stage harvest first.")
-    eval_chunks = np.load(acts / "eval_chunks.npy")
+    eval_chunks = np.load(acts / "eval_chunks.npy")[: cfg.eval_use]
+    n_used = n_rows // (cfg.seq_len - 1)
+    info = {**info, "train_chunks_used": n_used, "train_rows_by_source": used_rows_by_source(cfg, tok, n_used)}
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "data": info, "layers": {}}
     for layer in cfg.layers:
         site = Site(layer, "resid_post")
@@ -266,9 +284,11 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         f"between documents, cut into {info['seq_len']}-token chunks without BOS. Slot 0 of every chunk "
         "(the attention sink, norm ~100x the rest at these layers) is excluded from training and evaluation.",
         "",
-        f"- Training: {info['train_chunks']} chunks from the head of the file; tokens per source: "
-        + ", ".join(f"{k} {v:,}" for k, v in info["train_tokens_by_source"].items()),
-        f"- Held-out: {info['eval_chunks']} chunks from the last {info['eval_documents_from_end']} documents "
+        f"- Training: the first {info['train_chunks_used']} chunks of the file's head "
+        f"({info['train_chunks_used'] * (info['seq_len'] - 1):,} training tokens; the harvest was stopped there "
+        "for time if fewer than planned); tokens per source: "
+        + ", ".join(f"{k} {v:,}" for k, v in info["train_rows_by_source"].items()),
+        f"- Held-out: {info['eval_chunks']} chunks (the first {cfg.eval_use} evaluated) from the last {info['eval_documents_from_end']} documents "
         "of the file (disjoint from training); tokens per source: "
         + ", ".join(f"{k} {v:,}" for k, v in info["eval_tokens_by_source"].items()),
         "",

@@ -348,22 +348,27 @@ def site_stop(site: Site) -> int:
     return site.layer if site.point == "resid_pre" else site.layer + 1
 
 
-def make_capture(model: Transformer, sites: Sequence[Site]) -> Callable[[Array], Array]:
-    """``fn(tokens [batch, seq]) -> [n_sites, batch, seq, d_model]``, jitted and vmapped; one pass
-    of the model up to the deepest site."""
-    sites = tuple(Site.parse(s) for s in sites)
+@functools.partial(jax.jit, static_argnames=("sites",))
+def _capture_batch(model: Transformer, tokens: Int[Array, "batch seq"], *, sites: tuple[Site, ...]) -> Array:
+    # the model is an argument, not a closure: closed-over weights would be baked into the program
+    # as constants (slow to compile, and one compile per model)
     stop = max(site_stop(s) for s in sites)
-    if stop > model.cfg.n_layers:
-        raise ValueError(_MSG_SITE.format(n_layers=model.cfg.n_layers, site=max(sites)))
 
-    def one(tokens: Int[Array, " seq"]) -> Float[Array, "n_sites seq d_model"]:
+    def one(t: Int[Array, " seq"]) -> Float[Array, "n_sites seq d_model"]:
         capture = [s for s in sites if s.point != "resid_pre" or s.layer < stop]
-        x, seen = run_blocks(model, embed(model, tokens), 0, stop, capture=capture)
-        outs = [seen[s] if s in seen else x for s in sites]  # resid_pre of `stop` is the output
-        return jnp.stack(outs)
+        x, seen = run_blocks(model, embed(model, t), 0, stop, capture=capture)
+        return jnp.stack([seen[s] if s in seen else x for s in sites])  # resid_pre of `stop` is the output
 
-    batched = jax.jit(jax.vmap(one))
-    return lambda tokens: jnp.moveaxis(batched(tokens), 1, 0)
+    return jnp.moveaxis(jax.vmap(one)(tokens), 1, 0)
+
+
+def make_capture(model: Transformer, sites: Sequence[Site]) -> Callable[[Array], Array]:
+    """``fn(tokens [batch, seq]) -> [n_sites, batch, seq, d_model]`` (jitted, vmapped): one pass of
+    the model up to the deepest site gives every site's residual."""
+    sites = tuple(Site.parse(s) for s in sites)
+    if max(site_stop(s) for s in sites) > model.cfg.n_layers:
+        raise ValueError(_MSG_SITE.format(n_layers=model.cfg.n_layers, site=max(sites)))
+    return lambda tokens: _capture_batch(model, tokens, sites=sites)
 
 
 def harvest(
@@ -648,6 +653,11 @@ def splice_losses(
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("site",))
+def _splice_batch(model: Transformer, sae: SAE, mean: Array, tokens: Array, *, site: Site) -> dict[str, Array]:
+    return jax.vmap(lambda t: splice_losses(model, sae, site, mean, t))(tokens)
+
+
 def evaluate(
     model: Transformer,
     sae: SAE,
@@ -666,7 +676,10 @@ def evaluate(
     from tqdm import tqdm
 
     mean_j = jnp.asarray(mean_resid, jnp.float32)
-    fn = jax.jit(jax.vmap(lambda t: splice_losses(model, sae, site, mean_j, t)))
+    site = Site.parse(site)
+
+    def fn(tokens: Array) -> dict[str, Array]:
+        return _splice_batch(model, sae, mean_j, tokens, site=site)
     sums: dict[str, float] = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "sq_err": 0.0, "l0_sum": 0.0}
     fired = np.zeros(sae.d_sae, np.int64)
     # EV needs the total variance of held-out rows: accumulate sum x and sum x^2 (float64 on host)
