@@ -8,7 +8,7 @@
 ...                          jxr.RecoveryConfig(budget=20.0), jxr.objectives.logit_diff, jxr.objectives.logit_diff_success)
 """
 
-from jaxrecover import objectives as objectives
+from jaxrecover import objectives as objectives, surgery as surgery, testing as testing
 from jaxrecover.config import TransformerConfig as TransformerConfig, from_hf_config as from_hf_config
 from jaxrecover.embedded import (
     DEFAULT_MODEL_NAME as DEFAULT_MODEL_NAME,
@@ -49,6 +49,7 @@ from jaxrecover.recovery import (
 )
 from jaxrecover.sae import SAE as SAE, decode as decode, encode as encode, encode_features as encode_features, reconstruct as reconstruct
 from jaxrecover.sae_io import SAEFormatError as SAEFormatError, load_sae as load_sae, save_sae as save_sae
+from jaxrecover.sharding import batch_sharding as batch_sharding, pad_batch as pad_batch, shard_batch as shard_batch
 from jaxrecover.sites import Site as Site
 from jaxrecover.tokenizer import (
     TextTokenizer as TextTokenizer,
