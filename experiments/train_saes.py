@@ -56,6 +56,7 @@ class Config:
     out_dir: str = "sae_weights/smollm2-135m-instruct-res"
     stage: str = "all"  # "tokenize" | "harvest" | "train" | "all"
     harvest_batch: int = 8
+    outlier_factor: float = 10.0  # rows with norm >= this x the median are left out (massive-activation tokens)
 
 
 def _say(msg: str) -> None:
@@ -175,9 +176,21 @@ def train_config(cfg: Config, layer: int, n_rows: int) -> ts.TrainConfig:
                           hook_name=str(Site(layer, "resid_post")))
 
 
-def train_layer(cfg: Config, layer: int, n_rows: int) -> tuple[ts.TrainConfig, ts.TrainState, dict[str, float], float]:
-    rows = np.memmap(_acts_path(cfg, layer), np.float16, "r")
-    rows = np.asarray(rows[: n_rows * 576].reshape(n_rows, 576))  # into RAM: ~1 GB, random access
+def load_rows(cfg: Config, layer: int, n_rows: int) -> tuple[np.ndarray, float, int]:
+    """Harvested rows below the norm ceiling (float16, in RAM), the ceiling, and how many were dropped."""
+    rows = np.asarray(np.memmap(_acts_path(cfg, layer), np.float16, "r")[: n_rows * 576].reshape(n_rows, 576))
+    rng = np.random.default_rng(cfg.seed)
+    ceiling = ts.norm_ceiling(rows[rng.choice(n_rows, min(n_rows, 65536), replace=False)], cfg.outlier_factor)
+    norms = np.concatenate([np.linalg.norm(rows[i : i + 65536].astype(np.float32), axis=-1)
+                            for i in range(0, n_rows, 65536)])
+    keep = norms < ceiling
+    return rows[keep], ceiling, int(np.sum(~keep))
+
+
+def train_layer(
+    cfg: Config, layer: int, rows: np.ndarray
+) -> tuple[ts.TrainConfig, ts.TrainState, dict[str, float], float]:
+    n_rows = rows.shape[0]
     tcfg = train_config(cfg, layer, n_rows)
     sample = rows[np.random.default_rng(cfg.seed).choice(n_rows, min(n_rows, 16384), replace=False)].astype(np.float32)
     log_file = Path(cfg.acts_dir) / f"train_L{layer}_k{cfg.k}.log"
@@ -228,9 +241,10 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     for layer in cfg.layers:
         site = Site(layer, "resid_post")
         _say(f"train {site}: {n_rows} rows")
-        tcfg, state, last, secs = train_layer(cfg, layer, n_rows)
-        rows = np.memmap(_acts_path(cfg, layer), np.float16, "r")[: n_rows * 576].reshape(n_rows, 576)
-        mean = np.asarray(rows[:: max(1, n_rows // 65536)], np.float32).mean(0)
+        rows, ceiling, n_dropped = load_rows(cfg, layer, n_rows)
+        _say(f"{site}: norm ceiling {ceiling:.1f}, {n_dropped} of {n_rows} rows above it left out")
+        tcfg, state, last, secs = train_layer(cfg, layer, rows)
+        mean = np.asarray(rows[:: max(1, rows.shape[0] // 65536)], np.float32).mean(0)
         folder = REPO / cfg.out_dir / str(site)
         extra = {
             "model_name": "SmolLM2-135M-Instruct",
@@ -240,15 +254,17 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
             "training_tokens": int(tcfg.steps * tcfg.batch_size),
             "trained_with": "jaxrecover.train_sae (TopK + AuxK, Adam, unit-norm decoder rows)",
             "exclude_first_position": True,
+            "excluded_norm_ceiling": ceiling,
         }
         save_sae(astype(ts.to_sae(state, tcfg), jnp.bfloat16), folder, extra_cfg=extra)
         shipped = astype(load_sae(folder), jnp.float32)
         _say(f"evaluate {site} (saved bf16 file) on {eval_chunks.shape[0]} held-out chunks")
-        metrics = ts.evaluate(model, shipped, site, eval_chunks, mean, batch_chunks=8)
+        metrics = ts.evaluate(model, shipped, site, eval_chunks, mean, max_norm=ceiling, batch_chunks=8)
         metrics["train_dead_frac"] = last.get("dead", float("nan"))
         metrics["train_ev_last_batch"] = last.get("ev", float("nan"))
         entry = {"metrics": metrics, "tokens_seen": int(tcfg.steps * tcfg.batch_size), "steps": tcfg.steps,
-                 "unique_tokens": n_rows, "train_seconds": secs, "k": tcfg.k, "d_sae": tcfg.d_sae,
+                 "unique_tokens": int(rows.shape[0]), "harvested_rows": n_rows, "rows_above_ceiling": n_dropped,
+                 "norm_ceiling": ceiling, "train_seconds": secs, "k": tcfg.k, "d_sae": tcfg.d_sae,
                  "lr": tcfg.learning_rate, "batch_size": tcfg.batch_size, "aux_k": tcfg.aux_k,
                  "input_scale": float(state.scale)}
         results["layers"][str(site)] = entry
@@ -282,7 +298,11 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         f"Offline corpus `{info['corpus']}` (sha256 `{info['corpus_sha256'][:16]}...`, built by "
         "`jaxrecover.corpus`): documents in file order (the file is a seeded shuffle), `<|endoftext|>` "
         f"between documents, cut into {info['seq_len']}-token chunks without BOS. Slot 0 of every chunk "
-        "(the attention sink, norm ~100x the rest at these layers) is excluded from training and evaluation.",
+        "(the attention sink) is excluded from training and evaluation, and so are rows whose norm is at least "
+        f"{cfg.outlier_factor:g}x the layer's median norm (massive-activation tokens: at layer 15 `<|endoftext|>` and "
+        "some newlines, ~0.1-0.2% of tokens with norms ~100x the median that carry >90% of the layer's variance; "
+        "no row at layer 9). Those positions keep their residual in every CE variant below; `norm_ceiling` per "
+        "layer is in `metrics.json` and in each `cfg.json` (`metadata.excluded_norm_ceiling`).",
         "",
         f"- Training: the first {info['train_chunks_used']} chunks of the file's head "
         f"({info['train_chunks_used'] * (info['seq_len'] - 1):,} training tokens; the harvest was stopped there "
@@ -300,11 +320,12 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         "W_enc = W_dec^T at initialisation. Activations were harvested once to float16 memmaps; "
         "batches are seeded per-epoch permutations.",
         "",
-        "| hook | width | k | unique tokens | tokens seen | steps | batch | lr | train time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| hook | width | k | training rows (unique) | rows above ceiling | tokens seen | steps | batch | lr | train time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for hook, e in results["layers"].items():
-        lines.append(f"| `{hook}` | {e['d_sae']} | {e['k']} | {e['unique_tokens']:,} | {e['tokens_seen']:,} | "
+        lines.append(f"| `{hook}` | {e['d_sae']} | {e['k']} | {e['unique_tokens']:,} | {e['rows_above_ceiling']:,} | "
+                     f"{e['tokens_seen']:,} | "
                      f"{e['steps']} | {e['batch_size']} | {e['lr']:.2e} | {e['train_seconds'] / 60:.1f} min |")
     lines += [
         "",
@@ -330,7 +351,7 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
     n_eval = next(iter(results["layers"].values()))["metrics"]["n_tokens"]
     lines += [
         "",
-        f"Held-out tokens per figure: {n_eval:,}. Total wall time of the run (tokenise, harvest, train, evaluate; "
+        f"Held-out tokens per figure: {n_eval:,} (after the exclusions above). Total wall time of the run (tokenise, harvest, train, evaluate; "
         f"2 shared CPU cores, no GPU): {results['wall_seconds'] / 60:.0f} min.",
         "",
         "## Reproduce",

@@ -383,7 +383,7 @@ def harvest(
     """Write the training rows of every site to float16 memmaps ``[n * (seq - 1), d_model]``.
 
     One model pass per batch of chunks serves all sites. Resumable: ``{path}.done`` records how many
-    chunks are written; a rerun continues from there. Values are clipped to the float16 range.
+    chunks are written (the first path's marker decides where a rerun continues). Values are clipped to the float16 range.
     """
     from tqdm import tqdm
 
@@ -409,9 +409,9 @@ def harvest(
         for m, a in zip(maps, acts, strict=True):
             m[i * rows_per : j * rows_per] = np.clip(a.reshape(-1, d), -limit, limit).astype(np.float16)
         if (j // batch_chunks) % 16 == 0 or j == n:
-            for m in maps:
+            for m, p in zip(maps, paths, strict=True):
                 m.flush()
-            done_file.write_text(str(j))
+                p.with_suffix(p.suffix + ".done").write_text(str(j))
         bar.update(j - i)
     bar.close()
     return maps
@@ -619,12 +619,15 @@ def splice_losses(
     site: Site,
     mean_resid: Float[Array, " d_model"],
     tokens: Int[Array, " seq"],
+    max_norm: Float[Array, ""] | float = float("inf"),
 ) -> dict[str, Array]:
     """Next-token loss of one chunk: clean, with the SAE reconstruction spliced in at ``site``,
     with the residual zero-ablated and mean-ablated there; plus the chunk's EV terms.
 
-    Only training positions are replaced (slot 0, the attention sink, keeps its residual in every
-    variant: the SAE never saw it and ablating it would measure the sink, not the SAE). The prefix up
+    Only training positions are replaced: slot 0 (the attention sink) and rows whose norm is
+    ``>= max_norm`` (secondary sinks, see ``norm_ceiling``) keep their residual in every variant and
+    are left out of the EV/L0 sums: the SAE never saw them, and ablating them would measure the
+    sinks, not the SAE. The prefix up
     to ``site`` is computed once; replacing the residual entering block ``L+1`` is the same as a
     hook at ``blocks.L.hook_resid_post``.
     """
@@ -633,8 +636,9 @@ def splice_losses(
     if site.point == "resid_mid":
         raise ValueError("splice_losses supports resid_pre / resid_post sites.")
     resid = run_to(model, tokens, stop)
-    keep = training_positions(jnp.ones(tokens.shape, bool))[:, None]
     x32 = resid.astype(jnp.float32)
+    small = jnp.linalg.norm(x32, axis=-1) < max_norm
+    keep = (training_positions(jnp.ones(tokens.shape, bool)) & small)[:, None]
     z = encode(sae, x32.astype(sae.W_enc.dtype))
     x_hat = decode(sae, z).astype(jnp.float32)
     variants = {
@@ -650,12 +654,23 @@ def splice_losses(
     out["sum_x"] = jnp.sum(x32 * w, axis=0)  # for the held-out total variance
     out["sum_xx"] = jnp.sum(jnp.square(x32) * w)
     out["fired"] = jnp.sum(((z > 0) & keep).astype(jnp.int32), axis=0)
+    out["n_rows"] = jnp.sum(keep.astype(jnp.int32))
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("site",))
-def _splice_batch(model: Transformer, sae: SAE, mean: Array, tokens: Array, *, site: Site) -> dict[str, Array]:
-    return jax.vmap(lambda t: splice_losses(model, sae, site, mean, t))(tokens)
+def _splice_batch(
+    model: Transformer, sae: SAE, mean: Array, tokens: Array, max_norm: Array, *, site: Site
+) -> dict[str, Array]:
+    return jax.vmap(lambda t: splice_losses(model, sae, site, mean, t, max_norm))(tokens)
+
+
+def norm_ceiling(rows: Float[np.ndarray, "n d"], factor: float = 10.0) -> float:
+    """``factor`` x the median row norm. Above it sit the massive-activation tokens (at middle layers
+    of SmolLM2: ``<|endoftext|>`` and some newlines, norms ~100x the median) that carry almost all
+    the variance of a layer while being ~0.1% of tokens; training and metrics leave them out."""
+    norms = np.linalg.norm(np.asarray(rows, np.float32), axis=-1)
+    return float(factor * np.median(norms))
 
 
 def evaluate(
@@ -665,13 +680,16 @@ def evaluate(
     chunks: Int[np.ndarray, "n seq"],
     mean_resid: Float[np.ndarray, " d_model"],
     *,
+    max_norm: float = float("inf"),
     batch_chunks: int = 8,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Held-out quality of ``sae`` at ``site`` over ``chunks`` (every chunk's slot 0 excluded).
+    """Held-out quality of ``sae`` at ``site`` over ``chunks`` (every chunk's slot 0 and rows with
+    norm ``>= max_norm`` excluded, see ``splice_losses``).
 
     Returns ``ev``, ``l0``, ``dead_frac`` (latents that never fire on these rows), ``ce_clean``,
-    ``ce_spliced``, ``ce_zero``, ``ce_mean``, ``flr_zero``, ``flr_mean``, ``n_tokens``.
+    ``ce_spliced``, ``ce_zero``, ``ce_mean``, ``flr_zero``, ``flr_mean``, ``n_tokens`` (rows
+    measured), ``n_excluded`` (rows past slot 0 left out for their norm).
     """
     from tqdm import tqdm
 
@@ -679,11 +697,12 @@ def evaluate(
     site = Site.parse(site)
 
     def fn(tokens: Array) -> dict[str, Array]:
-        return _splice_batch(model, sae, mean_j, tokens, site=site)
+        return _splice_batch(model, sae, mean_j, tokens, jnp.asarray(max_norm, jnp.float32), site=site)
+
     sums: dict[str, float] = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "mean": 0.0, "sq_err": 0.0, "l0_sum": 0.0}
     fired = np.zeros(sae.d_sae, np.int64)
     # EV needs the total variance of held-out rows: accumulate sum x and sum x^2 (float64 on host)
-    sx, sxx, rows, n_done = 0.0, 0.0, 0, 0
+    sx, sxx, rows, n_done, n_all = 0.0, 0.0, 0, 0, 0
     usable = chunks.shape[0] - chunks.shape[0] % batch_chunks
     for i in tqdm(range(0, usable, batch_chunks), disable=not progress, desc="evaluate"):
         batch = jnp.asarray(chunks[i : i + batch_chunks])
@@ -693,7 +712,8 @@ def evaluate(
         fired += np.asarray(out["fired"]).sum(axis=0)
         sx = sx + np.asarray(out["sum_x"], np.float64).sum(0)
         sxx += float(np.sum(np.asarray(out["sum_xx"], np.float64)))
-        rows, n_done = rows + batch.shape[0] * (batch.shape[1] - 1), n_done + batch.shape[0]
+        rows += int(np.sum(np.asarray(out["n_rows"])))
+        n_all, n_done = n_all + batch.shape[0] * (batch.shape[1] - 1), n_done + batch.shape[0]
     total_var = sxx - float(np.sum(np.square(sx))) / rows
     ce = {k: sums[k] / n_done for k in ("clean", "spliced", "zero", "mean")}
     return {
@@ -707,4 +727,5 @@ def evaluate(
         "flr_zero": fraction_loss_recovered(ce["clean"], ce["spliced"], ce["zero"]),
         "flr_mean": fraction_loss_recovered(ce["clean"], ce["spliced"], ce["mean"]),
         "n_tokens": rows,
+        "n_excluded": n_all - rows,
     }

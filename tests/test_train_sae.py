@@ -239,3 +239,15 @@ def test_evaluate_perfect_and_zero_saes(llama_model):
     null = ts.evaluate(llama_model, nothing, site, chunks, mean, batch_chunks=2, progress=False)
     assert null["l0"] == 0.0 and null["dead_frac"] == 1.0
     assert null["flr_zero"] == pytest.approx(0.0, abs=1e-5)  # reconstructs zeros == zero ablation
+    # rows at or above max_norm are neither replaced nor measured
+    norms = np.linalg.norm(np.stack([np.asarray(run_to(llama_model, jnp.asarray(c), 1))[1:] for c in chunks]), axis=-1)
+    ceiling = float(np.median(norms))
+    part = ts.evaluate(llama_model, nothing, site, chunks, mean, max_norm=ceiling, batch_chunks=2, progress=False)
+    assert part["n_tokens"] == int(np.sum(norms < ceiling)) and part["n_excluded"] == int(np.sum(norms >= ceiling))
+    assert part["ce_zero"] != pytest.approx(null["ce_zero"])  # the kept rows changed the ablated run
+
+
+def test_norm_ceiling():
+    rows = np.ones((101, 4), np.float32)  # norm 2
+    rows[0] *= 1000
+    assert ts.norm_ceiling(rows, factor=10.0) == pytest.approx(20.0)
