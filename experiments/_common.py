@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover import generate as G
+from jaxrecover.generate import generate as _generate
 from jaxrecover import report
 from jaxrecover.sae import SAE
 from jaxrecover.sites import Site
@@ -115,7 +115,7 @@ def generate_tokens(
         h = hooks
         if hooks is not None and hooks_in_axes is not None:
             h = slice_hooks(hooks, hooks_in_axes, idx)
-        res = G.generate(
+        res = _generate(
             model, jnp.asarray(tokens[idx]), jnp.asarray(valid[idx]), max_new_tokens=max_new_tokens,
             hooks=h, hooks_in_axes=hooks_in_axes, eos_id=eos,
         )
