@@ -84,6 +84,7 @@ class Config:
     suffix_len: int = F_(default=8, metadata={"help": "soft-suffix length (placeholder '!' tokens)"})
     replay: bool = F_(default=True, metadata={"help": "replay components of the unconstrained delta"})
     chunk: int = F_(default=25, metadata={"help": "optimisation steps per jitted call (progress granularity)"})
+    require_flip: bool = F_(default=True, metadata={"help": "recover valid flips only (False: every prompt; tests/debug)"})
 
 
 @dataclasses.dataclass
@@ -204,8 +205,10 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     ctx, _ = jax.jit(jax.vmap(probe.init, in_axes=(None, 0, None)))(prep.model, ex_all, clamps)
     clean = np.asarray(ctx.base_objective)
     clamped = np.asarray(ctx.clamped_objective)
-    flips = np.nonzero((clean > 0) & (clamped <= 0))[0]
-    used = flips[: cfg.max_flips] if cfg.max_flips else flips
+    is_flip = (clean > 0) & (clamped <= 0)
+    flips = np.nonzero(is_flip)[0]
+    pool = flips if cfg.require_flip else all_idx
+    used = pool[: cfg.max_flips] if cfg.max_flips else pool
     slot = prep.tokens.shape[1] - 1
     h_def = jax.vmap(lambda r: clamp(r, jnp.arange(r.shape[0], dtype=jnp.int32)))(prep.resid)
     h_norm = float(jnp.mean(jnp.linalg.norm(h_def[:, slot], axis=-1)))
@@ -224,7 +227,8 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     modes = [constraint] if constraint else ["none", "encoder"]
     ex = S.take(ex_all, used)
     base_rec = [{"prompt": int(i), "text": prep.prompts[i].text, "io": prep.prompts[i].io, "s": prep.prompts[i].s,
-                 "clean_diff": float(clean[i]), "clamped_diff": float(clamped[i])} for i in used]
+                 "clean_diff": float(clean[i]), "clamped_diff": float(clamped[i]), "valid_flip": bool(is_flip[i])}
+                for i in used]
     none_run = None
     for m in modes:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), O.logit_diff, O.logit_diff_success)
@@ -259,7 +263,7 @@ def _collect(out: dict, mode: str, run: S.Run, base_rec: list[dict]) -> None:
     recs = [{**b, **r, "mode": mode, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
     # the valid-flip set comes from the plain prompts; a suffix run's own base/clamped flags do not apply
     for r in recs:
-        r["clamp_flipped"] = True
+        r["clamp_flipped"] = r["valid_flip"]
         r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))
     out["records"].extend(recs)
     out["modes"][mode] = {**S.mode_summary(recs), "seconds": run.seconds}

@@ -1,0 +1,160 @@
+"""Sweeps of recovery vs the number of clamped features K (paper App. I, Table 9) or the delta budget
+(paper App. H, Fig. 8), encoder-projected vs unconstrained, on a small slice.
+
+``--setting ioi | unlearning | refusal`` reuses that experiment's ``prepare(cfg)`` once and calls its
+``evaluate(prepared, n_features=K | budget=B, constraint=...)`` per grid point (the valid-flip set is
+recomputed per K, as in the paper; for a budget sweep it is fixed). ``refusal`` is used only if
+``experiments/refusal.py`` exposes ``prepare`` / ``evaluate``; otherwise it is skipped with a message.
+
+Outputs (``--out``, default ``experiments/results/sweeps/<setting>_<kind>``): ``summary.json``,
+``results.jsonl`` (every recovered example at every grid point), ``table.md``, ``sweep.csv``,
+``recovery.png`` (rate with Wilson 95% band) and ``drift.png`` (mean act drift L2 with bootstrap 95%
+band).
+
+Paper references: Table 9 (refusal, K = 5..30, encoder-projected single-layer), App. H (WMDP, six flips,
+budgets 0, 1, 2, 5, 10, 20: encoder 0/6, 0/6, 4/6, 6/6, 6/6 at 0, 2, 5, 10, 20, drift 0; none the same
+rates with drift 2.25 at 20).
+
+Run: ``jaxrecover run sweeps --setting unlearning --kind budget``.
+"""
+
+import dataclasses
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _recovery_suite as S  # noqa: E402
+from jaxrecover import report  # noqa: E402
+
+NAME = "sweeps"
+F_ = dataclasses.field
+
+PAPER_BUDGET_WMDP = {0: ("0/6", "0/6"), 2: ("0/6", "0/6"), 5: ("4/6", "4/6"), 10: ("6/6", "6/6"), 20: ("6/6", "6/6")}
+PAPER_K_REFUSAL = {5: "16/17", 10: "36/36", 15: "45/45", 20: "42/45", 30: "58/59"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    setting: str = F_(default="ioi", metadata={"help": "ioi | unlearning | refusal"})
+    kind: str = F_(default="k", metadata={"help": "k (number of clamped features) | budget"})
+    ks: tuple[int, ...] = F_(default=(5, 10, 15, 20, 30, 40, 60), metadata={"help": "K grid (comma list)"})
+    budgets: tuple[float, ...] = F_(default=(1.0, 2.0, 5.0, 10.0, 20.0, 40.0), metadata={"help": "budget grid"})
+    constraints: tuple[str, ...] = F_(default=("none", "encoder"), metadata={"help": "constraints compared"})
+    model_dir: str = F_(default="", metadata={"help": "Hugging Face model folder ('' = embedded default)"})
+    sae: str = F_(default="", metadata={"help": "SAE folder ('' = shipped layer-9 SAE)"})
+    max_flips: int = F_(default=4, metadata={"help": "valid flips recovered per grid point (small slice)"})
+    steps: int = F_(default=0, metadata={"help": "optimisation steps (0 = the experiment's default)"})
+    n_prompts: int = F_(default=24, metadata={"help": "IOI prompts"})
+    max_questions: int = F_(default=4, metadata={"help": "unlearning: questions through the strict filter"})
+    out: str = F_(default="", metadata={"help": "output folder ('' = experiments/results/sweeps/<setting>_<kind>)"})
+
+
+def _load(setting: str) -> Any:
+    path = Path(__file__).resolve().parent / f"{setting}.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(f"jaxrecover_sweep_{setting}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not (hasattr(mod, "prepare") and hasattr(mod, "evaluate") and hasattr(mod, "Config")):
+        return None
+    return mod
+
+
+def _sub_config(cfg: Config, mod: Any) -> Any:
+    """The experiment's Config with the sweep's slice settings (only fields it has)."""
+    names = {f.name for f in dataclasses.fields(mod.Config)}
+    over = {"model_dir": cfg.model_dir, "sae": cfg.sae, "max_flips": cfg.max_flips, "n_prompts": cfg.n_prompts,
+            "max_questions": cfg.max_questions, "suffix": False, "replay": False,
+            "out": str(Path(cfg.out or "/tmp") / "sub")}
+    if cfg.steps:
+        over["steps"] = cfg.steps
+    return mod.Config(**{k: v for k, v in over.items() if k in names})
+
+
+def run_sweep(cfg: Config, mod: Any, prepared: Any = None) -> dict[str, Any]:
+    """Evaluate every grid point for every constraint; returns points + records."""
+    prep = prepared if prepared is not None else mod.prepare(_sub_config(cfg, mod))
+    grid = list(cfg.ks) if cfg.kind == "k" else list(cfg.budgets)
+    points, records = [], []
+    for x in grid:
+        for c in cfg.constraints:
+            kw = {"n_features": int(x)} if cfg.kind == "k" else {"budget": float(x)}
+            t0 = time.time()
+            res = mod.evaluate(prep, constraint=c, **kw)
+            ms = res["modes"].get(c, {})
+            ms = ms.get("all_flips", ms)  # tpp-style nesting
+            points.append({"x": x, "constraint": c, "n_valid_flips": res.get("n_valid_flips", 0),
+                           "n_recovered_on": res.get("n_recovered_on", res.get("n_valid_flips", 0)),
+                           "summary": ms, "seconds": time.time() - t0})
+            records += [{**r, "sweep_x": x} for r in res.get("records", [])]
+            rec = ms.get("recovered") or {}
+            S.say(f"sweeps {cfg.setting} {cfg.kind}={x} {c}: flips {res.get('n_valid_flips', 0)}, "
+                  f"recovered {rec.get('k', 0)}/{rec.get('n', 0)}")
+    return {"grid": grid, "points": points, "records": records}
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    t0 = time.time()
+    if cfg.kind not in ("k", "budget"):
+        raise SystemExit(f"--kind must be k or budget, got {cfg.kind!r}")
+    mod = _load(cfg.setting)
+    if mod is None:
+        S.say(f"sweeps: experiments/{cfg.setting}.py does not exist or has no prepare/evaluate; skipped")
+        return {"skipped": True, "setting": cfg.setting}
+    out = S.default_out(cfg.out, f"sweeps/{cfg.setting}_{cfg.kind}")
+    res = run_sweep(cfg, mod)
+    xs = res["grid"]
+    label = "K (clamped features)" if cfg.kind == "k" else "budget ||delta||_F"
+    rows, csv_rows = [], []
+    series_r, err_r, series_d, err_d = {}, {}, {}, {}
+    for c in cfg.constraints:
+        pts = [p for p in res["points"] if p["constraint"] == c]
+        rate = [(p["summary"].get("recovered") or {}).get("rate") for p in pts]
+        series_r[c] = [r if r is not None else float("nan") for r in rate]
+        err_r[c] = ([(p["summary"].get("recovered") or {}).get("lo", float("nan")) for p in pts],
+                    [(p["summary"].get("recovered") or {}).get("hi", float("nan")) for p in pts])
+        dr = [p["summary"].get("drift_abs") or {} for p in pts]
+        series_d[c] = [d.get("mean") if d.get("mean") is not None else float("nan") for d in dr]
+        err_d[c] = ([d.get("lo", float("nan")) for d in dr], [d.get("hi", float("nan")) for d in dr])
+    for x in xs:
+        row: dict[str, Any] = {cfg.kind: x}
+        for c in cfg.constraints:
+            p = next(p for p in res["points"] if p["x"] == x and p["constraint"] == c)
+            row["valid flips"] = p["n_valid_flips"]
+            row[f"recovery {c}"] = S.cell(p["summary"], "recovered")
+            row[f"drift {c}"] = S.cell(p["summary"], "drift_abs")
+            csv_rows.append({cfg.kind: x, "constraint": c, "n_valid_flips": p["n_valid_flips"],
+                             "n": p["summary"].get("n", 0),
+                             **{k: (p["summary"].get(k) or {}).get("mean", (p["summary"].get(k) or {}).get("rate"))
+                                for k in ("recovered", "drift_abs", "drift_rel", "react_frac", "zero_reactivation")},
+                             "seconds": p["seconds"]})
+        if cfg.kind == "budget" and cfg.setting == "unlearning" and int(x) in PAPER_BUDGET_WMDP:
+            row["paper enc / none (WMDP 6 flips)"] = " / ".join(PAPER_BUDGET_WMDP[int(x)])
+        if cfg.kind == "k" and cfg.setting == "refusal" and int(x) in PAPER_K_REFUSAL:
+            row["paper (refusal, encoder)"] = PAPER_K_REFUSAL[int(x)]
+        rows.append(row)
+    report.line_plot(out / "recovery.png", xs, series_r, xlabel=label, ylabel="recovery rate (Wilson 95%)",
+                     title=f"{cfg.setting}: recovery vs {cfg.kind}", errors=err_r, logx=cfg.kind == "budget")
+    report.line_plot(out / "drift.png", xs, series_d, xlabel=label, ylabel="act drift L2 (bootstrap 95%)",
+                     title=f"{cfg.setting}: drift vs {cfg.kind}", errors=err_d, logx=cfg.kind == "budget")
+    summary = {"config": dataclasses.asdict(cfg), "points": res["points"], "wall_seconds": time.time() - t0}
+    notes = (f"Small slice: at most {cfg.max_flips} valid flips per grid point; steps "
+             f"{cfg.steps or 'experiment default'}; SAE `{cfg.sae or 'shipped layer 9'}`. Rates: Wilson 95%; drift: "
+             "bootstrap 95%. The valid-flip set is recomputed per K.\n")
+    table = S.write_outputs(out, name="sweep", records=res["records"], summary=summary, table_rows=rows,
+                            csv_rows=csv_rows, notes=notes, title=f"Sweep: {cfg.setting}, recovery vs {cfg.kind}")
+    print(table)
+    S.say(f"sweeps: wrote {out} in {time.time() - t0:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    from jaxrecover.cli import config_parser
+
+    p = config_parser(Config, "sweeps", __doc__)
+    main(Config(**vars(p.parse_args())))
