@@ -70,7 +70,7 @@ class Config:
     probe_steps: int = F_(default=400, metadata={"help": "probe training steps (full batch)"})
     probe_lr: float = F_(default=0.01, metadata={"help": "probe Adam learning rate"})
     probe_l2: float = F_(default=1e-3, metadata={"help": "probe L2 penalty"})
-    n_features: int = F_(default=20, metadata={"help": "features ablated per target class"})
+    n_features: int = F_(default=200, metadata={"help": "features ablated per target class (20 flips nothing on these easy bios)"})
     selection: str = F_(default="attribution", metadata={"help": "attribution | decoder"})
     steps: int = F_(default=100, metadata={"help": "Adam steps"})
     lr: float = F_(default=0.1, metadata={"help": "Adam learning rate"})
@@ -184,16 +184,18 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     n_cls = len(prep.labels)
     feats = jnp.stack([select_features(prep, c, k) for c in range(n_cls)])  # [n_cls, k]
     slots = jnp.arange(prep.tokens.shape[1], dtype=jnp.int32)
-
-    def ablate(fs, r):
-        return Clamp(prep.sae, fs, jnp.zeros((k,), jnp.float32), mode="zero")(r, slots)
-
     test = np.nonzero(~prep.train)[0]
     Xc = _pooled(prep.resid[test], jnp.asarray(prep.pool[test]))
     clean_logits = np.asarray(Xc @ prep.W.T + prep.b[None])  # [n_test, n_cls]
-    # ablated residual of every test example under every class's clamp: [n_cls, n_test, seq, d] pooled
-    abl = jax.jit(jax.vmap(lambda fs: _pooled(jax.vmap(lambda r: ablate(fs, r))(prep.resid[test]),
-                                               jnp.asarray(prep.pool[test]))))(feats)
+
+    # ablated pooled residual of every test example under every class's clamp: [n_cls, n_test, d]
+    # (arrays are arguments, not closed-over constants: XLA would constant-fold the SAE matmuls)
+    def ablated(sae, fs, resid, pool):
+        clamp = Clamp(sae, fs, jnp.zeros((k,), jnp.float32), mode="zero")
+        return _pooled(jax.vmap(lambda r: clamp(r, slots))(resid), pool)
+
+    abl = jax.jit(jax.vmap(ablated, in_axes=(None, 0, None, None)))(
+        prep.sae, feats, prep.resid[test], jnp.asarray(prep.pool[test]))
     abl_logits = np.asarray(jnp.einsum("ctd,ed->cte", abl, prep.W) + prep.b[None, None])  # [cls clamp, n_test, probe]
     yt = prep.y[test]
     per_class: dict[str, Any] = {}
