@@ -84,7 +84,8 @@ def _check(out: Path, name: str, mode_keys=("none", "encoder")):
     for m in mode_keys:
         assert m in summary["modes"], m
     for r in rows:
-        assert r["delta_norm"] <= summary["budget"] * (1 + 1e-4) + 1e-5
+        if not r["mode"].startswith("replay"):  # replayed components are not clipped
+            assert r["delta_norm"] <= summary["budget"] * (1 + 1e-4) + 1e-5
     return summary, rows
 
 
