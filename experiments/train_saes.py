@@ -229,6 +229,8 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         ts.harvest(model, train_chunks, sites, [_acts_path(cfg, layer) for layer in cfg.layers],
                    batch_chunks=cfg.harvest_batch)
         _say(f"harvest done in {time.time() - t0:.0f}s")
+        if not (acts / "harvest.json").exists():
+            (acts / "harvest.json").write_text(json.dumps({"seconds": time.time() - t0, "command": _command(argv)}))
         if cfg.stage == "harvest":
             return info
     n_rows = harvested_rows(cfg)
@@ -237,7 +239,12 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     eval_chunks = np.load(acts / "eval_chunks.npy")[: cfg.eval_use]
     n_used = n_rows // (cfg.seq_len - 1)
     info = {**info, "train_chunks_used": n_used, "train_rows_by_source": used_rows_by_source(cfg, tok, n_used)}
-    results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "data": info, "layers": {}}
+    metrics_file = REPO / cfg.out_dir / "metrics.json"
+    # layers trained by earlier runs (another --layers subset) stay in the card and metrics.json
+    previous = json.loads(metrics_file.read_text())["layers"] if metrics_file.exists() else {}
+    results: dict[str, Any] = {"data": info, "layers": dict(previous)}
+    harvest_file = acts / "harvest.json"
+    results["harvest"] = json.loads(harvest_file.read_text()) if harvest_file.exists() else None
     for layer in cfg.layers:
         site = Site(layer, "resid_post")
         _say(f"train {site}: {n_rows} rows")
@@ -259,6 +266,7 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         save_sae(astype(ts.to_sae(state, tcfg), jnp.bfloat16), folder, extra_cfg=extra)
         shipped = astype(load_sae(folder), jnp.float32)
         _say(f"evaluate {site} (saved bf16 file) on {eval_chunks.shape[0]} held-out chunks")
+        t_eval = time.time()
         metrics = ts.evaluate(model, shipped, site, eval_chunks, mean, max_norm=ceiling, batch_chunks=8)
         metrics["train_dead_frac"] = last.get("dead", float("nan"))
         metrics["train_ev_last_batch"] = last.get("ev", float("nan"))
@@ -266,15 +274,20 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
                  "unique_tokens": int(rows.shape[0]), "harvested_rows": n_rows, "rows_above_ceiling": n_dropped,
                  "norm_ceiling": ceiling, "train_seconds": secs, "k": tcfg.k, "d_sae": tcfg.d_sae,
                  "lr": tcfg.learning_rate, "batch_size": tcfg.batch_size, "aux_k": tcfg.aux_k,
-                 "input_scale": float(state.scale)}
+                 "input_scale": float(state.scale), "eval_seconds": time.time() - t_eval,
+                 "command": _command(argv), "config": dataclasses.asdict(cfg)}
         results["layers"][str(site)] = entry
         _say(f"{site}: {json.dumps(entry)}")
-        (REPO / cfg.out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    results["wall_seconds"] = time.time() - t_start
-    results["command"] = " ".join(["PYTHONPATH=. .venv/bin/python", "experiments/train_saes.py", *map(shlex.quote, argv or [])])
-    (REPO / cfg.out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        metrics_file.write_text(json.dumps(results, indent=2) + "\n")
+    results["layers"] = dict(sorted(results["layers"].items(), key=lambda kv: Site.parse(kv[0])))
+    metrics_file.write_text(json.dumps(results, indent=2) + "\n")
     write_card(cfg, results)
+    _say(f"done in {time.time() - t_start:.0f}s")
     return results
+
+
+def _command(argv: list[str] | None) -> str:
+    return " ".join(["PYTHONPATH=. .venv/bin/python", "experiments/train_saes.py", *map(shlex.quote, argv or [])])
 
 
 def write_card(cfg: Config, results: dict[str, Any]) -> Path:
@@ -338,26 +351,31 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         "FLR = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean).",
         "",
         "| hook | EV | L0 | dead (held-out) | dead (train) | CE clean | CE spliced | CE zero-abl. | CE mean-abl. "
-        "| FLR (zero) | FLR (mean) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| FLR (zero) | FLR (mean) | held-out tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for hook, e in results["layers"].items():
         m = e["metrics"]
         lines.append(
             f"| `{hook}` | {m['ev']:.3f} | {m['l0']:.1f} | {m['dead_frac']:.3f} | {m['train_dead_frac']:.3f} | "
             f"{m['ce_clean']:.3f} | {m['ce_spliced']:.3f} | {m['ce_zero']:.3f} | {m['ce_mean']:.3f} | "
-            f"{m['flr_zero']:.3f} | {m['flr_mean']:.3f} |"
+            f"{m['flr_zero']:.3f} | {m['flr_mean']:.3f} | {m['n_tokens']:,} |"
         )
-    n_eval = next(iter(results["layers"].values()))["metrics"]["n_tokens"]
+    harvest = results.get("harvest") or {}
     lines += [
-        "",
-        f"Held-out tokens per figure: {n_eval:,} (after the exclusions above). Total wall time of the run (tokenise, harvest, train, evaluate; "
-        f"2 shared CPU cores, no GPU): {results['wall_seconds'] / 60:.0f} min.",
         "",
         "## Reproduce",
         "",
+        "Wall times on 2 CPU cores shared with other jobs (no GPU): harvest (one pass to block 16 for both layers) "
+        + (f"{harvest['seconds'] / 60:.0f} min" if harvest else "n/a")
+        + "; per layer: "
+        + "; ".join(f"`{h}` train {e['train_seconds'] / 60:.0f} min, evaluate {e.get('eval_seconds', 0) / 60:.0f} min"
+                    for h, e in results["layers"].items())
+        + ".",
+        "",
         "```",
-        results["command"],
+        *([harvest["command"]] if harvest else []),
+        *dict.fromkeys(e["command"] for e in results["layers"].values() if "command" in e),
         "```",
         "",
         "Every stage resumes after an interruption (rerun the same command). Figures in `metrics.json`.",
