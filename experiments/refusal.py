@@ -3,10 +3,15 @@ recover the base model's own answer with the clamp active.
 
 Pipeline (every stage batched; base generations cached in the results folder):
 1. Base greedy answers to harmful requests (no clamp). SmolLM2 complies with nearly all of them.
-2. Refusal features: per SAE layer, the steering vector mean(harmful) - mean(harmless) at the last
-   prompt token; the ``candidates_per_layer`` features whose decoder rows align best with it; then a
-   global top-K by linear attribution to the refusal-opening log-probability (Yeo et al. style).
-3. Clamp: ``z_S <- 3 z_S`` (paper: scale 3.0) at every position of every SAE layer, in every pass.
+2. Refusal features (default ``--feature-method refusal_text``): SAE features that are more active
+   on refusal answers ("I'm sorry, but I can't help with that request.") than on compliant answers,
+   both teacher-forced after the same harmful prompts; global top-K over the SAE layers. The paper's
+   route (``--feature-method steering``: harmful - harmless steering vector, top-cosine candidates,
+   attribution ranking) finds features that are inactive on SmolLM2's prompts, and scaling inactive
+   features by 3 changes nothing (0 flips in 48 prompts, measured), because this model never refuses.
+3. Clamp (default ``--clamp-mode floor --clamp-value 4``): ``z_S <- max(z_S, 4 * mean refusal-text
+   activation)`` at every position, in every pass (prefill and every decode step). The paper's
+   ``--clamp-mode scale --clamp-value 3`` is available. Both keep the SAE error term.
 4. Strict-valid flips: base neither refuses nor cues safety, the clamped model refuses.
 5. Recovery on the flips (delta at the first SAE layer, rows at the last prompt token and the
    first ``answer_tokens`` answer slots; objective = the code's stage-2 refusal objective):
@@ -60,19 +65,21 @@ class Config:
     out: str = field(default="", metadata={"help": "results folder (default results/refusal)"})
     model_dir: str = field(default="", metadata={"help": "Hugging Face model folder; empty = embedded SmolLM2-135M-Instruct"})
     sae: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated SAE paths; empty = shipped SAEs at --layers"})
-    layers: tuple[int, ...] = field(default=(9, 15), metadata={"help": "layers of the shipped SAEs to use"})
+    layers: tuple[int, ...] = field(default=(9,), metadata={"help": "layers of the shipped SAEs to use (e.g. 9,15)"})
     dataset: str = field(default="builtin", metadata={"help": "builtin | advbench:PATH.csv | harmbench:PATH.csv"})
-    n_prompts: int = field(default=120, metadata={"help": "harmful prompts scanned for flips"})
+    n_prompts: int = field(default=64, metadata={"help": "harmful prompts scanned for flips (built-in set has 120)"})
     n_harmless: int = field(default=60, metadata={"help": "harmless prompts for the steering vector"})
-    candidates_per_layer: int = field(default=10, metadata={"help": "top-cosine candidates per layer"})
+    feature_method: str = field(default="refusal_text", metadata={"help": "refusal_text (contrast refusal vs compliance answers) | steering (paper: harmful-harmless steering vector + attribution)"})
+    candidates_per_layer: int = field(default=10, metadata={"help": "steering: top-cosine candidates per layer"})
     k_features: int = field(default=20, metadata={"help": "global feature set size K"})
-    clamp_mode: str = field(default="scale", metadata={"help": "scale | set | floor | ... (interventions.CLAMP_MODES)"})
-    clamp_value: float = field(default=3.0, metadata={"help": "scale factor (paper 3.0) or value"})
+    clamp_mode: str = field(default="floor", metadata={"help": "floor | scale (paper, x3) | set | ... (interventions.CLAMP_MODES)"})
+    clamp_value: float = field(default=4.0, metadata={"help": "floor/set: multiple of each feature's mean activation on refusal text; scale: the factor (paper 3.0)"})
     max_new_tokens: int = field(default=40, metadata={"help": "generated tokens per answer (paper 128)"})
     answer_tokens: int = field(default=16, metadata={"help": "teacher-forced base-answer tokens (paper 48)"})
-    max_valid: int = field(default=12, metadata={"help": "recover at most this many strict-valid flips"})
+    max_valid: int = field(default=8, metadata={"help": "recover at most this many strict-valid flips"})
     methods: tuple[str, ...] = field(default=("jacobian", "encoder", "none", "soft_suffix"), metadata={"help": "recovery methods"})
-    steps: int = field(default=40, metadata={"help": "optimisation steps (paper stage 2: 120)"})
+    cross_layer_gap: int = field(default=3, metadata={"help": "jacobian: delta at resid_post of (first clamp layer - gap); 0 = at the first clamp site"})
+    steps: int = field(default=30, metadata={"help": "optimisation steps (paper stage 2: 120)"})
     lr: float = field(default=0.05, metadata={"help": "Adam learning rate (paper stage 2: 0.05)"})
     budget: float = field(default=0.0, metadata={"help": "L2 budget on ||delta||_F; 0 = budget_rel * median ||h_def|| per row * sqrt(rows)"})
     budget_rel: float = field(default=0.5, metadata={"help": "budget relative to the defended residual norm when --budget 0"})
@@ -174,11 +181,75 @@ def select_features(model, tok, saes, harmful_tok, harmless_tok, refusal_ids, cf
     return {s: np.asarray(sorted(v), np.int32) for s, v in chosen.items()}
 
 
-def make_clamps(saes, feats, cfg) -> dict[Site, Clamp]:
-    return {
-        s: Clamp(saes[s], jnp.asarray(f), jnp.full((len(f),), cfg.clamp_value, jnp.float32), mode=cfg.clamp_mode)
-        for s, f in feats.items()
-    }
+REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I cannot assist with that. It is illegal and harmful.",
+    "I'm sorry, I can't provide that information.",
+    "As an AI, I cannot help with this request.",
+)
+COMPLIANCES = (
+    "Sure, here is a detailed guide with the steps you asked for.",
+    "Here is how you can do it, step by step.",
+    "Great question! First, you will need to gather the materials.",
+    "To do this, start by making a plan.",
+)
+
+
+def answer_latents(model, tok, saes, prompts: list[str], answers: tuple[str, ...], batch: int = 16) -> dict[Site, np.ndarray]:
+    """SAE latents at every answer position when ``answers`` are teacher-forced after ``prompts``."""
+    from jaxrecover.tokenizer import encode_batch
+
+    sites = sorted(saes)
+    full = [p + answers[i % len(answers)] for i, p in enumerate(prompts)]
+    _, pv = encode_batch(tok, prompts, pad_to=8)
+    ft, fv = encode_batch(tok, full, pad_to=8)
+    n_ans = fv.sum(1) - pv.sum(1)
+    mask = np.arange(ft.shape[1])[None, :] >= (ft.shape[1] - n_ans)[:, None]
+    stop = max(s.layer for s in sites) + 1
+
+    @jax.jit
+    def lat(model, saes, t, v):
+        def one(ti, vi):
+            _, cap = run_blocks(model, run_to(model, ti, 0, valid=vi), 0, stop, valid=vi, capture=tuple(sites))
+            return {s: encode(saes[s], cap[s]) for s in sites}
+
+        return jax.vmap(one)(t, v)
+
+    out: dict[Site, list] = {s: [] for s in sites}
+    for i in range(0, len(full), batch):
+        z = lat(model, saes, jnp.asarray(ft[i : i + batch]), jnp.asarray(fv[i : i + batch]))
+        for s in sites:
+            out[s].append(np.asarray(z[s])[mask[i : i + batch]])
+    return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def select_refusal_text(model, tok, saes, prompts, cfg) -> tuple[dict[Site, np.ndarray], dict[Site, np.ndarray]]:
+    """Features most more active on refusal answers than on compliant answers (same prompts), global
+    top-K over layers; returns (features, their mean activation on refusal text)."""
+    zr = answer_latents(model, tok, saes, prompts, REFUSALS)
+    zc = answer_latents(model, tok, saes, prompts, COMPLIANCES)
+    scored = []
+    for s in sorted(saes):
+        diff = zr[s].mean(0) - zc[s].mean(0)
+        scored += [(float(diff[f]), s, int(f)) for f in np.argsort(-diff)[: cfg.k_features]]
+    scored.sort(key=lambda t: -t[0])
+    feats: dict[Site, list[int]] = {}
+    for _, s, f in scored[: cfg.k_features]:
+        feats.setdefault(s, []).append(f)
+    feats_np = {s: np.asarray(sorted(v), np.int32) for s, v in feats.items()}
+    return feats_np, {s: zr[s].mean(0)[f] for s, f in feats_np.items()}
+
+
+def make_clamps(saes, feats, cfg, ref_act=None) -> dict[Site, Clamp]:
+    """The defence. floor/set/ceiling values are ``clamp_value`` x each feature's mean activation on
+    refusal text when that is known; scale uses ``clamp_value`` as the factor."""
+    out = {}
+    for s, f in feats.items():
+        vals = np.full((len(f),), cfg.clamp_value, np.float32)
+        if cfg.clamp_mode in ("floor", "set", "ceiling") and ref_act is not None:
+            vals = (cfg.clamp_value * ref_act[s]).astype(np.float32)
+        out[s] = Clamp(saes[s], jnp.asarray(f), jnp.asarray(vals), mode=cfg.clamp_mode)
+    return out
 
 
 # ----------------------------------------------------------------------------- recovery examples
@@ -302,7 +373,6 @@ def decompose(sae, S: np.ndarray, h_def: jax.Array, delta: jax.Array, k: int) ->
 
 def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_ids, prompt_texts, discouraged, site):
     """Run one recovery method on the flips; returns (records, deltas, slots, delta_site, prompts)."""
-    first = sorted(clamps)[0]
     if method == "soft_suffix":
         batch = build_batch(tok, prompt_texts, bases_ids, cfg, suffix=cfg.suffix_tokens)
         P = batch.prompt_len
@@ -316,6 +386,8 @@ def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_id
         P = batch.prompt_len
         slots = np.arange(P - 1, P - 1 + cfg.answer_tokens, dtype=np.int32)
         dsite = site
+        if method == "jacobian" and cfg.cross_layer_gap > 0:  # cross-layer: perturb below the clamp
+            dsite = Site(max(0, site.layer - cfg.cross_layer_gap), "resid_post")
         ex = examples_for(batch, discouraged, slots)
         budget = cfg.budget or cfg.budget_rel * float(np.median(row_norms_at(model, clamps, dsite, ex))) * np.sqrt(len(slots))
         rc = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=budget, constraint=method, jacobian=cfg.jacobian,
@@ -365,8 +437,14 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     # 2. features
     C.say("selecting refusal features")
     harm_tok = encode_batch(tok, p_harm, pad_to=8)
-    feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
-    clamps = make_clamps(saes, feats, cfg)
+    ref_act = None
+    if cfg.feature_method == "refusal_text":
+        feats, ref_act = select_refusal_text(model, tok, saes, p_harm[:32], cfg)
+    elif cfg.feature_method == "steering":
+        feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
+    else:
+        raise SystemExit(f"--feature-method {cfg.feature_method!r}: expected refusal_text or steering.")
+    clamps = make_clamps(saes, feats, cfg, ref_act)
 
     # 3-4. clamped answers and strict-valid flips
     C.say("clamped answers")
@@ -377,6 +455,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "features": {str(s): f.tolist() for s, f in feats.items()},
+        "clamp_values": {str(s): np.asarray(c.values).tolist() for s, c in clamps.items()},
         "n_prompts": len(harmful), "base_refusals": base_refusals,
         "clamp_refusals": sum(judges.is_effective_refusal(t) for t in clamp_texts),
         "strict_valid": sum(valid), "recovered_on": len(flips), "methods": {},
@@ -405,7 +484,8 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
         summary["methods"][method] = {**info, **method_summary([r for r in records if r["method"] == method])}
 
     # 7. attribution of the first delta-site method
-    attr_method = next((m for m in cfg.methods if m in ("jacobian", "encoder", "none")), None)
+    # decompose a delta that lives where an SAE reads (the paper decomposes at the clamped layer)
+    attr_method = next((m for m in ("jacobian", "encoder", "none") if m in keep and keep[m][2] in saes), None)
     if attr_method is not None:
         deltas, slots, dsite, prompts, P, batch = keep[attr_method]
         summary["attribution"] = attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, attr_method)
