@@ -30,7 +30,9 @@ Responsible release: completions are not written unless ``--save-text true``.
 """
 
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from dataclasses import field
 from pathlib import Path
@@ -44,7 +46,7 @@ import _common as C
 from jaxrecover import datasets, features, judges, report
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
-from jaxrecover.interventions import AddDelta, Clamp, compose
+from jaxrecover.interventions import AddDelta, Clamp, Compose, compose
 from jaxrecover.sae import encode, encode_features
 from jaxrecover.sites import Site
 from jaxrecover.transformer import run_blocks, run_to, unembed
@@ -93,6 +95,7 @@ class Config:
     decode_delta: str = field(default="slots", metadata={"help": "slots (answer rows act at decode steps) | prompt_only (authors' code)"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     save_text: bool = field(default=False, metadata={"help": "also write completions (harmful content!)"})
+    require_valid: bool = field(default=True, metadata={"help": "false: recover on the first prompts even if not strict-valid (pipeline smoke tests)"})
     seed: int = field(default=0, metadata={"help": "seed"})
 
 
@@ -335,7 +338,8 @@ def gen_with(model, tok, prompt_tok, clamps, cfg, delta_site=None, deltas=None, 
         add = AddDelta(jnp.asarray(deltas), jnp.asarray(slots))
         hooks[delta_site] = compose(clamps[delta_site], add) if delta_site in clamps else add
         axes = {s: None for s in clamps}
-        axes[delta_site] = compose(None, AddDelta(0, 0)) if delta_site in clamps else AddDelta(0, 0)
+        # a vmap in_axes prefix: the clamp is shared, the delta is per example
+        axes[delta_site] = Compose((None, AddDelta(0, 0))) if delta_site in clamps else AddDelta(0, 0)
     texts, _ = C.generate_tokens(model, tok, *prompt_tok, max_new_tokens=cfg.max_new_tokens, hooks=hooks,
                                  hooks_in_axes=axes, batch_size=cfg.batch_size, desc=desc)
     return texts
@@ -450,7 +454,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     C.say("clamped answers")
     clamp_texts = gen_with(model, tok, harm_tok, clamps, cfg, desc="clamped")
     valid = [judges.strict_valid(b, c) for b, c in zip(base_texts, clamp_texts)]
-    flips = [i for i, v in enumerate(valid) if v and len(base_ids[i]) >= 4][: cfg.max_valid]
+    flips = [i for i, v in enumerate(valid) if (v or not cfg.require_valid) and len(base_ids[i]) >= 4][: cfg.max_valid]
     C.say(f"strict-valid flips: {sum(valid)} of {len(harmful)}; recovering {len(flips)}")
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
@@ -470,18 +474,39 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     bids = [base_ids[i] for i in flips]
     btx = [base_texts[i] for i in flips]
     keep: dict[str, Any] = {}
+    # each finished method is saved under <out>/ckpt, keyed by the config and the flips: a killed run
+    # resumes at the first unfinished method and gives the same results
+    ck = out / "ckpt"
+    ck.mkdir(exist_ok=True)
+    run_key = hashlib.sha1(json.dumps({**dataclasses.asdict(cfg), "out": "", "save_text": False, "flips": flips},
+                                      sort_keys=True, default=str).encode()).hexdigest()[:12]
     for method in cfg.methods:
-        C.say(f"recovery: {method}")
-        recs, deltas, slots, dsite, prompts, info, batch = recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bids, pf, discouraged, site)
-        texts = gen_with(model, tok, prompts, clamps, cfg, dsite, deltas, np.tile(slots, (len(flips), 1)), info["P"], desc=method)
-        js = judge(texts, btx)
-        for i, (r, j) in enumerate(zip(recs, js)):
-            row = {"method": method, "prompt_index": flips[i], **j, **{k: r.get(k) for k in ("drift_rel", "floor_violation", "drift_abs", "delta_norm", "delta_rel", "final_objective", "clamped_objective", "base_objective")}}
-            if cfg.save_text:
-                row["text"] = texts[i]
-            records.append(row)
+        done = ck / f"{run_key}_{method}.json"
+        if done.exists():
+            saved = json.loads(done.read_text())
+            arrays = np.load(ck / f"{run_key}_{method}.npz")
+            rows, info, dsite = saved["rows"], saved["info"], Site.parse(saved["dsite"])
+            deltas, slots = arrays["deltas"], arrays["slots"]
+            batch = build_batch(tok, pf, bids, cfg, suffix=cfg.suffix_tokens if method == "soft_suffix" else 0)
+            prompts = (batch.tokens[:, : info["P"]], batch.valid[:, : info["P"]])
+            C.say(f"recovery: {method} (resumed from {done.name})")
+        else:
+            C.say(f"recovery: {method}")
+            recs, deltas, slots, dsite, prompts, info, batch = recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bids, pf, discouraged, site)
+            texts = gen_with(model, tok, prompts, clamps, cfg, dsite, deltas, np.tile(slots, (len(flips), 1)), info["P"], desc=method)
+            rows = []
+            for i, (r, j) in enumerate(zip(recs, judge(texts, btx))):
+                row = {"method": method, "prompt_index": flips[i], **j, **{k: r.get(k) for k in ("drift_rel", "floor_violation", "drift_abs", "delta_norm", "delta_rel", "final_objective", "clamped_objective", "base_objective")}}
+                if cfg.save_text:
+                    row["text"] = texts[i]
+                rows.append(row)
+            tmp = ck / f".{run_key}_{method}.npz"
+            np.savez(tmp, deltas=deltas, slots=slots)
+            os.replace(tmp, ck / f"{run_key}_{method}.npz")
+            report.write_json(done, {"rows": rows, "info": info, "dsite": str(dsite)})
+        records.extend(rows)
         keep[method] = (deltas, slots, dsite, prompts, info["P"], batch)
-        summary["methods"][method] = {**info, **method_summary([r for r in records if r["method"] == method])}
+        summary["methods"][method] = {**info, **method_summary(rows)}
 
     # 7. attribution of the first delta-site method
     # decompose a delta that lives where an SAE reads (the paper decomposes at the clamped layer)

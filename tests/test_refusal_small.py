@@ -1,0 +1,69 @@
+"""The refusal experiment end to end on a tiny random model (plumbing, files, resume)."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+EXP = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxrecover import datasets as D
+    from jaxrecover import testing
+    from jaxrecover.sae import SAE
+    from jaxrecover.sites import Site
+    from jaxrecover.tokenizer import TextTokenizer
+
+    texts = [i.prompt for i in D.load_harmful() + D.load_harmless()] + ["!", "I'm sorry, I cannot help."]
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    vocab = {"<pad>": 0, "<eos>": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre
+    tok = TextTokenizer(tk, bos_id=None, eos_id=1, pad_id=0)
+    cfg = testing.tiny_config("llama", d_vocab=len(vocab), n_ctx=512, n_layers=3)
+    model = testing.random_transformer(jax.random.PRNGKey(0), cfg)
+    rng = np.random.default_rng(0)
+    d, n = cfg.d_model, 64
+    W = rng.standard_normal((n, d)).astype(np.float32)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    sae = SAE(W_enc=jnp.asarray(W.T.copy()), b_enc=jnp.zeros(n, jnp.float32), W_dec=jnp.asarray(W),
+              b_dec=jnp.zeros(d, jnp.float32), activation="relu", hook_name="blocks.1.hook_resid_post")
+    return model, tok, {Site(1, "resid_post"): sae}
+
+
+def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path):
+    sys.path.insert(0, str(EXP))
+    import refusal
+
+    model, tok, saes = tiny
+    cfg = refusal.Config(n_prompts=4, n_harmless=4, k_features=4, max_new_tokens=6, answer_tokens=4, max_valid=2,
+                         steps=2, suffix_tokens=2, cross_layer_gap=1, require_valid=False, batch_size=4, topk_attr=4)
+    out = tmp_path / "refusal"
+    summary = refusal.run(model, tok, saes, cfg, out)
+    for f in ("results.jsonl", "summary.json", "table.md", "methods.csv", "recovery.png"):
+        assert (out / f).is_file(), f
+    assert set(summary["methods"]) == {"jacobian", "encoder", "none", "soft_suffix"}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {"non_refusal", "base_like", "drift_rel", "delta_norm"} <= set(rows[0])
+    assert all("text" not in r for r in rows)  # completions are not written by default
+    # encoder-null delta leaves a ReLU SAE's clamped features unchanged at the delta site
+    enc = [r for r in rows if r["method"] == "encoder"]
+    assert max(r["drift_rel"] for r in enc) < 1e-3
+    # budget: ||delta|| never exceeds the configured budget
+    for m, s in summary["methods"].items():
+        assert all(r["delta_norm"] <= s["budget"] * (1 + 1e-4) for r in rows if r["method"] == m)
+    assert {t["component"] for t in summary["attribution"]["table"]} >= {"residual", "clamped_features", "topk_knockout"}
+    # a rerun resumes every method from <out>/ckpt and reproduces the records
+    again = refusal.run(model, tok, saes, cfg, out)
+    rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows2 == rows
+    assert again["methods"]["encoder"]["non_refusal"] == summary["methods"]["encoder"]["non_refusal"]
