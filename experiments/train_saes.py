@@ -259,7 +259,8 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
             "context_size": cfg.seq_len,
             "prepend_bos": False,
             "training_tokens": int(tcfg.steps * tcfg.batch_size),
-            "trained_with": "jaxrecover.train_sae (TopK + AuxK, Adam, unit-norm decoder rows)",
+            "trained_with": "jaxrecover.train_sae (TopK" + (f" + AuxK {cfg.aux_k}" if cfg.aux_k else "")
+            + ", Adam, unit-norm decoder rows)",
             "exclude_first_position": True,
             "excluded_norm_ceiling": ceiling,
         }
@@ -318,26 +319,28 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         "layer is in `metrics.json` and in each `cfg.json` (`metadata.excluded_norm_ceiling`).",
         "",
         f"- Training: the first {info['train_chunks_used']} chunks of the file's head "
-        f"({info['train_chunks_used'] * (info['seq_len'] - 1):,} training tokens; the harvest was stopped there "
-        "for time if fewer than planned); tokens per source: "
+        f"({info['train_chunks_used'] * (info['seq_len'] - 1):,} training tokens"
+        + ("" if info["train_chunks_used"] == info["train_chunks"] else f" of {info['train_chunks']} planned chunks")
+        + "); tokens per source: "
         + ", ".join(f"{k} {v:,}" for k, v in info["train_rows_by_source"].items()),
-        f"- Held-out: {info['eval_chunks']} chunks (the first {cfg.eval_use} evaluated) from the last {info['eval_documents_from_end']} documents "
+        f"- Held-out: {info['eval_chunks']} chunks (a prefix of them is evaluated, see the held-out tokens column) from the last {info['eval_documents_from_end']} documents "
         "of the file (disjoint from training); tokens per source: "
         + ", ".join(f"{k} {v:,}" for k, v in info["eval_tokens_by_source"].items()),
         "",
         "## Training",
         "",
-        "TopK (Gao et al. 2024) with AuxK (k_aux = 288, coefficient 1/32, dead = no activation in the last "
-        f"{cfg.dead_tokens:,} training rows), Adam (b1 0.9, b2 0.999), linear warm-up then linear decay to 0 over the "
+        "TopK (Gao et al. 2024), with AuxK where the table gives aux_k > 0 (coefficient 1/32, dead = no "
+        f"activation in the last {cfg.dead_tokens:,} training rows), Adam (b1 0.9, b2 0.999), linear warm-up then linear decay to 0 over the "
         "last 20% of steps, inputs scaled to E||x||^2 = d_model during training, b_dec initialised to the data mean, "
         "W_enc = W_dec^T at initialisation. Activations were harvested once to float16 memmaps; "
         "batches are seeded per-epoch permutations.",
         "",
-        "| hook | width | k | training rows (unique) | rows above ceiling | tokens seen | steps | batch | lr | train time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| hook | width | k | aux_k | training rows (unique) | rows above ceiling | tokens seen | steps | batch | lr "
+        "| train time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for hook, e in results["layers"].items():
-        lines.append(f"| `{hook}` | {e['d_sae']} | {e['k']} | {e['unique_tokens']:,} | {e['rows_above_ceiling']:,} | "
+        lines.append(f"| `{hook}` | {e['d_sae']} | {e['k']} | {e['aux_k']} | {e['unique_tokens']:,} | {e['rows_above_ceiling']:,} | "
                      f"{e['tokens_seen']:,} | "
                      f"{e['steps']} | {e['batch_size']} | {e['lr']:.2e} | {e['train_seconds'] / 60:.1f} min |")
     lines += [
@@ -379,6 +382,14 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         "```",
         "",
         "Every stage resumes after an interruption (rerun the same command). Figures in `metrics.json`.",
+        "",
+        "## Limitations",
+        "",
+        "- Small budget: under 1.3M tokens seen per SAE, one corpus of reference text (no web text, little chat). "
+        "Features are coarse compared with SAEs trained on 100M+ tokens.",
+        "- The held-out set is 20 documents (no fortunes); the figures have a few percent of sampling noise.",
+        "- Massive-norm positions (slot 0, `<|endoftext|>`, some newlines at layer 15) were never seen in training: "
+        "latents there are not meaningful. SAELens-style clamps that keep the SAE error term are unaffected.",
         "",
     ]
     card = REPO / cfg.out_dir / "CARD.md"
