@@ -95,6 +95,7 @@ class Config:
     decode_delta: str = field(default="slots", metadata={"help": "slots (answer rows act at decode steps) | prompt_only (authors' code)"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     save_text: bool = field(default=False, metadata={"help": "also write completions (harmful content!)"})
+    attribution: bool = field(default=True, metadata={"help": "decompose and replay the delta (paper App. J)"})
     require_valid: bool = field(default=True, metadata={"help": "false: recover on the first prompts even if not strict-valid (pipeline smoke tests)"})
     seed: int = field(default=0, metadata={"help": "seed"})
 
@@ -511,7 +512,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     # 7. attribution of the first delta-site method
     # decompose a delta that lives where an SAE reads (the paper decomposes at the clamped layer)
     attr_method = next((m for m in ("jacobian", "encoder", "none") if m in keep and keep[m][2] in saes), None)
-    if attr_method is not None:
+    if attr_method is not None and cfg.attribution:
         deltas, slots, dsite, prompts, P, batch = keep[attr_method]
         summary["attribution"] = attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, attr_method)
     return finish(out, summary, records, t_start)
