@@ -19,7 +19,6 @@ if str(ROOT) not in sys.path:  # `python benchmarks/bench_forward.py` as well as
     sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import _timing  # noqa: E402
 from jaxrecover.io_hf import load_transformer  # noqa: E402

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover import metrics as M
 from jaxrecover import recovery as R
 from jaxrecover import report
 from jaxrecover.sae import SAE, encode

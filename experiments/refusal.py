@@ -47,7 +47,7 @@ from jaxrecover import datasets, features, judges, report
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
 from jaxrecover.interventions import AddDelta, Clamp, Compose, compose
-from jaxrecover.sae import encode, encode_features
+from jaxrecover.sae import encode
 from jaxrecover.sites import Site
 from jaxrecover.transformer import run_blocks, run_to, unembed
 

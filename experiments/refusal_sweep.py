@@ -9,7 +9,6 @@ paper's K sweep). Valid flips are recomputed for each K. Writes ``sweep.json``, 
 import dataclasses
 import time
 from dataclasses import field
-from pathlib import Path
 from typing import Any
 
 import _common as C
