@@ -43,8 +43,9 @@ from jaxrecover.transformer import (
     attn_out,
     embed,
     forward,
+    _identity_hook,
     layer_is_local,
-    mlp,
+    mlp_residual,
     norm,
     qkv,
     seq_info,
@@ -117,10 +118,6 @@ def _layer_hooks(cfg: TransformerConfig, hooks: AnyHooks | None) -> dict[int, di
     return per_layer
 
 
-def _identity_hook(x: Array, slots: Array) -> Array:
-    return x
-
-
 def cached_block(
     cfg: TransformerConfig,
     p: Block,
@@ -158,10 +155,7 @@ def cached_block(
     if p.ln1_post is not None:
         a = norm(p.ln1_post, a, cfg.norm_eps)
     x = at("resid_mid", x + a)
-    m = mlp(cfg, p.mlp, norm(p.ln2, x, cfg.norm_eps))
-    if p.ln2_post is not None:
-        m = norm(p.ln2_post, m, cfg.norm_eps)
-    return at("resid_post", x + m), k, v
+    return at("resid_post", mlp_residual(cfg, p, x)), k, v
 
 
 def _write(buf: Array, new: Array, buf_slots: Array, new_slots: Array) -> Array:

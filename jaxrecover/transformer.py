@@ -242,10 +242,15 @@ def block_forward(
     if p.ln1_post is not None:
         a = norm(p.ln1_post, a, cfg.norm_eps)
     x = at("resid_mid", x + a)
+    return at("resid_post", mlp_residual(cfg, p, x))
+
+
+def mlp_residual(cfg: TransformerConfig, p: Block, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
+    """The second half of a block: ``x + post_norm(mlp(norm(x)))`` (shared with cached decoding)."""
     m = mlp(cfg, p.mlp, norm(p.ln2, x, cfg.norm_eps))
     if p.ln2_post is not None:
         m = norm(p.ln2_post, m, cfg.norm_eps)
-    return at("resid_post", x + m)
+    return x + m
 
 
 # ----------------------------------------------------------------------------- whole model
