@@ -144,3 +144,18 @@ def write_tiny_hf_checkpoint(dir: str | os.PathLike, arch: str = "llama", seed: 
     out = Path(dir)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def word_level_tokenizer(texts: list[str]) -> Any:
+    """A ``TextTokenizer`` whose vocabulary is every whitespace/punctuation-split word of ``texts``
+    (ids 0 pad, 1 eos, 2 unknown): lets experiment pipelines run end to end on a tiny random model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxrecover.tokenizer import TextTokenizer
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    vocab = {"<pad>": 0, "<eos>": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre
+    return TextTokenizer(tk, bos_id=None, eos_id=1, pad_id=0)

@@ -31,26 +31,18 @@ def _load(name):
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer, (site, sae, label)) shared by every test of this module."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from jaxrecover import datasets as D
     from jaxrecover import testing
     from jaxrecover.sae import SAE
     from jaxrecover.sites import Site
-    from jaxrecover.tokenizer import TextTokenizer
 
     texts = [t for _, _, t in D.load_ioi_templates()]
     texts += list(D.load_ioi_names()) + list(D.load_ioi_places()) + list(D.load_ioi_objects())
     for q in D.load_qa_bio() + D.load_qa_retain():
         texts.append(D.format_mcq(q.question, q.choices))
     texts += [b.text for b in D.load_tpp()] + ["!"]
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
-    vocab = {"<pad>": 0, "<eos>": 1, "[UNK]": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre
-    tok = TextTokenizer(tk, bos_id=None, eos_id=1, pad_id=0)
-    cfg = testing.tiny_config("llama", d_vocab=len(vocab), n_ctx=512)
+    tok = testing.word_level_tokenizer(texts)
+    cfg = testing.tiny_config("llama", d_vocab=tok.tokenizer.get_vocab_size(), n_ctx=512)
     model = testing.random_transformer(jax.random.PRNGKey(0), cfg)
     rng = np.random.default_rng(0)
     d, n = cfg.d_model, 64
