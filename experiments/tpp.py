@@ -8,7 +8,7 @@ Adapted to the project (paper-notes 2.1):
 - Representation: residual at the SAE site (default ``blocks.9.hook_resid_post``) mean-pooled over the
   valid non-first tokens (the first token is the attention sink, as SAEBench masks BOS). Readout
   "resid": no later layer is run.
-- Probes: one-vs-rest logistic regression per class (JAX + optax Adam, class-balanced BCE + L2) on the
+- Probes: one-vs-rest logistic regression per class (`jaxrecover.probes`: flax Dense head + TrainState, Adam, class-balanced BCE + L2) on the
   train split.
 - Features for target class c: top ``--n-features`` (20) by attribution to the probe logit,
   ``a_f = mean_{train examples of c, pooled positions} z_f * (W_dec[f] . w_c)`` with a_f > 0 first
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
+from jaxrecover.probes import train_linear_probes  # noqa: E402
 
 import _common as C  # noqa: E402
 import _recovery_suite as S  # noqa: E402
@@ -106,36 +106,6 @@ def _pooled(resid: Any, pool: Any) -> Any:
     return (resid * m).sum(-2) / jnp.maximum(m.sum(-2), 1.0)
 
 
-def train_probes(X: Any, y: Any, n_cls: int, *, steps: int, lr: float, l2: float) -> tuple[Any, Any]:
-    """One-vs-rest logistic regression, class-balanced BCE + ``l2 ||w||^2``; full-batch Adam."""
-    Y = jax.nn.one_hot(y, n_cls)
-    pos = Y.mean(0)
-    wpos, wneg = 0.5 / pos, 0.5 / (1 - pos)
-    mu, sd = X.mean(0), X.std(0) + 1e-6
-
-    def loss(p):
-        logits = ((X - mu[None]) / sd[None]) @ p["w"] + p["b"][None]
-        bce = optax.sigmoid_binary_cross_entropy(logits, Y)
-        weight = Y * wpos[None] + (1 - Y) * wneg[None]
-        return jnp.mean(bce * weight) + l2 * jnp.sum(jnp.square(p["w"]))
-
-    opt = optax.adam(lr)
-    p0 = {"w": jnp.zeros((X.shape[1], n_cls)), "b": jnp.zeros(n_cls)}
-
-    def step(carry, _):
-        p, s = carry
-        g = jax.grad(loss)(p)
-        with jax.numpy_dtype_promotion("standard"):
-            u, s = opt.update(g, s, p)
-        return (optax.apply_updates(p, u), s), None
-
-    (p, _), _ = jax.lax.scan(step, (p0, opt.init(p0)), None, length=steps)
-    # fold the standardisation into raw-residual weights: logit = x . w' + b'
-    w = p["w"] / sd[:, None]
-    b = p["b"] - mu @ w
-    return w.T, b
-
-
 def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None = None) -> Prepared:
     t0 = time.time()
     if model is None:
@@ -156,8 +126,8 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None =
         model, jnp.asarray(tokens), jnp.asarray(valid))
     X = _pooled(resid, jnp.asarray(pool))
     tr = jnp.asarray(train)
-    W, b = jax.jit(train_probes, static_argnames=("n_cls", "steps", "lr", "l2"))(
-        X[tr], jnp.asarray(y)[tr], n_cls=len(labels), steps=cfg.probe_steps, lr=cfg.probe_lr, l2=cfg.probe_l2)
+    W, b = jax.jit(train_linear_probes, static_argnames=("n_classes", "steps", "lr", "l2", "seed"))(
+        X[tr], jnp.asarray(y)[tr], n_classes=len(labels), steps=cfg.probe_steps, lr=cfg.probe_lr, l2=cfg.probe_l2)
     logits = np.asarray(X @ W.T + b[None])
     pred = logits > 0
     Y = y[:, None] == np.arange(len(labels))[None]

@@ -43,7 +43,7 @@ def train_linear_probes(
     Z = (X - mu) / sd
     Y = jax.nn.one_hot(y, n_classes)
     pos = Y.mean(0, keepdims=True)
-    weight = Y / jnp.maximum(pos, 1e-6) + (1 - Y) / jnp.maximum(1 - pos, 1e-6)  # balanced classes
+    weight = 0.5 * Y / jnp.maximum(pos, 1e-6) + 0.5 * (1 - Y) / jnp.maximum(1 - pos, 1e-6)  # balanced classes
     head = _Head(n_classes)
     # flax's Dense broadcasts its bias and optax's Adam mixes Python floats with int32 counts: allow
     # both here even when the caller (e.g. the test suite) runs with strict promotion flags
