@@ -159,3 +159,14 @@ def word_level_tokenizer(texts: list[str]) -> Any:
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre
     return TextTokenizer(tk, bos_id=None, eos_id=1, pad_id=0)
+
+
+def random_sae(d_in: int, d_sae: int, *, seed: int = 0, hook_name: str = "", activation: str = "relu") -> Any:
+    """A random SAE with unit-norm decoder rows and ``W_enc = W_dec.T`` (tied), zero biases."""
+    from jaxrecover.sae import SAE
+
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((d_sae, d_in)).astype(np.float32)
+    W /= np.linalg.norm(W, axis=1, keepdims=True)
+    return SAE(W_enc=jnp.asarray(W.T.copy()), b_enc=jnp.zeros(d_sae, jnp.float32), W_dec=jnp.asarray(W),
+               b_dec=jnp.zeros(d_in, jnp.float32), activation=activation, hook_name=hook_name)

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +31,6 @@ def tiny():
     """(model, tokenizer, (site, sae, label)) shared by every test of this module."""
     from jaxrecover import datasets as D
     from jaxrecover import testing
-    from jaxrecover.sae import SAE
     from jaxrecover.sites import Site
 
     texts = [t for _, _, t in D.load_ioi_templates()]
@@ -44,12 +41,7 @@ def tiny():
     tok = testing.word_level_tokenizer(texts)
     cfg = testing.tiny_config("llama", d_vocab=tok.tokenizer.get_vocab_size(), n_ctx=512)
     model = testing.random_transformer(jax.random.PRNGKey(0), cfg)
-    rng = np.random.default_rng(0)
-    d, n = cfg.d_model, 64
-    W_dec = rng.standard_normal((n, d)).astype(np.float32)
-    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    sae = SAE(W_enc=jnp.asarray(W_dec.T.copy()), b_enc=jnp.zeros(n, jnp.float32), W_dec=jnp.asarray(W_dec),
-              b_dec=jnp.zeros(d, jnp.float32), activation="relu", hook_name="blocks.0.hook_resid_post")
+    sae = testing.random_sae(cfg.d_model, 64, hook_name="blocks.0.hook_resid_post")
     return model, tok, (Site(0, "resid_post"), sae, "tiny-random")
 
 

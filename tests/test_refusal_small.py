@@ -5,8 +5,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 EXP = Path(__file__).resolve().parent.parent / "experiments"
@@ -16,19 +14,13 @@ EXP = Path(__file__).resolve().parent.parent / "experiments"
 def tiny():
     from jaxrecover import datasets as D
     from jaxrecover import testing
-    from jaxrecover.sae import SAE
     from jaxrecover.sites import Site
 
     texts = [i.prompt for i in D.load_harmful() + D.load_harmless()] + ["!", "I'm sorry, I cannot help."]
     tok = testing.word_level_tokenizer(texts)
     cfg = testing.tiny_config("llama", d_vocab=tok.tokenizer.get_vocab_size(), n_ctx=512, n_layers=3)
     model = testing.random_transformer(jax.random.PRNGKey(0), cfg)
-    rng = np.random.default_rng(0)
-    d, n = cfg.d_model, 64
-    W = rng.standard_normal((n, d)).astype(np.float32)
-    W /= np.linalg.norm(W, axis=1, keepdims=True)
-    sae = SAE(W_enc=jnp.asarray(W.T.copy()), b_enc=jnp.zeros(n, jnp.float32), W_dec=jnp.asarray(W),
-              b_dec=jnp.zeros(d, jnp.float32), activation="relu", hook_name="blocks.1.hook_resid_post")
+    sae = testing.random_sae(cfg.d_model, 64, hook_name="blocks.1.hook_resid_post")
     return model, tok, {Site(1, "resid_post"): sae}
 
 
