@@ -34,23 +34,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxrecover._pytree import pytree_dataclass
 from jaxrecover.config import TransformerConfig
 from jaxrecover.sites import Site
-from jaxrecover.transformer import (
-    Block,
-    Hook,
-    Transformer,
-    attend,
-    attention_mask,
-    attn_out,
-    embed,
-    forward,
-    _identity_hook,
-    layer_is_local,
-    mlp_residual,
-    norm,
-    qkv,
-    seq_info,
-    unembed,
-)
+from jaxrecover.transformer import KV, Hook, SeqInfo, Transformer, embed, forward, run_layers, seq_info, unembed
 
 # hooks keyed by Site or by "blocks.{L}.hook_{point}" string (Site.parse accepts both)
 AnyHooks = Mapping[Site | str, Hook]
@@ -118,107 +102,6 @@ def _layer_hooks(cfg: TransformerConfig, hooks: AnyHooks | None) -> dict[int, di
     return per_layer
 
 
-def cached_block(
-    cfg: TransformerConfig,
-    p: Block,
-    x: Float[Array, "q d_model"],
-    q_slots: Int[Array, " q"],
-    q_pos: Int[Array, " q"],
-    k_buf: Float[Array, "k n_kv_heads d_head"],
-    v_buf: Float[Array, "k n_kv_heads d_head"],
-    k_pos: Int[Array, " k"],
-    k_valid: Bool[Array, " k"],
-    is_local: Bool[Array, ""],
-    block_hooks: Mapping[str, Hook] | None = None,
-) -> tuple[Float[Array, "q d_model"], Float[Array, "q n_kv_heads d_head"], Float[Array, "q n_kv_heads d_head"]]:
-    """One block for the contiguous new slots ``q_slots``, attending over a key/value buffer.
-
-    The new keys/values are written into the buffer at ``q_slots[0]`` before attending (so a slot sees
-    itself); ``k_pos``/``k_valid`` must already describe the new slots. Returns the residual leaving
-    the block and the new keys/values, for the caller to store. Mirrors ``transformer.block_forward``.
-    """
-    hooks = block_hooks or {}
-
-    def at(point: str, h: Array) -> Array:
-        return hooks.get(point, _identity_hook)(h, q_slots)
-
-    x = at("resid_pre", x)
-    q, k, v = qkv(cfg, p.attn, norm(p.ln1, x, cfg.norm_eps), q_pos, is_local)
-    k, v = k.astype(k_buf.dtype), v.astype(v_buf.dtype)
-    k_slots = jnp.arange(k_buf.shape[0], dtype=jnp.int32)
-    if k_buf.shape[0] == q_slots.shape[0]:  # prefill: the buffer is exactly the new slots
-        k_all, v_all = k, v
-    else:
-        k_all, v_all = _write(k_buf, k, k_slots, q_slots), _write(v_buf, v, k_slots, q_slots)
-    mask = attention_mask(cfg, q_slots, k_slots, q_pos, k_pos, k_valid, is_local)
-    a = attn_out(p.attn, attend(cfg, q, k_all, v_all, mask))
-    if p.ln1_post is not None:
-        a = norm(p.ln1_post, a, cfg.norm_eps)
-    x = at("resid_mid", x + a)
-    return at("resid_post", mlp_residual(cfg, p, x)), k, v
-
-
-def _write(buf: Array, new: Array, buf_slots: Array, new_slots: Array) -> Array:
-    """``buf`` with rows ``new_slots`` replaced by ``new`` (slot axis first in both).
-
-    A one-hot select rather than ``dynamic_update_slice``: under ``vmap`` the slot is a batched
-    value and the update would lower to a scatter (measured slower per decode step on CPU).
-    """
-    hit = buf_slots[:, None] == new_slots[None, :]  # [buf, new]
-    # each buffer row takes at most one new row; sum over the one-hot picks it exactly
-    picked = jnp.einsum("bn,n...->b...", hit.astype(new.dtype), new)
-    inside = jnp.expand_dims(jnp.any(hit, axis=1), tuple(range(1, buf.ndim)))
-    return jnp.where(inside, picked, buf)
-
-
-def _run_cached_blocks(
-    model: Transformer,
-    x: Array,
-    q_slots: Array,
-    q_pos: Array,
-    k_bufs: Array,
-    v_bufs: Array,
-    k_pos: Array,
-    k_valid: Array,
-    hooks: AnyHooks | None,
-) -> tuple[Array, Array, Array]:
-    """All blocks over the new slots: hooked layers unrolled, unhooked runs scanned (as
-    ``transformer.run_blocks``). Returns the final residual and the new keys/values ``[layer, q, ...]``."""
-    cfg = model.cfg
-    per_layer = _layer_hooks(cfg, hooks)
-    local = layer_is_local(cfg)
-
-    def step(h, i):
-        # index the full stacks inside the loop: scanning over a static slice ``blocks[a:b]`` makes
-        # XLA copy that slice of the weights on every call (measured ~3x slower decode steps)
-        p, kb, vb, is_local = jax.tree.map(lambda a: a[i], (model.blocks, k_bufs, v_bufs, local))
-        h, k, v = cached_block(cfg, p, h, q_slots, q_pos, kb, vb, k_pos, k_valid, is_local)
-        return h, (k, v)
-
-    def scan(h, start, stop):
-        return jax.lax.scan(step, h, jnp.arange(start, stop, dtype=jnp.int32))
-
-    new_k, new_v = [], []
-    cursor = 0
-    for layer in sorted(per_layer):
-        if layer > cursor:
-            x, (k, v) = scan(x, cursor, layer)
-            new_k.append(k)
-            new_v.append(v)
-        p = jax.tree.map(lambda a: a[layer], model.blocks)
-        x, k, v = cached_block(
-            cfg, p, x, q_slots, q_pos, k_bufs[layer], v_bufs[layer], k_pos, k_valid, local[layer], per_layer[layer]
-        )
-        new_k.append(k[None])
-        new_v.append(v[None])
-        cursor = layer + 1
-    if cursor < cfg.n_layers:
-        x, (k, v) = scan(x, cursor, cfg.n_layers)
-        new_k.append(k)
-        new_v.append(v)
-    return x, jnp.concatenate(new_k), jnp.concatenate(new_v)
-
-
 def _embed_at(model: Transformer, tokens: Int[Array, " q"], positions: Int[Array, " q"]) -> Float[Array, "q d_model"]:
     """``transformer.embed`` for tokens at explicit positions (a decode step has no prompt mask)."""
     x = embed(dataclasses.replace(model, W_pos=None), tokens)
@@ -245,10 +128,10 @@ def prefill(
         raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt ({seq} slots).")
     info = seq_info(valid)
     x = embed(model, tokens, valid)
+    out = run_layers(model, x, 0, cfg.n_layers, hooks, info=info)
     # the cache holds keys/values in the compute dtype (that of the embedded residual)
-    empty = jnp.zeros((cfg.n_layers, seq, cfg.n_kv_heads, cfg.d_head), x.dtype)
-    x, k, v = _run_cached_blocks(model, x, info.slots, info.positions, empty, empty, info.positions, valid, hooks)
-    logits = unembed(model, x[-1:])[0]
+    k, v = out.k.astype(x.dtype), out.v.astype(x.dtype)
+    logits = unembed(model, out.x[-1:])[0]
     extra = max_len - seq
     cache = KVCache(
         k=jnp.pad(k, ((0, 0), (0, extra), (0, 0), (0, 0))),
@@ -273,17 +156,12 @@ def decode_step(
     here = jnp.arange(cache.valid.shape[0], dtype=jnp.int32) == slot
     valid = cache.valid | here
     positions = jnp.where(here, pos, cache.positions)
-    x, k, v = _run_cached_blocks(
-        model,
-        _embed_at(model, token[None], pos[None]),
-        slot[None],
-        pos[None],
-        cache.k,
-        cache.v,
-        positions,
-        valid,
-        hooks,
+    info = SeqInfo(slots=slot[None], positions=pos[None], valid=jnp.ones((1,), bool))
+    out = run_layers(
+        model, _embed_at(model, token[None], pos[None]), 0, model.cfg.n_layers, hooks, info=info,
+        kv=KV(k=cache.k, v=cache.v, positions=positions, valid=valid),
     )
+    x, k, v = out.x, out.k, out.v
     at_slot = here[None, :, None, None]  # [layer, max_len, n_kv_heads, d_head]
     new = KVCache(
         k=jnp.where(at_slot, k, cache.k),

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from jaxrecover._pytree import pytree_dataclass
@@ -304,3 +305,48 @@ ANSWER = Task(answer_logprob, answer_success)
 PROBE = Task(probe_logit, probe_success, "resid")
 REFUSAL_STAGE1 = Task(refusal_stage1, first_token_success)
 REFUSAL_STAGE2 = Task(refusal_stage2, continuation_success)
+
+
+# ----------------------------------------------------------------------------- read windows
+#
+# The solver unembeds only the slots an objective reads. ``first_read_slot`` (host, concrete arrays,
+# any leading batch axes) says where reading starts; ``window_target`` (traceable) re-indexes a
+# target for logits that start at that slot. Unknown target types read from slot 0 (full logits).
+
+
+def _first_positive(x: Any) -> int:
+    """First slot (last axis) where any entry over the leading axes is > 0 (the length if none)."""
+    hit = np.any(np.asarray(x) > 0, axis=tuple(range(np.ndim(x) - 1)))
+    return int(np.argmax(hit)) if hit.any() else int(np.shape(x)[-1])
+
+
+def first_read_slot(target: Any) -> int:
+    """The first slot whose logits ``target``'s objectives read (0 when unknown)."""
+    if isinstance(target, Continuation):
+        first = _first_positive(target.weights)
+        if target.answer_start is not None:
+            first = min(first, int(np.min(np.asarray(target.answer_start))))
+        return first
+    if isinstance(target, (KLTarget, AnswerTarget)):
+        return _first_positive(target.mask)
+    if isinstance(target, (LogitDiffTarget, ChoiceTarget)):
+        return int(np.min(np.asarray(target.slot)))
+    return 0
+
+
+def window_target(target: Any, start: int) -> Any:
+    """``target`` re-indexed for logits of slots ``start..seq`` (``start`` static; 0 is a no-op)."""
+    if start == 0:
+        return target
+    if isinstance(target, Continuation):
+        a = None if target.answer_start is None else target.answer_start - start
+        return Continuation(target.ids[..., start:], target.weights[..., start:], a, target.discouraged)
+    if isinstance(target, KLTarget):
+        return KLTarget(target.base_logprobs[..., start:, :], target.mask[..., start:], target.tol)
+    if isinstance(target, AnswerTarget):
+        return AnswerTarget(target.ids[..., start:], target.mask[..., start:], target.correct)
+    if isinstance(target, LogitDiffTarget):
+        return LogitDiffTarget(target.slot - start, target.io, target.s)
+    if isinstance(target, ChoiceTarget):
+        return ChoiceTarget(target.slot - start, target.choice_ids, target.correct)
+    raise ValueError(f"window_target: no read window for {type(target).__name__} (first_read_slot gives 0 for it).")

@@ -1,25 +1,35 @@
-"""Post-intervention recovery: optimise an additive residual perturbation ``delta`` with the SAE clamps
+"""The recovery solver: optimise an additive residual perturbation ``delta`` with the SAE clamps
 ACTIVE in every forward pass, so that the suppressed behaviour comes back without (to first order)
-moving the defended features.
+moving the defended features. Shaped like an optimistix solver over an optax transform:
+``init -> step* -> finish``, written for ONE example (batch with ``jax.vmap``; ``runner`` does
+batching, sharding, checkpoints and records).
 
-Contract:
-- ``make_recover(problem, cfg, objective, success) -> solve(model, example, clamps) -> RecoveryResult``
-  is pure and written for ONE example; batch with ``jax.vmap(solve, in_axes=(None, 0, None))`` or
-  ``solve_batch`` (shards the example axis over ``jax.devices()``). ``make_solver`` exposes the same
-  solver as ``init / advance / finish`` pieces for chunked, checkpointed runs (``run_recovery``).
+- ``Solver(problem, cfg, objective, success)`` is a frozen, hashable spec. ``init(solver, model,
+  example, clamps, window)`` runs the prefix and the reference pass once; ``step`` is one projected
+  update; ``advance`` runs ``n`` steps in ``lax.scan``; ``finish`` evaluates and measures the selected
+  ``delta``; ``solve`` chains them (one compile per shape).
 - ``example`` (``Example``): ``tokens [n_var, seq]``, ``valid [n_var, seq]``, ``delta_slots [rows]``
   (raw slots of the padded sequence; -1 = unused row), ``measure_mask [seq]`` (where drift is
   measured), ``target`` (objective pytree). All ``n_var`` variants share one ``delta``.
 - ``clamps``: ``{Site: Clamp}``; every clamp acts in EVERY pass (prefix, optimisation, evaluation).
-- Forward with ``delta``: the prefix ``run_to(delta_site.layer)`` (clamps below it included) is
-  computed ONCE per example; each step runs ``run_blocks`` from there with hooks
-  ``{clamp sites: clamp, delta_site: compose(clamp_at_delta_site?, AddDelta(delta, slots))}``, so at
-  the delta site ``h_rec = h_def + delta`` (paper). Clamp sites at or after the delta site are
-  *measured*: ``Phi`` = their clamped latents ``z_S`` at the measured positions, read from
-  ``h_def + delta`` at the delta site and from the pre-clamp residual at a downstream clamp site.
-- Loop: ``lax.scan`` over steps (``advance(..., n)``); the step evaluates ``delta_t`` (objective,
-  success, drift) with one forward, then updates. Early stop is a mask (``delta`` frozen once
-  successful; no recompilation). One compile per shape bucket.
+  At the delta site ``h_rec = h_def + delta`` (paper). Clamp sites at or after the delta site are
+  *measured*: ``Phi`` = their clamped latents ``z_S``, read from ``h_def + delta`` at the delta site
+  and from the pre-clamp residual at a downstream clamp site.
+
+What a step recomputes (``Window``, static): nothing below the delta layer (the prefix residual is
+computed once), and with ``window.cut > 0`` no slot before ``cut`` either: causal attention means
+``delta`` (whose rows sit at slots ``>= cut``) cannot change them, so ``init`` caches their keys and
+values at every block from the delta layer on and each step runs only slots ``cut..seq`` against that
+cache. Logits are unembedded only from ``window.read`` on (the slots the objective reads; targets are
+windowed with ``objectives.window_target``). ``plan_window`` picks the largest exact window for a
+batch; ``FULL`` (``cut = read = 0``) is the full recompute path, kept for comparison.
+
+Constraints are strategy objects (``Unconstrained``, ``EncoderNull``, ``JacobianNull``); the
+optimiser is any ``optax.GradientTransformation`` (``"adam"`` / ``"sgd"`` are shorthands with
+``cfg.lr``). Order inside one step (authors' code): loss gradient -> constraint projection ->
+``+ drift_penalty * grad(drift)`` (unprojected) -> optimiser -> post map (encoder re-projection of
+``delta`` when on, then the L2 budget clip) -> correction steps. A non-finite objective, gradient or
+update freezes that example's ``delta`` and marks it ``non_finite``: it is never a success.
 
 Paper vs authors' code (paper-notes 1.6-1.7, 6); the DEFAULT is the paper:
 
@@ -34,42 +44,32 @@ field                  paper (default)                       authors' code
 ``select``             ``"final"``                           ``"drift_constrained"`` (0.03 / 80)
 ``optimizer``          ``"adam"`` (code; Fig. 1 draws GD)    ``"adam"``
 =====================  ====================================  =========================================
-
-Order inside one step (code): loss gradient -> projection (encoder: ``P g``; jacobian: off the
-row space at ``delta_t``) -> ``+ drift_penalty * grad(drift)`` (unprojected) -> optimiser ->
-re-projection of ``delta`` (encoder + ``reproject_delta``) -> budget clip -> correction steps (each
-re-projected/clipped). Jacobian mode never re-projects ``delta`` (its constraint is linearised at
-``delta_t``).
 """
 
 import dataclasses
-import functools
-import json
-import math
-import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrecover import checkpoint as ckpt
 from jaxrecover import metrics as M
+from jaxrecover import objectives as O
 from jaxrecover import projections as proj
 from jaxrecover._pytree import pytree_dataclass
 from jaxrecover.interventions import AddDelta, compose
 from jaxrecover.objectives import Readout
 from jaxrecover.sae import encode_features
 from jaxrecover.sites import Site
-from jaxrecover.transformer import embed, run_blocks, run_to, unembed
+from jaxrecover.transformer import KV, SeqInfo, embed, run_layers, run_to, seq_info, unembed
 
 CONSTRAINTS = ("encoder", "jacobian", "none")
 OPTIMIZERS = ("adam", "sgd")
 SELECTS = ("final", "drift_constrained")
 DRIFT_LOSSES = ("relative_mse", "relative_l2")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 _MSG_ENCODER_SITE = (
     "constraint='encoder' projects onto the null space of the encoder of the clamp AT the delta site "
@@ -77,18 +77,69 @@ _MSG_ENCODER_SITE = (
     "delta below the clamp site."
 )
 _MSG_CLAMP_KEYS = "clamps keys {got} do not match problem.clamp_sites {want}."
+_MSG_RANGE = "RecoveryConfig.{name}={value!r}: {why}."
+
+
+# ----------------------------------------------------------------------------- constraints
+
+
+@dataclasses.dataclass(frozen=True)
+class Unconstrained:
+    """No projection (the paper's "no projection" ablation and baseline)."""
+
+    name = "none"
+    needs_phi = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderNull:
+    """Single layer: project onto the null space of ``W_enc[:, S]^T`` of the clamp AT the delta site,
+    so the clamped features' pre-activations cannot move. ``projector``: ``"pinv"`` (paper) or
+    ``"ridge"`` (code); ``reproject``: also re-project ``delta`` after each step (paper)."""
+
+    projector: str = "pinv"
+    ridge: float = 1e-4
+    reproject: bool = True
+    name = "encoder"
+    needs_phi = False
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobianNull:
+    """Cross layer: project the gradient off the row space of ``J = dPhi/d delta`` at ``delta_t``
+    (``method="exact"``: every row, paper; ``"sketch"``: ``probes`` random rows + the drift direction,
+    authors' code)."""
+
+    method: str = "exact"
+    probes: int = 8
+    drift_probe: bool = True
+    name = "jacobian"
+    needs_phi = True
+
+
+Constraint = Unconstrained | EncoderNull | JacobianNull
+
+
+# ----------------------------------------------------------------------------- static spec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RecoveryConfig:
-    """Static solver settings (hashable). Defaults follow the paper; see the module table."""
+    """Static solver settings (hashable). Defaults follow the paper; see the module table.
+
+    ``constraint`` is a strategy object or its name (then ``projector``, ``ridge``,
+    ``reproject_delta``, ``jacobian``, ``probes``, ``drift_probe`` configure it); ``optimizer`` is an
+    ``optax.GradientTransformation`` or ``"adam"`` / ``"sgd"`` with ``lr``. ``prefix_cache=False``
+    forces the full recompute path. ``compute_dtype="bfloat16"`` runs the transformer in bf16 (losses,
+    projections and norms stay float32).
+    """
 
     steps: int = 100
     lr: float = 0.1
-    optimizer: str = "adam"
+    optimizer: Any = "adam"
     budget: float = 20.0
     budget_per: str = "example"
-    constraint: str = "encoder"
+    constraint: Any = "encoder"
     projector: str = "pinv"
     ridge: float = 1e-4
     reproject_delta: bool = True
@@ -106,35 +157,67 @@ class RecoveryConfig:
     early_stop: bool = False
     eta: float = 0.0
     seed: int = 0
-    steps_per_chunk: int = 50
+    prefix_cache: bool = True
+    compute_dtype: str = "float32"
+    steps_per_chunk: int = 10
     checkpoint_every: int = 1  # in chunks
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("optimizer", self.optimizer, OPTIMIZERS),
+        choices = [
             ("budget_per", self.budget_per, proj.BUDGET_PER),
-            ("constraint", self.constraint, CONSTRAINTS),
             ("projector", self.projector, proj.PROJECTOR_METHODS),
             ("jacobian", self.jacobian, proj.JACOBIAN_METHODS),
             ("select", self.select, SELECTS),
             ("drift_loss", self.drift_loss, DRIFT_LOSSES),
-        ):
+            ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
+        ]
+        if isinstance(self.optimizer, str):
+            choices.append(("optimizer", self.optimizer, OPTIMIZERS))
+        if isinstance(self.constraint, str):
+            choices.append(("constraint", self.constraint, CONSTRAINTS))
+        for name, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"RecoveryConfig.{name}={value!r}; expected one of {allowed}.")
-        if self.steps < 0 or self.steps_per_chunk <= 0 or self.select_every <= 0:
-            raise ValueError("RecoveryConfig: steps >= 0, steps_per_chunk > 0 and select_every > 0 required.")
+        for name, ok, why in (
+            ("steps", self.steps >= 0, "must be >= 0"),
+            ("steps_per_chunk", self.steps_per_chunk > 0, "must be > 0"),
+            ("select_every", self.select_every > 0, "must be > 0"),
+            ("lr", np.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
+            ("budget", not np.isnan(self.budget) and self.budget >= 0, "must be a number >= 0"),
+            ("probes", self.probes > 0, "must be > 0"),
+            ("drift_penalty", np.isfinite(self.drift_penalty) and self.drift_penalty >= 0, "must be finite and >= 0"),
+            ("correction_steps", self.correction_steps >= 0, "must be >= 0"),
+        ):
+            if not ok:
+                raise ValueError(_MSG_RANGE.format(name=name, value=getattr(self, name), why=why))
 
     def replace(self, **changes: Any) -> "RecoveryConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def constraint_obj(self) -> Constraint:
+        if not isinstance(self.constraint, str):
+            return self.constraint
+        if self.constraint == "encoder":
+            return EncoderNull(self.projector, self.ridge, self.reproject_delta)
+        if self.constraint == "jacobian":
+            return JacobianNull(self.jacobian, self.probes, self.drift_probe)
+        return Unconstrained()
+
+    @property
+    def optimizer_tx(self) -> optax.GradientTransformation:
+        if not isinstance(self.optimizer, str):
+            return self.optimizer
+        return optax.adam(self.lr) if self.optimizer == "adam" else optax.sgd(self.lr)
 
 
 @dataclasses.dataclass(frozen=True)
 class RecoveryProblem:
     """Static shape of a recovery problem.
 
-    ``delta_site``: where ``delta`` is added; ``clamp_sites``: the keys of the ``clamps`` mapping passed
-    to ``solve``; ``readout``: ``"logits"`` or ``"resid"`` (then ``readout_site``, post-hook value;
-    later blocks are not run).
+    ``delta_site``: where ``delta`` is added; ``clamp_sites``: the keys of the ``clamps`` mapping;
+    ``readout``: ``"logits"`` or ``"resid"`` (then ``readout_site``, post-hook value; later blocks are
+    not run).
     """
 
     delta_site: Site
@@ -158,6 +241,77 @@ class RecoveryProblem:
         return tuple(s for s in self.clamp_sites if s.order >= self.delta_site.order)
 
 
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Static slot window of a step: run slots ``cut..seq`` against cached keys/values of the slots
+    before ``cut``; unembed slots ``read..seq`` (``read >= cut``). ``Window()`` is the full path."""
+
+    cut: int = 0
+    read: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cut <= self.read:
+            raise ValueError(f"Window needs 0 <= cut <= read, got cut={self.cut}, read={self.read}.")
+
+
+FULL = Window()
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """A recovery solver: hashable, so it can key compile caches and be a static argument."""
+
+    problem: RecoveryProblem
+    cfg: RecoveryConfig
+    objective: Callable[[Readout, Any], jax.Array]
+    success: Callable[[Readout, Any], jax.Array]
+
+    def __post_init__(self) -> None:
+        c = self.cfg.constraint_obj
+        site, measure = self.problem.delta_site, self.problem.measure_sites
+        if isinstance(c, EncoderNull) and site not in self.problem.clamp_sites:
+            raise ValueError(_MSG_ENCODER_SITE.format(site=site, sites=[str(s) for s in self.problem.clamp_sites]))
+        if isinstance(c, JacobianNull) and not measure:
+            raise ValueError("constraint='jacobian' needs at least one clamp site at or after the delta site.")
+
+    def init(self, model, ex, clamps, window: Window = FULL):
+        return init(self, model, ex, clamps, window)
+
+    def advance(self, model, ex, clamps, ctx, state, n: int, window: Window = FULL):
+        return advance(self, model, ex, clamps, ctx, state, n, window)
+
+    def finish(self, model, ex, clamps, ctx, state):
+        return finish(self, model, ex, clamps, ctx, state)
+
+    def solve(self, model, ex, clamps, window: Window = FULL):
+        return solve(self, model, ex, clamps, window)
+
+    @property
+    def needs_phi(self) -> bool:
+        """Whether a step needs the measured features (constraint, penalty, corrections, selection)."""
+        cfg = self.cfg
+        return (cfg.constraint_obj.needs_phi or cfg.drift_penalty > 0 or cfg.correction_steps > 0
+                or cfg.select == "drift_constrained")
+
+
+def make_solver(problem: RecoveryProblem, cfg: RecoveryConfig, objective: Callable, success: Callable) -> Solver:
+    """The solver for ``problem``: ``objective(out: Readout, target) -> scalar`` (higher is better),
+    ``success(out, target) -> bool`` (the task's "recovered")."""
+    return Solver(problem, cfg, objective, success)
+
+
+def make_recover(problem: RecoveryProblem, cfg: RecoveryConfig, objective: Callable, success: Callable) -> Callable:
+    """``solve(model, example, clamps) -> RecoveryResult`` (full path): pure, one example, one scan.
+
+    >>> solve = make_recover(RecoveryProblem(Site(1), (Site(1),)), RecoveryConfig(budget=8.0), choice_margin, choice_success)
+    >>> batch = jax.jit(jax.vmap(solve, in_axes=(None, 0, None)))(model, examples, {Site(1): clamp})
+    """
+    return make_solver(problem, cfg, objective, success).solve
+
+
+# ----------------------------------------------------------------------------- pytrees
+
+
 @pytree_dataclass
 class Example:
     """One example (see module docstring); batch by stacking every leaf on a leading axis."""
@@ -174,6 +328,9 @@ class Context:
     """Per-example constants computed once by ``init``."""
 
     prefix: Any  # [n_var, seq, d] residual entering block delta_site.layer
+    kv_k: Any  # [n_var, layers from the delta layer, seq, n_kv, d_head] (None on the full path)
+    kv_v: Any
+    readout_resid: Any  # [n_var, seq, d] readout residual at delta = 0 (resid readout only)
     z_ref: Any  # tuple over measure sites of [n_var, seq, k] (delta = 0)
     mask: Any  # [n_var, seq] measured positions
     h_def_rows: Any  # [rows, d] defended residual at the delta rows (variant 0)
@@ -191,7 +348,8 @@ class SolverState:
     step: Any  # int32 []
     delta: Any  # [rows, d] float32
     opt_state: Any
-    done: Any  # bool [] (early stop)
+    done: Any  # bool [] (early stop or non-finite)
+    non_finite: Any  # bool []: a non-finite objective, gradient or update was met (delta frozen)
     steps_to_success: Any  # int32 [], -1 = never
     best_delta: Any
     best_feasible: Any
@@ -206,7 +364,8 @@ class RecoveryResult:
 
     delta: Any  # [rows, d]
     objective: Any
-    success: Any
+    success: Any  # False whenever non_finite
+    non_finite: Any
     steps_to_success: Any
     selected_step: Any
     base_objective: Any
@@ -217,483 +376,364 @@ class RecoveryResult:
     trace: Any = None  # dict[str, [steps]] (objective, success, drift_rel, delta_norm)
 
 
-class Solver(NamedTuple):
-    """Pure pieces of one solver. ``solve = finish . advance(steps) . init``."""
+# ----------------------------------------------------------------------------- windows
 
-    init: Callable[..., tuple[Context, SolverState]]
-    advance: Callable[..., tuple[SolverState, dict]]
-    finish: Callable[..., RecoveryResult]
-    solve: Callable[..., RecoveryResult]
-    problem: RecoveryProblem
-    cfg: RecoveryConfig
+
+def plan_window(solver: Solver, examples: Example) -> Window:
+    """The largest exact window for a (host, concrete) batch of examples: ``cut`` = first delta slot,
+    ``read`` = first slot the objective reads (``objectives.first_read_slot``); ``FULL`` when
+    ``cfg.prefix_cache`` is off."""
+    if not solver.cfg.prefix_cache:
+        return FULL
+    slots = np.asarray(examples.delta_slots)
+    used = slots[slots >= 0]
+    cut = int(used.min()) if used.size else 0
+    if solver.problem.readout == "resid":
+        return Window(cut=cut, read=cut)
+    read = O.first_read_slot(examples.target)
+    cut = min(cut, read)
+    return Window(cut=cut, read=read)
+
+
+# ----------------------------------------------------------------------------- forward passes
 
 
 def _identity(x: jax.Array, slots: jax.Array) -> jax.Array:
     return x
 
 
-def _drift_loss(kind: str, phi: tuple, z_ref: tuple, mask: jax.Array) -> jax.Array:
+def _check(problem: RecoveryProblem, clamps: Mapping[Site, Any]) -> dict[Site, Any]:
+    clamps = {Site.parse(k): v for k, v in clamps.items()}
+    if tuple(sorted(clamps)) != problem.clamp_sites:
+        raise ValueError(_MSG_CLAMP_KEYS.format(got=sorted(map(str, clamps)), want=list(map(str, problem.clamp_sites))))
+    return clamps
+
+
+def _hooks(problem: RecoveryProblem, clamps: dict, delta: jax.Array, slots: jax.Array) -> dict:
+    site = problem.delta_site
+    hooks: dict = dict(clamps)
+    add = AddDelta(delta, slots)
+    hooks[site] = compose(clamps[site], add) if site in clamps else add
+    return hooks
+
+
+def _stop_layer(problem: RecoveryProblem, n_layers: int, with_readout: bool) -> int:
+    """Blocks past the last measured site (and the readout site) are not run."""
+    if with_readout and problem.readout == "logits":
+        return n_layers
+    layers = [s.layer + 1 for s in problem.measure_sites]
+    if with_readout:
+        layers.append(problem.readout_site.layer + 1)
+    return max(layers, default=problem.delta_site.layer + 1)
+
+
+def _in_dtype(model: Any, dtype: str) -> Any:
+    """The model with its float weights cast to the compute dtype (a no-op for float32 models)."""
+    want = jnp.dtype(dtype)
+    cast = lambda a: a.astype(want) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != want else a
+    cfg = dataclasses.replace(model.cfg, dtype=dtype) if model.cfg.dtype != dtype else model.cfg
+    return dataclasses.replace(jax.tree.map(cast, model), cfg=cfg)
+
+
+def _forward(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, delta, window: Window, *,
+             readout: bool = True, phi: bool = True):
+    """``(Readout, Phi)`` for all variants with ``delta`` added (clamps on), over slots
+    ``window.cut..seq`` (logits from ``window.read``); ``Phi`` per measured site over those slots."""
+    problem = solver.problem
+    site, measure, cut = problem.delta_site, problem.measure_sites, window.cut
+    hooks = _hooks(problem, clamps, delta, ex.delta_slots)
+    stop = _stop_layer(problem, model.cfg.n_layers, readout)
+    capture = measure if phi else ()
+    if readout and problem.readout == "resid":
+        capture = capture + (problem.readout_site,)
+
+    def one(x, valid, k, v, resid0):
+        full = seq_info(valid)
+        info = SeqInfo(slots=full.slots[cut:], positions=full.positions[cut:], valid=valid[cut:])
+        kv = None if cut == 0 else KV(k=k, v=v, positions=full.positions, valid=valid)
+        out = run_layers(model, x[cut:], site.layer, stop, hooks, info=info, kv=kv, capture=capture)
+        cap = out.captured
+        phis = tuple(
+            encode_features(clamps[s].sae, hooks[s](cap[s], info.slots) if s == site else cap[s], clamps[s].features)
+            for s in (measure if phi else ())
+        )
+        if readout and problem.readout == "logits":
+            return Readout(logits=unembed(model, out.x[window.read - cut :])), phis
+        if readout:
+            r = hooks.get(problem.readout_site, _identity)(cap[problem.readout_site], info.slots)
+            return Readout(resid=r if cut == 0 else jnp.concatenate([resid0[:cut], r])), phis
+        return Readout(), phis
+
+    return jax.vmap(one)(ctx.prefix, ex.valid, ctx.kv_k, ctx.kv_v, ctx.readout_resid)
+
+
+def _base_readout(problem: RecoveryProblem, model, ex: Example) -> Readout:
+    """The unclamped model (no hooks at all)."""
+
+    def one(tokens, valid):
+        x = embed(model, tokens, valid)
+        if problem.readout == "logits":
+            return Readout(logits=unembed(model, run_layers(model, x, 0, model.cfg.n_layers, info=seq_info(valid)).x))
+        rs = problem.readout_site
+        out = run_layers(model, x, 0, rs.layer + 1, info=seq_info(valid), capture=(rs,))
+        return Readout(resid=out.captured[rs])
+
+    return jax.vmap(one)(ex.tokens, ex.valid)
+
+
+def _target(solver: Solver, ex: Example, window: Window) -> Any:
+    return O.window_target(ex.target, window.read) if solver.problem.readout == "logits" else ex.target
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def _sq_sums(phi: tuple, z_ref: tuple, mask: jax.Array, cut: int) -> tuple[list, list, list]:
+    """Per site: sum of squared drift over slots ``cut..`` (slots before ``cut`` cannot drift), and
+    the sum of squared reference latents and count of measured entries over ALL slots."""
+    d2, r2, n = [], [], []
+    for z, r in zip(phi, z_ref, strict=True):
+        m = jnp.broadcast_to(mask[:, :, None], r.shape)
+        d2.append(jnp.sum(jnp.where(m[:, cut:], jnp.square(z - r[:, cut:]), 0.0)))
+        r2.append(jnp.sum(jnp.where(m, jnp.square(r), 0.0)))
+        n.append(jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0))
+    return d2, r2, n
+
+
+def _drift_loss(kind: str, phi: tuple, z_ref: tuple, mask: jax.Array, cut: int) -> jax.Array:
     """Code's drift losses: relative_mse = mean over sites of mean(dz^2) / (mean(z_ref^2) + 1e-6);
     relative_l2 = sum(dz^2) / (sum(z_ref^2) + 1e-6). Means over measured entries."""
-    terms, num, den = [], 0.0, 0.0
-    for z, r in zip(phi, z_ref, strict=True):
-        m = jnp.broadcast_to(mask[:, :, None], z.shape).astype(z.dtype)
-        n = jnp.maximum(jnp.sum(m), 1.0)
-        d2, r2 = jnp.sum(m * jnp.square(z - r)), jnp.sum(m * jnp.square(r))
-        terms.append((d2 / n) / (r2 / n + 1e-6))
-        num, den = num + d2, den + r2
+    d2, r2, n = _sq_sums(phi, z_ref, mask, cut)
     if kind == "relative_mse":
-        return sum(terms) / len(terms)
-    return num / (den + 1e-6)
+        return sum((a / c) / (b / c + 1e-6) for a, b, c in zip(d2, r2, n)) / len(d2)
+    return sum(d2) / (sum(r2) + 1e-6)
 
 
-def _rel_drift(phi: tuple, z_ref: tuple, mask: jax.Array) -> jax.Array:
-    m = mask[:, :, None]
-    d2 = sum(jnp.sum(jnp.where(m, jnp.square(z - r), 0.0)) for z, r in zip(phi, z_ref, strict=True))
-    r2 = sum(jnp.sum(jnp.where(m, jnp.square(r), 0.0)) for r in z_ref)
-    return jnp.sqrt(d2) / (jnp.sqrt(r2) + M.EPS)
+def _rel_drift(phi: tuple, z_ref: tuple, mask: jax.Array, cut: int) -> jax.Array:
+    d2, r2, _ = _sq_sums(phi, z_ref, mask, cut)
+    return jnp.sqrt(sum(d2)) / (jnp.sqrt(sum(r2)) + M.EPS)
 
 
-def make_solver(
-    problem: RecoveryProblem,
-    cfg: RecoveryConfig,
-    objective: Callable[[Readout, Any], jax.Array],
-    success: Callable[[Readout, Any], jax.Array],
-) -> Solver:
-    """Build the pure solver pieces for ``problem`` (see module docstring).
+# ----------------------------------------------------------------------------- init / step / finish
 
-    Args:
-        problem: static sites and readout.
-        cfg: solver settings.
-        objective: ``objective(out: Readout, target) -> scalar`` (higher is better).
-        success: ``success(out: Readout, target) -> bool`` (task-specific "recovered").
-    """
-    site = problem.delta_site
-    measure = problem.measure_sites
-    if cfg.constraint == "encoder" and site not in problem.clamp_sites:
-        raise ValueError(_MSG_ENCODER_SITE.format(site=site, sites=[str(s) for s in problem.clamp_sites]))
-    if cfg.constraint == "jacobian" and not measure:
-        raise ValueError("constraint='jacobian' needs at least one clamp site at or after the delta site.")
-    reproject = cfg.constraint == "encoder" and cfg.reproject_delta
-    base_opt = optax.adam(cfg.lr) if cfg.optimizer == "adam" else optax.sgd(cfg.lr)
 
-    def check(clamps: Mapping[Site, Any]) -> dict[Site, Any]:
-        clamps = {Site.parse(k): v for k, v in clamps.items()}
-        if tuple(sorted(clamps)) != problem.clamp_sites:
-            raise ValueError(_MSG_CLAMP_KEYS.format(got=sorted(map(str, clamps)), want=list(map(str, problem.clamp_sites))))
-        return clamps
+def _post(solver: Solver, basis: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """Post-step map on delta: re-projection (encoder, reproject on) then the budget clip."""
+    c, cfg = solver.cfg.constraint_obj, solver.cfg
+    P = proj.EncoderNullProjector(basis)
 
-    def post(basis: jax.Array) -> Callable[[jax.Array], jax.Array]:
-        """Post-step map on delta: re-projection (encoder, reproject on) then the budget clip."""
-        P = proj.EncoderNullProjector(basis)
+    def fn(delta: jax.Array) -> jax.Array:
+        if isinstance(c, EncoderNull) and c.reproject:
+            delta = proj.apply(P, delta)
+        return proj.clip_l2(delta, cfg.budget, per=cfg.budget_per)
 
-        def fn(delta: jax.Array) -> jax.Array:
-            if reproject:
-                delta = proj.apply(P, delta)
-            return proj.clip_l2(delta, cfg.budget, per=cfg.budget_per)
+    return fn
 
-        return fn
 
-    def tx(basis: jax.Array) -> optax.GradientTransformation:
-        return optax.chain(base_opt, proj.projected_params(post(basis)))
+def _tx(solver: Solver, basis: jax.Array) -> optax.GradientTransformation:
+    return optax.chain(solver.cfg.optimizer_tx, proj.projected_params(_post(solver, basis)))
 
-    # ------------------------------------------------------------------ forward passes
 
-    def hooks_with(clamps: dict, delta: jax.Array | None, slots: jax.Array) -> dict:
-        hooks: dict = dict(clamps)
-        if delta is not None:
-            add = AddDelta(delta, slots)
-            hooks[site] = compose(clamps[site], add) if site in clamps else add
-        return hooks
+def init(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window: Window = FULL) -> tuple[Context, SolverState]:
+    """The prefix below the delta layer, and ONE pass from there with ``delta = 0`` that gives the
+    reference features, the defended residual at the delta rows, the clamped readout and (for
+    ``window.cut > 0``) the keys/values of every slot at every block from the delta layer on."""
+    problem, cfg = solver.problem, solver.cfg
+    model = _in_dtype(model, cfg.compute_dtype)
+    clamps = _check(problem, clamps)
+    site, measure = problem.delta_site, problem.measure_sites
+    below = {s: c for s, c in clamps.items() if s.layer < site.layer}
+    prefix = jax.vmap(lambda t, v: run_to(model, t, site.layer, below, valid=v))(ex.tokens, ex.valid)
+    rows, d = ex.delta_slots.shape[0], prefix.shape[-1]
+    zero = jnp.zeros((rows, d), jnp.float32)
+    hooks = _hooks(problem, clamps, zero, ex.delta_slots)
+    stop = _stop_layer(problem, model.cfg.n_layers, True)
+    capture = tuple(dict.fromkeys((*measure, site) + ((problem.readout_site,) if problem.readout == "resid" else ())))
 
-    def stop_layer(n_layers: int, with_readout: bool) -> int:
-        """Blocks past the last measured site (and the readout site) are not run."""
-        if with_readout and problem.readout == "logits":
-            return n_layers
-        layers = [s.layer + 1 for s in measure]
-        if with_readout:
-            layers.append(problem.readout_site.layer + 1)
-        return max(layers, default=site.layer + 1)
-
-    def forward(model, ex: Example, clamps: dict, prefix: jax.Array, delta: jax.Array, with_readout: bool = True):
-        """``(Readout, Phi)`` for all variants with ``delta`` added (clamps on)."""
-        hooks = hooks_with(clamps, delta, ex.delta_slots)
-        stop = stop_layer(model.cfg.n_layers, with_readout)
-        capture = tuple(measure)
-        if with_readout and problem.readout == "resid":
-            capture = capture + (problem.readout_site,)
-
-        def one(x, valid):
-            slots = jnp.arange(x.shape[0], dtype=jnp.int32)
-            h, cap = run_blocks(model, x, site.layer, stop, hooks, valid=valid, capture=capture)
-            phi = tuple(
-                encode_features(clamps[s].sae, (hooks[s](cap[s], slots) if s == site else cap[s]), clamps[s].features)
-                for s in measure
-            )
-            logits = resid = None
-            if with_readout and problem.readout == "logits":
-                logits = unembed(model, h)
-            elif with_readout:
-                rs = problem.readout_site
-                resid = hooks.get(rs, _identity)(cap[rs], slots)
-            return Readout(logits=logits, resid=resid), phi
-
-        return jax.vmap(one)(prefix, ex.valid)
-
-    def base_readout(model, ex: Example) -> Readout:
-        """The unclamped model (no hooks at all)."""
-
-        def one(tokens, valid):
-            x = embed(model, tokens, valid)
-            if problem.readout == "logits":
-                h, _ = run_blocks(model, x, 0, model.cfg.n_layers, valid=valid)
-                return Readout(logits=unembed(model, h))
-            rs = problem.readout_site
-            _, cap = run_blocks(model, x, 0, rs.layer + 1, valid=valid, capture=(rs,))
-            return Readout(resid=cap[rs])
-
-        return jax.vmap(one)(ex.tokens, ex.valid)
-
-    # ------------------------------------------------------------------ init / step / finish
-
-    def init(model, ex: Example, clamps: Mapping[Site, Any]) -> tuple[Context, SolverState]:
-        clamps = check(clamps)
-        below = {s: c for s, c in clamps.items() if s.layer < site.layer}
-        prefix = jax.vmap(lambda t, v: run_to(model, t, site.layer, below, valid=v))(ex.tokens, ex.valid)
-        rows, d = ex.delta_slots.shape[0], prefix.shape[-1]
-        zero = jnp.zeros((rows, d), jnp.float32)
-        out0, z_ref = forward(model, ex, clamps, prefix, zero)
-        mask = ex.measure_mask[None, :] & ex.valid
-        # defended residual at the delta site = its hook applied with delta = 0
-        hooks = hooks_with(clamps, zero, ex.delta_slots)
-        _, cap = run_blocks(model, prefix[0], site.layer, site.layer + 1, hooks, valid=ex.valid[0], capture=(site,))
-        slots = jnp.arange(prefix.shape[1], dtype=jnp.int32)
-        h_def = clamps[site](cap[site], slots) if site in clamps else cap[site]
-        h_def_rows = h_def[jnp.clip(ex.delta_slots, 0, h_def.shape[0] - 1)]
-        if cfg.constraint == "encoder":
-            c = clamps[site]
-            basis = proj.encoder_null_projector(c.sae, c.features, method=cfg.projector, ridge=cfg.ridge).basis
+    def one(x, valid):
+        info = seq_info(valid)
+        out = run_layers(model, x, site.layer, stop, hooks, info=info, capture=capture)
+        cap = out.captured
+        at_site = {s: (hooks[s](cap[s], info.slots) if s == site else cap[s]) for s in measure}
+        z = tuple(encode_features(clamps[s].sae, at_site[s], clamps[s].features) for s in measure)
+        h_def = hooks[site](cap[site], info.slots) if site in clamps else cap[site]
+        if problem.readout == "logits":
+            read, resid0 = Readout(logits=unembed(model, out.x)), None
         else:
-            basis = jnp.zeros((d, 1), jnp.float32)
-        base = base_readout(model, ex)
-        ctx = Context(
-            prefix=prefix, z_ref=z_ref, mask=mask, h_def_rows=h_def_rows, basis=basis,
-            base_objective=objective(base, ex.target), base_success=success(base, ex.target),
-            clamped_objective=objective(out0, ex.target), clamped_success=success(out0, ex.target),
-        )
-        state = SolverState(
-            step=jnp.zeros((), jnp.int32), delta=zero, opt_state=tx(basis).init(zero), done=jnp.zeros((), bool),
-            steps_to_success=jnp.full((), -1, jnp.int32), best_delta=zero, best_feasible=jnp.zeros((), bool),
-            best_score=jnp.full((), -jnp.inf, jnp.float32), best_step=jnp.full((), -1, jnp.int32),
-            key=jax.random.PRNGKey(cfg.seed),
-        )
-        return ctx, state
+            resid0 = hooks.get(problem.readout_site, _identity)(cap[problem.readout_site], info.slots)
+            read = Readout(resid=resid0)
+        return out.k, out.v, z, h_def, read, resid0
 
-    def consider(state: SolverState, delta, obj, drift, t, now) -> SolverState:
-        """Drift-constrained selection: feasible (drift <= threshold) beats infeasible; then score."""
-        feasible = drift <= cfg.select_threshold
-        score = jnp.where(feasible, obj, obj - cfg.select_penalty * drift).astype(jnp.float32)
-        better = (feasible & ~state.best_feasible) | ((feasible == state.best_feasible) & (score > state.best_score))
-        take = now & better
-        return dataclasses.replace(
-            state,
-            best_delta=jnp.where(take, delta, state.best_delta),
-            best_feasible=jnp.where(take, feasible, state.best_feasible),
-            best_score=jnp.where(take, score, state.best_score),
-            best_step=jnp.where(take, t, state.best_step),
-        )
-
-    def step(model, ex: Example, clamps: dict, ctx: Context, state: SolverState):
-        t, delta = state.step, state.delta
-
-        def f(dl):
-            out, phi = forward(model, ex, clamps, ctx.prefix, dl)
-            return (objective(out, ex.target), phi), success(out, ex.target)
-
-        (obj, phi), vjp, ok = jax.vjp(f, delta, has_aux=True)
-        zphi = jax.tree.map(jnp.zeros_like, phi)
-        g = vjp((-jnp.ones_like(obj), zphi))[0]  # gradient of the loss = -objective
-        if cfg.constraint == "encoder":
-            g = proj.apply(proj.EncoderNullProjector(ctx.basis), g)
-        elif cfg.constraint == "jacobian":
-            mphi = tuple(jnp.where(ctx.mask[:, :, None], z, 0.0) for z in phi)
-            mref = tuple(jnp.where(ctx.mask[:, :, None], z, 0.0) for z in ctx.z_ref)
-            basis = proj.jacobian_basis(
-                # masked entries get zero cotangents: they never constrain delta
-                lambda c: vjp((jnp.zeros_like(obj), tuple(jnp.where(ctx.mask[:, :, None], x, 0.0) for x in c)))[0],
-                mphi, method=cfg.jacobian, key=jax.random.fold_in(state.key, t), probes=cfg.probes,
-                phi_ref=mref, drift_probe=cfg.drift_probe,
-            )
-            g = proj.project_off(basis, g)
-        if cfg.drift_penalty:
-            dphi = jax.grad(lambda p: _drift_loss(cfg.drift_loss, p, ctx.z_ref, ctx.mask))(phi)
-            g = g + cfg.drift_penalty * vjp((jnp.zeros_like(obj), dphi))[0]
-        drift = _rel_drift(phi, ctx.z_ref, ctx.mask)
-
-        # optax computes `b ** count` (float ** int32): not allowed under strict dtype promotion
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = tx(ctx.basis).update(g, state.opt_state, delta)
-        new = optax.apply_updates(delta, updates)
-        if cfg.correction_steps:
-            fix = post(ctx.basis)
-
-            def drift_of(dl):
-                _, p = forward(model, ex, clamps, ctx.prefix, dl, with_readout=False)
-                return _drift_loss(cfg.drift_loss, p, ctx.z_ref, ctx.mask)
-
-            def correct(dl, _):
-                return fix(dl - cfg.correction_lr * jax.grad(drift_of)(dl)), None
-
-            new, _ = jax.lax.scan(correct, new, None, length=cfg.correction_steps)
-
-        done = state.done | (ok & cfg.early_stop)
-        keep = lambda a, b: jnp.where(done, a, b)  # noqa: E731 - frozen once successful
-        state = consider(state, delta, obj, drift, t, (t % cfg.select_every) == 0)
-        trace = {"objective": obj, "success": ok, "drift_rel": drift, "delta_norm": jnp.sqrt(jnp.sum(jnp.square(delta)))}
-        state = dataclasses.replace(
-            state,
-            step=t + 1,
-            delta=keep(delta, new),
-            opt_state=jax.tree.map(keep, state.opt_state, opt_state),
-            done=done,
-            steps_to_success=jnp.where((state.steps_to_success < 0) & ok, t, state.steps_to_success),
-        )
-        return state, trace
-
-    def advance(model, ex: Example, clamps: Mapping[Site, Any], ctx: Context, state: SolverState, n: int):
-        """Run ``n`` steps (``lax.scan``); returns the new state and per-step traces ``[n]``."""
-        clamps = check(clamps)
-        return jax.lax.scan(lambda s, _: step(model, ex, clamps, ctx, s), state, None, length=n)
-
-    def finish(model, ex: Example, clamps: Mapping[Site, Any], ctx: Context, state: SolverState) -> RecoveryResult:
-        """Evaluate the final delta, apply the selection rule, and measure the selected delta."""
-        clamps = check(clamps)
-
-        def evaluate(dl):
-            out, phi = forward(model, ex, clamps, ctx.prefix, dl)
-            return objective(out, ex.target), success(out, ex.target), phi
-
-        t = state.step
-        obj, ok, phi = evaluate(state.delta)
-        steps_to_success = jnp.where((state.steps_to_success < 0) & ok, t, state.steps_to_success)
-        chosen, chosen_step = state.delta, t
-        if cfg.select == "drift_constrained":
-            st = consider(state, state.delta, obj, _rel_drift(phi, ctx.z_ref, ctx.mask), t, jnp.ones((), bool))
-            chosen, chosen_step = st.best_delta, st.best_step
-            obj, ok, phi = evaluate(chosen)
-        row_mask = ex.delta_slots >= 0
-        W = tuple(clamps[s].sae.W_dec[clamps[s].features] for s in measure)
-        if measure:
-            fm = M.feature_metrics(ctx.z_ref, phi, ctx.mask, W, eta=cfg.eta)
-        else:
-            fm = {}
-        mets = {**fm, **M.delta_metrics(chosen, ctx.h_def_rows, row_mask)}
-        return RecoveryResult(
-            delta=chosen, objective=obj, success=ok, steps_to_success=steps_to_success, selected_step=chosen_step,
-            base_objective=ctx.base_objective, base_success=ctx.base_success,
-            clamped_objective=ctx.clamped_objective, clamped_success=ctx.clamped_success, metrics=mets,
-        )
-
-    def solve(model, ex: Example, clamps: Mapping[Site, Any]) -> RecoveryResult:
-        ctx, state = init(model, ex, clamps)
-        state, trace = advance(model, ex, clamps, ctx, state, cfg.steps)
-        return dataclasses.replace(finish(model, ex, clamps, ctx, state), trace=trace)
-
-    return Solver(init=init, advance=advance, finish=finish, solve=solve, problem=problem, cfg=cfg)
+    k, v, z_ref, h_def, out0, resid0 = jax.vmap(one)(prefix, ex.valid)
+    h_def = h_def[0]
+    h_def_rows = h_def[jnp.clip(ex.delta_slots, 0, h_def.shape[0] - 1)]
+    c = cfg.constraint_obj
+    if isinstance(c, EncoderNull):
+        cl = clamps[site]
+        basis = proj.encoder_null_projector(cl.sae, cl.features, method=c.projector, ridge=c.ridge).basis
+    else:
+        basis = jnp.zeros((d, 1), jnp.float32)
+    base = _base_readout(problem, model, ex)
+    ctx = Context(
+        prefix=prefix, kv_k=k if window.cut else None, kv_v=v if window.cut else None, readout_resid=resid0,
+        z_ref=z_ref, mask=ex.measure_mask[None, :] & ex.valid, h_def_rows=h_def_rows.astype(jnp.float32), basis=basis,
+        base_objective=solver.objective(base, ex.target), base_success=solver.success(base, ex.target),
+        clamped_objective=solver.objective(out0, ex.target), clamped_success=solver.success(out0, ex.target),
+    )
+    state = SolverState(
+        step=jnp.zeros((), jnp.int32), delta=zero, opt_state=_tx(solver, basis).init(zero), done=jnp.zeros((), bool),
+        non_finite=jnp.zeros((), bool), steps_to_success=jnp.full((), -1, jnp.int32), best_delta=zero,
+        best_feasible=jnp.zeros((), bool), best_score=jnp.full((), -jnp.inf, jnp.float32),
+        best_step=jnp.full((), -1, jnp.int32), key=jax.random.PRNGKey(cfg.seed),
+    )
+    return ctx, state
 
 
-def make_recover(
-    problem: RecoveryProblem,
-    cfg: RecoveryConfig,
-    objective: Callable[[Readout, Any], jax.Array],
-    success: Callable[[Readout, Any], jax.Array],
-) -> Callable[..., RecoveryResult]:
-    """``solve(model, example, clamps) -> RecoveryResult``: pure, one example, all steps in one scan.
-
-    >>> solve = make_recover(RecoveryProblem(Site(1), (Site(1),)), RecoveryConfig(budget=8.0), choice_margin, choice_success)
-    >>> res = jax.jit(solve)(model, example, {Site(1): clamp})
-    >>> batch = jax.jit(jax.vmap(solve, in_axes=(None, 0, None)))(model, examples, {Site(1): clamp})
-    """
-    return make_solver(problem, cfg, objective, success).solve
-
-
-# ----------------------------------------------------------------------------- batching and sharding
+def _consider(cfg: RecoveryConfig, state: SolverState, delta, obj, drift, t, now) -> SolverState:
+    """Drift-constrained selection: feasible (drift <= threshold) beats infeasible; then score."""
+    feasible = drift <= cfg.select_threshold
+    score = jnp.where(feasible, obj, obj - cfg.select_penalty * drift).astype(jnp.float32)
+    better = (feasible & ~state.best_feasible) | ((feasible == state.best_feasible) & (score > state.best_score))
+    take = now & better & jnp.isfinite(score)
+    return dataclasses.replace(
+        state,
+        best_delta=jnp.where(take, delta, state.best_delta),
+        best_feasible=jnp.where(take, feasible, state.best_feasible),
+        best_score=jnp.where(take, score, state.best_score),
+        best_step=jnp.where(take, t, state.best_step),
+    )
 
 
-def _n(tree: Any) -> int:
-    return jax.tree.leaves(tree)[0].shape[0]
+def _project_grad(solver: Solver, g, vjp, obj, phi, ctx: Context, key, window: Window):
+    """The constraint's projection of the loss gradient at ``delta_t``."""
+    c, cut = solver.cfg.constraint_obj, window.cut
+    if isinstance(c, EncoderNull):
+        return proj.apply(proj.EncoderNullProjector(ctx.basis), g)
+    if not isinstance(c, JacobianNull):
+        return g
+    m = ctx.mask[:, :, None]
+    if c.method == "sketch":
+        # probes are drawn over ALL slots (as the full path does) and the rows before ``cut`` are
+        # dropped: they have zero Jacobian, so cached and full paths give the same basis
+        mphi = tuple(jnp.where(m, jnp.concatenate([r[:, :cut], z], axis=1), 0.0) for z, r in zip(phi, ctx.z_ref))
+        mref = tuple(jnp.where(m, r, 0.0) for r in ctx.z_ref)
+
+        def vjp_fn(cot):
+            return vjp((jnp.zeros_like(obj), tuple(jnp.where(m, x, 0.0)[:, cut:] for x in cot)))[0]
+    else:
+        ms = m[:, cut:]
+        mphi, mref = tuple(jnp.where(ms, z, 0.0) for z in phi), None
+
+        def vjp_fn(cot):  # masked entries get zero cotangents: they never constrain delta
+            return vjp((jnp.zeros_like(obj), tuple(jnp.where(ms, x, 0.0) for x in cot)))[0]
+
+    basis = proj.jacobian_basis(vjp_fn, mphi, method=c.method, key=key, probes=c.probes, phi_ref=mref,
+                                drift_probe=c.drift_probe)
+    return proj.project_off(basis, g)
 
 
-def _pad(tree: Any, size: int) -> Any:
-    """Pad the leading axis to ``size`` by repeating the last entry (dropped after the run)."""
-    n = _n(tree)
-    if n == size:
-        return tree
-    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], size - n, axis=0)], axis=0), tree)
+def _all_finite(*trees: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(trees)]))
 
 
-def _shard(tree: Any) -> Any:
-    """Put the leading (example) axis across ``jax.devices()`` (jaxrecover.sharding when present)."""
-    try:
-        from jaxrecover.sharding import shard_batch  # noqa: PLC0415 - optional sibling module
-    except ImportError:
-        shard_batch = None
-    if shard_batch is not None:
-        return shard_batch(tree)
-    devices = jax.devices()
-    if len(devices) == 1 or _n(tree) % len(devices):
-        return tree
-    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    return jax.device_put(tree, sharding)
-
-
-@functools.lru_cache(maxsize=64)
-def _batched(solver: Solver, what: str, n: int = 0) -> Callable:
-    """Jitted ``vmap`` of one solver piece over examples (cached: one compile per shape bucket)."""
-    if what == "init":
-        return jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))
-    if what == "advance":
-        return jax.jit(jax.vmap(lambda m, e, c, x, s: solver.advance(m, e, c, x, s, n), in_axes=(None, 0, None, 0, 0)))
-    if what == "finish":
-        return jax.jit(jax.vmap(solver.finish, in_axes=(None, 0, None, 0, 0)))
-    return jax.jit(jax.vmap(solver.solve, in_axes=(None, 0, None)))
-
-
-def solve_batch(solver: Solver, model: Any, examples: Example, clamps: Mapping[Site, Any]) -> RecoveryResult:
-    """``vmap(solve)`` over stacked ``examples`` with the example axis sharded over ``jax.devices()``
-    (padded to a multiple of the device count, padding dropped from the result)."""
-    n = _n(examples)
-    n_dev = len(jax.devices())
-    padded = _shard(_pad(examples, -(-n // n_dev) * n_dev))
-    res = _batched(solver, "solve")(model, padded, clamps)
-    return jax.tree.map(lambda a: a[:n], res)
-
-
-# ----------------------------------------------------------------------------- resumable runs
-
-
-def _to_py(x: Any) -> Any:
-    x = np.asarray(x)
-    v = x.item() if x.ndim == 0 else x.tolist()
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def result_records(res: RecoveryResult, start: int = 0, n: int | None = None) -> list[dict[str, Any]]:
-    """Per-example JSON-able records from a batched ``RecoveryResult`` (no delta, no trace)."""
-    n = _n(res.objective) if n is None else n
-    out = []
-    for i in range(n):
-        m = {k: _to_py(v[i]) for k, v in res.metrics.items()}
-        rec = {
-            "index": start + i,
-            "recovered": bool(res.success[i]),
-            "clamp_flipped": bool(res.base_success[i]) and not bool(res.clamped_success[i]),
-            "base_success": bool(res.base_success[i]),
-            "clamped_success": bool(res.clamped_success[i]),
-            "steps_to_success": int(res.steps_to_success[i]),
-            "selected_step": int(res.selected_step[i]),
-            "base_objective": _to_py(res.base_objective[i]),
-            "clamped_objective": _to_py(res.clamped_objective[i]),
-            "final_objective": _to_py(res.objective[i]),
-            **m,
-        }
-        if "no_reactivation" in m:
-            rec["zero_reactivation"] = rec["recovered"] and bool(m["no_reactivation"])
-        out.append(rec)
-    return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def run_recovery(
-    solver: Solver,
-    model: Any,
-    examples: Example,
-    clamps: Mapping[Site, Any],
-    out_dir: str | os.PathLike,
-    *,
-    run_id: str = "recovery",
-    batch_size: int = 8,
-    progress: bool = True,
-    meta: Mapping[str, Any] | None = None,
-    stop_after_chunks: int | None = None,
-) -> dict[str, Any] | None:
-    """Run ``solver`` over stacked ``examples`` in batches, checkpointing, and write results.
-
-    Writes ``{out_dir}/{run_id}.jsonl`` (one record per example, ``result_records``) and
-    ``{out_dir}/{run_id}_summary.json`` (``metrics.summarize`` + config + ``meta``). Each batch is
-    checkpointed with orbax every ``cfg.checkpoint_every`` chunks of ``cfg.steps_per_chunk`` steps and
-    its records are written atomically when done; a rerun after a kill at any point skips finished
-    batches, restores the latest checkpoint of the current one and continues, giving identical
-    results (the solver is deterministic and chunk boundaries do not move).
-    ``stop_after_chunks`` simulates a kill (returns None after that many chunks).
-
-    Returns:
-        The summary dict (or None when stopped early).
-    """
-    from tqdm.auto import tqdm  # noqa: PLC0415 - only needed for long runs
-
+def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: SolverState, window: Window = FULL):
+    """One projected update of ``delta`` (see the module docstring for the order)."""
     cfg = solver.cfg
-    out = Path(out_dir)
-    rec_dir = out / "records" / run_id
-    rec_dir.mkdir(parents=True, exist_ok=True)
-    n_total = _n(examples)
-    n_dev = len(jax.devices())
-    bs = -(-min(batch_size, n_total) // n_dev) * n_dev
-    chunks_run = 0
-    bar = tqdm(total=n_total * cfg.steps, disable=not progress, desc=run_id)
-    for b, start in enumerate(range(0, n_total, bs)):
-        rec_file = rec_dir / f"batch{b:05d}.jsonl"
-        n_real = min(bs, n_total - start)
-        if rec_file.exists():
-            bar.update(n_real * cfg.steps)
-            continue
-        batch = _shard(_pad(jax.tree.map(lambda a: a[start : start + n_real], examples), bs))
-        ctx, state = _batched(solver, "init")(model, batch, clamps)
-        mngr = ckpt.open_manager(out / "checkpoints", f"{run_id}/batch{b:05d}")
-        restored = ckpt.restore_state(mngr, state)
-        done_steps = 0
-        if restored is not None:
-            done_steps, state = restored
-        bar.update(n_real * done_steps)
-        n_chunks = 0
-        while done_steps < cfg.steps:
-            n = min(cfg.steps_per_chunk, cfg.steps - done_steps)
-            state, _ = _batched(solver, "advance", n)(model, batch, clamps, ctx, state)
-            done_steps += n
-            n_chunks += 1
-            chunks_run += 1
-            bar.update(n_real * n)
-            if n_chunks % cfg.checkpoint_every == 0 or done_steps == cfg.steps:
-                ckpt.save_state(mngr, done_steps, state)
-            if stop_after_chunks is not None and chunks_run >= stop_after_chunks:
-                mngr.close()
-                bar.close()
-                return None
-        res = _batched(solver, "finish")(model, batch, clamps, ctx, state)
-        recs = result_records(res, start, n_real)
-        _write_atomic(rec_file, "".join(json.dumps(r) + "\n" for r in recs))
-        mngr.close()
-    bar.close()
-    records = []
-    for f in sorted(rec_dir.glob("batch*.jsonl")):
-        records.extend(json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line)
-    records.sort(key=lambda r: r["index"])
-    _write_atomic(out / f"{run_id}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    summary = {
-        "run_id": run_id,
-        "config": dataclasses.asdict(cfg),
-        "problem": {"delta_site": str(solver.problem.delta_site),
-                    "clamp_sites": [str(s) for s in solver.problem.clamp_sites],
-                    "readout": solver.problem.readout},
-        "meta": dict(meta or {}),
-        "all": M.summarize(records),
-        "valid_flips": M.summarize([r for r in records if r["clamp_flipped"]]),
-    }
-    _write_atomic(out / f"{run_id}_summary.json", json.dumps(summary, indent=2))
-    return summary
+    t, delta = state.step, state.delta
+    need_phi = solver.needs_phi
+    target = _target(solver, ex, window)
+
+    def f(dl):
+        out, phi = _forward(solver, model, ex, clamps, ctx, dl, window, phi=need_phi)
+        return (solver.objective(out, target), phi), solver.success(out, target)
+
+    (obj, phi), vjp, ok = jax.vjp(f, delta, has_aux=True)
+    g = vjp((-jnp.ones_like(obj), jax.tree.map(jnp.zeros_like, phi)))[0]  # gradient of the loss = -objective
+    g = _project_grad(solver, g, vjp, obj, phi, ctx, jax.random.fold_in(state.key, t), window)
+    if cfg.drift_penalty:
+        dphi = jax.grad(lambda p: _drift_loss(cfg.drift_loss, p, ctx.z_ref, ctx.mask, window.cut))(phi)
+        g = g + cfg.drift_penalty * vjp((jnp.zeros_like(obj), dphi))[0]
+    drift = _rel_drift(phi, ctx.z_ref, ctx.mask, window.cut) if need_phi else jnp.full((), jnp.nan, jnp.float32)
+
+    # optax computes `b ** count` (float ** int32): not allowed under strict dtype promotion
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = _tx(solver, ctx.basis).update(g, state.opt_state, delta)
+    new = optax.apply_updates(delta, updates)
+    if cfg.correction_steps:
+        fix = _post(solver, ctx.basis)
+
+        def drift_of(dl):
+            _, p = _forward(solver, model, ex, clamps, ctx, dl, window, readout=False)
+            return _drift_loss(cfg.drift_loss, p, ctx.z_ref, ctx.mask, window.cut)
+
+        def correct(dl, _):
+            return fix(dl - cfg.correction_lr * jax.grad(drift_of)(dl)), None
+
+        new, _ = jax.lax.scan(correct, new, None, length=cfg.correction_steps)
+
+    bad = state.non_finite | ~_all_finite(obj, g, new)
+    ok = ok & ~bad
+    done = state.done | (ok & cfg.early_stop) | bad
+    keep = lambda a, b: jnp.where(done, a, b)
+    if cfg.select == "drift_constrained":
+        state = _consider(cfg, state, delta, obj, drift, t, ((t % cfg.select_every) == 0) & ~bad)
+    trace = {"objective": obj, "success": ok, "drift_rel": drift, "delta_norm": jnp.sqrt(jnp.sum(jnp.square(delta)))}
+    state = dataclasses.replace(
+        state,
+        step=t + 1,
+        delta=keep(delta, new),
+        opt_state=jax.tree.map(keep, state.opt_state, opt_state),
+        done=done,
+        non_finite=bad,
+        steps_to_success=jnp.where((state.steps_to_success < 0) & ok, t, state.steps_to_success),
+    )
+    return state, trace
+
+
+def advance(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], ctx: Context, state: SolverState, n: int,
+            window: Window = FULL):
+    """Run ``n`` steps (``lax.scan``); returns the new state and per-step traces ``[n]``."""
+    model = _in_dtype(model, solver.cfg.compute_dtype)
+    clamps = _check(solver.problem, clamps)
+    return jax.lax.scan(lambda s, _: step(solver, model, ex, clamps, ctx, s, window), state, None, length=n)
+
+
+def finish(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], ctx: Context, state: SolverState) -> RecoveryResult:
+    """Evaluate the final delta on the full path, apply the selection rule, and measure the selected
+    delta (every metric is computed here once, never inside the step loop)."""
+    problem, cfg = solver.problem, solver.cfg
+    model = _in_dtype(model, cfg.compute_dtype)
+    clamps = _check(problem, clamps)
+    measure = problem.measure_sites
+    full = dataclasses.replace(ctx, kv_k=None, kv_v=None)
+
+    def evaluate(dl):
+        out, phi = _forward(solver, model, ex, clamps, full, dl, FULL)
+        return solver.objective(out, ex.target), solver.success(out, ex.target), phi
+
+    t = state.step
+    obj, ok, phi = evaluate(state.delta)
+    chosen, chosen_step = state.delta, t
+    if cfg.select == "drift_constrained":
+        st = _consider(cfg, state, state.delta, obj, _rel_drift(phi, ctx.z_ref, ctx.mask, 0), t, ~state.non_finite)
+        chosen, chosen_step = st.best_delta, st.best_step
+        obj, ok, phi = evaluate(chosen)
+    bad = state.non_finite | ~_all_finite(obj, chosen)
+    ok = ok & ~bad
+    steps_to_success = jnp.where((state.steps_to_success < 0) & ok, t, state.steps_to_success)
+    row_mask = ex.delta_slots >= 0
+    W = tuple(clamps[s].sae.W_dec[clamps[s].features] for s in measure)
+    fm = M.feature_metrics(ctx.z_ref, phi, ctx.mask, W, eta=cfg.eta) if measure else {}
+    mets = {**fm, **M.delta_metrics(chosen, ctx.h_def_rows, row_mask)}
+    return RecoveryResult(
+        delta=chosen, objective=obj, success=ok, non_finite=bad, steps_to_success=steps_to_success,
+        selected_step=chosen_step, base_objective=ctx.base_objective, base_success=ctx.base_success,
+        clamped_objective=ctx.clamped_objective, clamped_success=ctx.clamped_success, metrics=mets,
+    )
+
+
+def solve(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window: Window = FULL) -> RecoveryResult:
+    """``finish . advance(cfg.steps) . init``, with the per-step trace."""
+    ctx, state = init(solver, model, ex, clamps, window)
+    state, trace = advance(solver, model, ex, clamps, ctx, state, solver.cfg.steps, window)
+    return dataclasses.replace(finish(solver, model, ex, clamps, ctx, state), trace=trace)

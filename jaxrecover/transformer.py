@@ -16,7 +16,8 @@ Contract:
   hook or a capture is run unrolled between scanned segments.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxrecover._pytree import pytree_dataclass, static
 from jaxrecover.config import TransformerConfig
-from jaxrecover.sites import POINTS, Site
+from jaxrecover.sites import Site
 
 Hook = Callable[[Float[Array, "seq d_model"], Int[Array, " seq"]], Float[Array, "seq d_model"]]
 Hooks = Mapping[Site, Hook]
@@ -217,17 +218,52 @@ def _identity_hook(x: Array, slots: Array) -> Array:
     return x
 
 
-def block_forward(
+@pytree_dataclass
+class KV:
+    """Cached keys/values a block's new slots attend over, besides their own (written in first).
+
+    ``k``/``v`` hold ``n_keys`` slots (``*layer`` leading when stacked over blocks); ``positions`` and
+    ``valid`` describe every key slot, the new ones included (the caller marks them valid).
+    """
+
+    k: Float[Array, "*layer n_keys n_kv_heads d_head"]
+    v: Float[Array, "*layer n_keys n_kv_heads d_head"]
+    positions: Int[Array, " n_keys"]
+    valid: Bool[Array, " n_keys"]
+
+
+def _write(buf: Array, new: Array, buf_slots: Array, new_slots: Array) -> Array:
+    """``buf`` with rows ``new_slots`` replaced by ``new`` (slot axis first in both).
+
+    A one-hot select rather than ``dynamic_update_slice``: under ``vmap`` the slot is a batched
+    value and the update would lower to a scatter (measured slower per decode step on CPU).
+    """
+    hit = buf_slots[:, None] == new_slots[None, :]  # [buf, new]
+    # each buffer row takes at most one new row; sum over the one-hot picks it exactly
+    picked = jnp.einsum("bn,n...->b...", hit.astype(new.dtype), new)
+    inside = jnp.expand_dims(jnp.any(hit, axis=1), tuple(range(1, buf.ndim)))
+    return jnp.where(inside, picked, buf)
+
+
+def block(
     cfg: TransformerConfig,
     p: Block,
-    x: Float[Array, "seq d_model"],
+    x: Float[Array, "q d_model"],
     info: SeqInfo,
     is_local: Bool[Array, ""],
     block_hooks: Mapping[str, Hook] | None = None,
     captured: dict[str, Array] | None = None,
-) -> Float[Array, "seq d_model"]:
-    """One block. ``block_hooks`` maps a point name to a hook; ``captured`` (if given) receives the
-    residual at each point *before* that point's hook."""
+    kv: KV | None = None,
+) -> tuple[Float[Array, "q d_model"], Float[Array, "q n_kv_heads d_head"], Float[Array, "q n_kv_heads d_head"]]:
+    """THE block, for full passes, cached suffixes and decode steps alike.
+
+    ``x`` holds the new slots ``info.slots`` (contiguous). Without ``kv`` they attend over themselves
+    (a full pass or a prefill); with ``kv`` their keys/values are written into the cache at their
+    slots first and they attend over the whole cache (a decode step, or the solver's suffix over its
+    cached prefix). ``block_hooks`` maps a point name to a hook; ``captured`` (if given) receives the
+    residual at each point *before* that point's hook. Returns the residual leaving the block and the
+    new slots' keys/values (for the caller to cache; dead code under jit when unused).
+    """
     hooks = block_hooks or {}
 
     def at(point: str, h: Array) -> Array:
@@ -237,12 +273,32 @@ def block_forward(
 
     x = at("resid_pre", x)
     q, k, v = qkv(cfg, p.attn, norm(p.ln1, x, cfg.norm_eps), info.positions, is_local)
-    mask = attention_mask(cfg, info.slots, info.slots, info.positions, info.positions, info.valid, is_local)
-    a = attn_out(p.attn, attend(cfg, q, k, v, mask))
+    if kv is None:
+        k_all, v_all, k_slots, k_pos, k_valid = k, v, info.slots, info.positions, info.valid
+    else:
+        k, v = k.astype(kv.k.dtype), v.astype(kv.v.dtype)
+        k_slots = jnp.arange(kv.k.shape[0], dtype=jnp.int32)
+        k_all, v_all = _write(kv.k, k, k_slots, info.slots), _write(kv.v, v, k_slots, info.slots)
+        k_pos, k_valid = kv.positions, kv.valid
+    mask = attention_mask(cfg, info.slots, k_slots, info.positions, k_pos, k_valid, is_local)
+    a = attn_out(p.attn, attend(cfg, q, k_all, v_all, mask))
     if p.ln1_post is not None:
         a = norm(p.ln1_post, a, cfg.norm_eps)
     x = at("resid_mid", x + a)
-    return at("resid_post", mlp_residual(cfg, p, x))
+    return at("resid_post", mlp_residual(cfg, p, x)), k, v
+
+
+def block_forward(
+    cfg: TransformerConfig,
+    p: Block,
+    x: Float[Array, "seq d_model"],
+    info: SeqInfo,
+    is_local: Bool[Array, ""],
+    block_hooks: Mapping[str, Hook] | None = None,
+    captured: dict[str, Array] | None = None,
+) -> Float[Array, "seq d_model"]:
+    """``block`` over a whole sequence, residual only."""
+    return block(cfg, p, x, info, is_local, block_hooks, captured)[0]
 
 
 def mlp_residual(cfg: TransformerConfig, p: Block, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
@@ -292,19 +348,81 @@ def _index_block(blocks: Block, i: int | Array) -> Block:
     return jax.tree.map(lambda a: a[i], blocks)
 
 
-def _scan_blocks(model: Transformer, x: Array, info: SeqInfo, start: int, stop: int) -> Array:
-    if stop <= start:
-        return x
+@pytree_dataclass
+class Pass:
+    """What ``run_layers`` returns: the residual leaving the last block run, the captured residuals
+    (before their hooks) and the new slots' keys/values of every block run (``[stop - start, ...]``)."""
+
+    x: Float[Array, "q d_model"]
+    captured: dict
+    k: Float[Array, "n q n_kv_heads d_head"]
+    v: Float[Array, "n q n_kv_heads d_head"]
+
+
+def _check_sites(cfg: TransformerConfig, sites: Iterable[Site], what: str) -> None:
+    for s in sites:
+        if s.layer >= cfg.n_layers:
+            raise ValueError(_MSG_SITE_OUTSIDE.format(what=what, site=s, n=cfg.n_layers, last=cfg.n_layers - 1))
+
+
+_MSG_SITE_OUTSIDE = "{what} at {site} is outside the model: it has {n} blocks (layers 0..{last})."
+
+
+def run_layers(
+    model: Transformer,
+    x: Float[Array, "q d_model"],
+    start: int,
+    stop: int,
+    hooks: Hooks | None = None,
+    *,
+    info: SeqInfo,
+    kv: KV | None = None,
+    capture: Sequence[Site] = (),
+) -> Pass:
+    """Blocks ``start .. stop-1`` over the new slots ``info`` (optionally attending over the cache
+    ``kv``, stacked over ALL layers): blocks with a hook or a capture run unrolled, the runs between
+    them in ``lax.scan``. The one driver of ``block`` for teacher forcing, prefill, decode steps and
+    the solver's cached suffix."""
     cfg = model.cfg
+    if not 0 <= start <= stop <= cfg.n_layers:
+        raise ValueError(f"run_layers: need 0 <= start <= stop <= n_layers={cfg.n_layers}, got {start}, {stop}.")
+    hooks = {Site.parse(s): f for s, f in (hooks or {}).items()}
+    capture = tuple(Site.parse(s) for s in capture)
+    _check_sites(cfg, hooks, "Hook")
+    _check_sites(cfg, capture, "Capture")
     local = layer_is_local(cfg)
 
-    def body(h, i):
-        # index the full stack inside the loop: scanning over blocks[start:stop] would copy those
-        # weights on every call (measured 3x slower per decode step with a hook in the middle)
-        return block_forward(cfg, _index_block(model.blocks, i), h, info, local[i]), None
+    def layer_kv(i: int | Array) -> KV | None:
+        return None if kv is None else dataclasses.replace(kv, k=kv.k[i], v=kv.v[i])
 
-    x, _ = jax.lax.scan(body, x, jnp.arange(start, stop, dtype=jnp.int32))
-    return x
+    def body(h, i):
+        # index the full stacks inside the loop: scanning over blocks[start:stop] would copy those
+        # weights on every call (measured 3x slower per decode step with a hook in the middle)
+        h, k, v = block(cfg, _index_block(model.blocks, i), h, info, local[i], kv=layer_kv(i))
+        return h, (k, v)
+
+    special = sorted({s.layer for s in (*hooks, *capture) if start <= s.layer < stop})
+    captured: dict[Site, Array] = {}
+    ks, vs = [], []
+    cursor = start
+    for layer in [*special, stop]:
+        if layer > cursor:
+            x, (k, v) = jax.lax.scan(body, x, jnp.arange(cursor, layer, dtype=jnp.int32))
+            ks.append(k)
+            vs.append(v)
+        if layer == stop:
+            break
+        block_hooks = {s.point: f for s, f in hooks.items() if s.layer == layer}
+        seen: dict[str, Array] = {}
+        x, k, v = block(cfg, _index_block(model.blocks, layer), x, info, local[layer], block_hooks, seen, layer_kv(layer))
+        captured.update({s: seen[s.point] for s in capture if s.layer == layer})
+        ks.append(k[None])
+        vs.append(v[None])
+        cursor = layer + 1
+    if not ks:  # no block run: empty key/value stacks
+        empty = jnp.zeros((0, x.shape[0], cfg.n_kv_heads, cfg.d_head), x.dtype)
+        return Pass(x=x, captured=captured, k=empty, v=empty)
+    return Pass(x=x, captured=captured, k=jnp.concatenate(ks), v=jnp.concatenate(vs))
 
 
 def run_blocks(
@@ -317,30 +435,15 @@ def run_blocks(
     valid: Bool[Array, " seq"] | None = None,
     capture: Sequence[Site] = (),
 ) -> tuple[Float[Array, "seq d_model"], dict[Site, Array]]:
-    """Run blocks ``start .. stop-1`` from the residual entering ``start``.
+    """Run blocks ``start .. stop-1`` of a whole sequence from the residual entering ``start``.
 
-    Hooks and captures at sites outside ``[start, stop)`` are ignored. Returns the residual leaving
-    block ``stop-1`` and ``{site: residual before its hook}`` for each captured site.
+    Hooks and captures at layers outside ``[start, stop)`` are skipped (a site past the model's last
+    block is an error). Returns the residual leaving block ``stop-1`` and ``{site: residual before
+    its hook}`` for each captured site.
     """
-    cfg = model.cfg
-    if not 0 <= start <= stop <= cfg.n_layers:
-        raise ValueError(f"run_blocks: need 0 <= start <= stop <= n_layers={cfg.n_layers}, got {start}, {stop}.")
     valid = jnp.ones(x.shape[:1], bool) if valid is None else valid
-    info = seq_info(valid)
-    hooks = {Site.parse(s): f for s, f in (hooks or {}).items()}
-    capture = tuple(Site.parse(s) for s in capture)
-    special = sorted({s.layer for s in (*hooks, *capture) if start <= s.layer < stop})
-    local = layer_is_local(cfg)
-    captured: dict[Site, Array] = {}
-    cursor = start
-    for layer in special:
-        x = _scan_blocks(model, x, info, cursor, layer)
-        block_hooks = {s.point: f for s, f in hooks.items() if s.layer == layer}
-        seen: dict[str, Array] = {}
-        x = block_forward(cfg, _index_block(model.blocks, layer), x, info, local[layer], block_hooks, seen)
-        captured.update({s: seen[s.point] for s in capture if s.layer == layer})
-        cursor = layer + 1
-    return _scan_blocks(model, x, info, cursor, stop), captured
+    out = run_layers(model, x, start, stop, hooks, info=seq_info(valid), capture=capture)
+    return out.x, out.captured
 
 
 def run_to(
@@ -378,10 +481,6 @@ def forward(
 ) -> Float[Array, "seq d_vocab"]:
     """Logits for one sequence, with interventions ``hooks`` applied at their sites."""
     return run_from(model, run_to(model, tokens, 0, valid=valid), 0, hooks, valid=valid)
-
-
-def site_points() -> tuple[str, ...]:
-    return POINTS
 
 
 def n_params(model: Any) -> int:

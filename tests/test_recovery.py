@@ -14,6 +14,7 @@ import pytest
 from jaxrecover import objectives as O
 from jaxrecover import projections as P
 from jaxrecover import recovery as R
+from jaxrecover import runner
 from jaxrecover.interventions import Clamp
 from jaxrecover.metrics import bootstrap_mean_ci, summarize, wilson_interval
 from jaxrecover.sae import SAE
@@ -133,7 +134,7 @@ def test_vmap_equals_stacked_singles_and_sharded_batch(setup):
         one = single(model, jax.tree.map(lambda a: a[i], ex), {SITE: clamp})
         np.testing.assert_allclose(batched.delta[i], one.delta, atol=1e-5)
         np.testing.assert_allclose(batched.objective[i], one.objective, atol=1e-5)
-    sharded = R.solve_batch(s, model, ex, {SITE: clamp})  # 2 examples padded to the device count
+    sharded = runner.solve_batch(s, model, ex, {SITE: clamp})  # 2 examples padded to the device count
     np.testing.assert_allclose(sharded.delta, batched.delta, atol=1e-5)
     assert sharded.delta.shape[0] == 2
 

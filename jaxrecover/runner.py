@@ -1,0 +1,215 @@
+"""Running a solver over many examples: pad, shard over devices, compile once per shape, checkpoint,
+and turn results into records. The solver itself (``recovery``) is written for one example.
+
+- ``solve_batch``: ``vmap(solve)`` over stacked examples, example axis sharded over ``jax.devices()``
+  (padded to a multiple of the device count; padding dropped), window planned from the data
+  (``recovery.plan_window``), so a step only recomputes what ``delta`` can change.
+- ``run_recovery``: the same in batches of ``batch_size`` and chunks of ``cfg.steps_per_chunk``
+  steps, with an orbax checkpoint per chunk and one records file per finished batch; a rerun after a
+  kill resumes and gives identical results. A progress bar moves every chunk.
+- ``result_records``: per-example JSON-able dicts with a ``status`` of ``"recovered"``,
+  ``"not_recovered"`` or ``"non_finite"`` (a non-finite loss, gradient or delta: never a recovery).
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxrecover import checkpoint as ckpt
+from jaxrecover import metrics as M
+from jaxrecover import recovery as R
+from jaxrecover.sharding import pad_batch, shard_batch
+from jaxrecover.sites import Site
+
+
+def _n(tree: Any) -> int:
+    return jax.tree.leaves(tree)[0].shape[0]
+
+
+def _place(tree: Any, size: int) -> Any:
+    """Pad the leading axis to ``size`` (repeating the last example) and shard it over devices."""
+    n_dev = len(jax.devices())
+    padded, _ = pad_batch(tree, size) if _n(tree) != size else (tree, size)
+    return shard_batch(padded) if n_dev > 1 else padded
+
+
+def batch_size_for(n: int, batch_size: int) -> int:
+    """``min(batch_size, n)`` rounded up to a multiple of the device count."""
+    n_dev = len(jax.devices())
+    return -(-min(batch_size, n) // n_dev) * n_dev
+
+
+@functools.lru_cache(maxsize=64)
+def compiled(solver: R.Solver, what: str, window: R.Window, n: int = 0) -> Any:
+    """Jitted ``vmap`` of one solver piece over examples: one compile per (solver, window, shape)."""
+    if what == "init":
+        return jax.jit(jax.vmap(lambda m, e, c: R.init(solver, m, e, c, window), in_axes=(None, 0, None)))
+    if what == "advance":
+        fn = lambda m, e, c, x, s: R.advance(solver, m, e, c, x, s, n, window)  # noqa: E731
+        return jax.jit(jax.vmap(fn, in_axes=(None, 0, None, 0, 0)))
+    if what == "finish":
+        return jax.jit(jax.vmap(lambda m, e, c, x, s: R.finish(solver, m, e, c, x, s), in_axes=(None, 0, None, 0, 0)))
+    return jax.jit(jax.vmap(lambda m, e, c: R.solve(solver, m, e, c, window), in_axes=(None, 0, None)))
+
+
+def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any],
+                window: R.Window | None = None) -> R.RecoveryResult:
+    """``vmap(solve)`` over stacked ``examples`` (sharded, padded, window planned unless given)."""
+    n = _n(examples)
+    window = R.plan_window(solver, examples) if window is None else window
+    res = compiled(solver, "solve", window)(model, _place(examples, batch_size_for(n, n)), clamps)
+    return jax.tree.map(lambda a: a[:n], res)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _to_py(x: Any) -> Any:
+    x = np.asarray(x)
+    v = x.item() if x.ndim == 0 else x.tolist()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def status(recovered: bool, non_finite: bool) -> str:
+    return "non_finite" if non_finite else ("recovered" if recovered else "not_recovered")
+
+
+def result_records(res: R.RecoveryResult, start: int = 0, n: int | None = None) -> list[dict[str, Any]]:
+    """Per-example JSON-able records from a batched ``RecoveryResult`` (no delta, no trace)."""
+    n = _n(res.objective) if n is None else n
+    out = []
+    for i in range(n):
+        m = {k: _to_py(v[i]) for k, v in res.metrics.items()}
+        rec = {
+            "index": start + i,
+            "status": status(bool(res.success[i]), bool(res.non_finite[i])),
+            "recovered": bool(res.success[i]),
+            "clamp_flipped": bool(res.base_success[i]) and not bool(res.clamped_success[i]),
+            "base_success": bool(res.base_success[i]),
+            "clamped_success": bool(res.clamped_success[i]),
+            "steps_to_success": int(res.steps_to_success[i]),
+            "selected_step": int(res.selected_step[i]),
+            "base_objective": _to_py(res.base_objective[i]),
+            "clamped_objective": _to_py(res.clamped_objective[i]),
+            "final_objective": _to_py(res.objective[i]),
+            **m,
+        }
+        if "no_reactivation" in m:
+            rec["zero_reactivation"] = rec["recovered"] and bool(m["no_reactivation"])
+        out.append(rec)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- resumable driver
+
+
+@dataclasses.dataclass
+class BatchRun:
+    """One finished batch of ``run_recovery``: its records and (host) selected deltas."""
+
+    records: list[dict[str, Any]]
+    delta: np.ndarray
+
+
+def run_recovery(
+    solver: R.Solver,
+    model: Any,
+    examples: R.Example,
+    clamps: Mapping[Site, Any],
+    out_dir: str | os.PathLike,
+    *,
+    run_id: str = "recovery",
+    batch_size: int = 8,
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    stop_after_chunks: int | None = None,
+    window: R.Window | None = None,
+) -> dict[str, Any] | None:
+    """Run ``solver`` over stacked ``examples`` in batches, checkpointing, and write results.
+
+    Writes ``{out_dir}/{run_id}.jsonl`` (one record per example), ``{out_dir}/{run_id}_deltas.npy``
+    (the selected deltas, example order) and ``{out_dir}/{run_id}_summary.json``. Each batch is
+    checkpointed with orbax every ``cfg.checkpoint_every`` chunks of ``cfg.steps_per_chunk`` steps and
+    its records are written atomically when done; a rerun after a kill at any point skips finished
+    batches, restores the latest checkpoint of the current one and continues, giving identical
+    results (the solver is deterministic and chunk boundaries do not move). ``stop_after_chunks``
+    simulates a kill (returns None after that many chunks).
+    """
+    from tqdm.auto import tqdm  # noqa: PLC0415 - only needed for long runs
+
+    cfg = solver.cfg
+    out = Path(out_dir)
+    rec_dir = out / "records" / run_id
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    n_total = _n(examples)
+    bs = batch_size_for(n_total, batch_size)
+    window = R.plan_window(solver, examples) if window is None else window
+    chunks_run = 0
+    bar = tqdm(total=n_total * cfg.steps, disable=not progress, desc=run_id, unit="ex-step")
+    for b, start in enumerate(range(0, n_total, bs)):
+        rec_file = rec_dir / f"batch{b:05d}.jsonl"
+        n_real = min(bs, n_total - start)
+        if rec_file.exists():
+            bar.update(n_real * cfg.steps)
+            continue
+        batch = _place(jax.tree.map(lambda a: a[start : start + n_real], examples), bs)
+        ctx, state = compiled(solver, "init", window)(model, batch, clamps)
+        mngr = ckpt.open_manager(out / "checkpoints", f"{run_id}/batch{b:05d}")
+        restored = ckpt.restore_state(mngr, state)
+        done_steps = 0
+        if restored is not None:
+            done_steps, state = restored
+        bar.update(n_real * done_steps)
+        n_chunks = 0
+        while done_steps < cfg.steps:
+            n = min(cfg.steps_per_chunk, cfg.steps - done_steps)
+            state, _ = compiled(solver, "advance", window, n)(model, batch, clamps, ctx, state)
+            done_steps += n
+            n_chunks += 1
+            chunks_run += 1
+            bar.update(n_real * n)
+            if n_chunks % cfg.checkpoint_every == 0 or done_steps == cfg.steps:
+                ckpt.save_state(mngr, done_steps, state)
+            if stop_after_chunks is not None and chunks_run >= stop_after_chunks:
+                mngr.close()
+                bar.close()
+                return None
+        res = compiled(solver, "finish", window)(model, batch, clamps, ctx, state)
+        np.save(rec_dir / f"batch{b:05d}_delta.npy", np.asarray(res.delta)[:n_real])
+        _write_atomic(rec_file, "".join(json.dumps(r) + "\n" for r in result_records(res, start, n_real)))
+        mngr.close()
+    bar.close()
+    records, deltas = [], []
+    for f in sorted(rec_dir.glob("batch*.jsonl")):
+        records.extend(json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line)
+        deltas.append(np.load(f.with_name(f.stem + "_delta.npy")))
+    records.sort(key=lambda r: r["index"])
+    np.save(out / f"{run_id}_deltas.npy", np.concatenate(deltas) if deltas else np.zeros((0,)))
+    _write_atomic(out / f"{run_id}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    summary = {
+        "run_id": run_id,
+        "config": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in dataclasses.asdict(cfg).items()},
+        "window": dataclasses.asdict(window),
+        "problem": {"delta_site": str(solver.problem.delta_site),
+                    "clamp_sites": [str(s) for s in solver.problem.clamp_sites],
+                    "readout": solver.problem.readout},
+        "meta": dict(meta or {}),
+        "all": M.summarize(records),
+        "valid_flips": M.summarize([r for r in records if r["clamp_flipped"]]),
+    }
+    _write_atomic(out / f"{run_id}_summary.json", json.dumps(summary, indent=2))
+    return summary

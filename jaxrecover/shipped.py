@@ -1,0 +1,32 @@
+"""The SAEs this project trains and ships for the embedded default model (``sae_weights/`` at the
+top of the repository; installed as ``jaxrecover/sae_weights`` inside a wheel).
+
+Lookup order: ``$JAXRECOVER_SAE_WEIGHTS``, the wheel's package folder, the source checkout.
+"""
+
+import os
+from pathlib import Path
+
+RELEASE = "smollm2-135m-instruct-res"
+ENV = "JAXRECOVER_SAE_WEIGHTS"
+
+_MSG_MISSING = (
+    "Shipped SAE {name} not found. Looked in: {where}. Set ${env} to a folder holding "
+    "<release>/<hook_name>/ SAELens folders, or pass an SAE path explicitly."
+)
+
+
+def sae_weights_roots() -> list[Path]:
+    """Candidate ``sae_weights`` folders, in lookup order."""
+    here = Path(__file__).resolve().parent
+    roots = [Path(os.environ[ENV])] if os.environ.get(ENV) else []
+    return roots + [here / "sae_weights", here.parent / "sae_weights"]
+
+
+def shipped_sae(layer: int, point: str = "resid_post", release: str = RELEASE) -> Path:
+    """The folder of the shipped SAE at ``blocks.{layer}.hook_{point}`` (raises if absent)."""
+    name = f"{release}/blocks.{layer}.hook_{point}"
+    for root in sae_weights_roots():
+        if (root / name / "cfg.json").is_file():
+            return root / name
+    raise FileNotFoundError(_MSG_MISSING.format(name=name, where=", ".join(map(str, sae_weights_roots())), env=ENV))
