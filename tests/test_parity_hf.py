@@ -22,7 +22,15 @@ from jaxrecover.testing import write_tiny_hf_checkpoint  # noqa: E402
 FAMILIES = ["llama", "llama_untied", "qwen2", "gpt2", "gemma2", "gemma3"]
 EXPECTED_ARCH = {"llama": "llama", "llama_untied": "llama", "qwen2": "llama", "gpt2": "gpt2", "gemma2": "gemma2",
                  "gemma3": "gemma3"}
-ATOL = 1e-4
+# Logits are sums over d_model (and through every layer), so fp32 rounding scales with their size:
+# the tolerance is relative to the largest reference logit (tiny models reach |logit| ~ 35 and measure
+# ~3e-7 of it; an absolute 1e-4 was loose for scale 3 and tight for scale 35 on other CPUs).
+RTOL_LOGITS = 1e-5
+
+
+def logit_atol(ref: np.ndarray, rtol: float = RTOL_LOGITS) -> float:
+    return rtol * max(1.0, float(np.abs(ref).max()))
+
 # seq > the Gemma sliding window (4) even in the row with 7 left pads, so local layers are exercised
 # (tests/test_transformer.py::test_sliding_window_matters checks that the window changes logits).
 SEQ, PADS = 12, (0, 3, 7)
@@ -66,11 +74,11 @@ def test_logits_match_transformers(checkpoints, family, tmp_path):
     diff = float(np.abs(ref - ours)[valid].max())
     MAX_DIFF[family] = diff
     print(f"\n[parity] {family}: max |logit diff| = {diff:.3e} (logit scale {np.abs(ref[valid]).max():.1f})")
-    assert diff < ATOL
+    assert diff < logit_atol(ref[valid])
 
     # What we save, transformers reads back to the same logits.
     again = _hf_logits(save_transformer(model, tmp_path / "ours"), tokens, valid, positions)
-    np.testing.assert_allclose(again[valid], ref[valid], atol=ATOL)
+    np.testing.assert_allclose(again[valid], ref[valid], atol=logit_atol(ref[valid]))
 
 
 def test_report_max_diffs():
@@ -94,5 +102,8 @@ def test_smollm2_real_weights():
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
     ref = _hf_logits(folder, tokens, valid, positions)
     diff = float(np.abs(ref - _our_logits(model, tokens, valid))[valid].max())
-    print(f"\n[parity] SmolLM2-135M real weights: max |logit diff| = {diff:.3e}")
-    assert diff < 1e-3
+    scale = float(np.abs(ref[valid]).max())
+    print(f"\n[parity] SmolLM2-135M real weights: max |logit diff| = {diff:.3e} (logit scale {scale:.1f})")
+    # 30 layers of d_model 576 accumulate more rounding than the tiny models: measured 2.8e-6 of the logit
+    # scale (9.3e-5 at |logit| 33); 3e-5 of it is ~1e-3 here, the old absolute bound, and 10x the measurement
+    assert diff < logit_atol(ref[valid], rtol=3e-5)

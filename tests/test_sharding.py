@@ -28,7 +28,9 @@ def test_sharded_forward_equals_unsharded(llama_model):
     assert len(s_tokens.addressable_shards) == N_DEV and s_tokens.addressable_shards[0].data.shape == (2, 10)
     out = run(jax.device_put(llama_model, replicated()), s_tokens, s_valid)
     assert out.sharding.spec[0] == BATCH_AXIS  # the result stays split over examples
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    # logits are sums over d_model: a different partitioning may round differently, in proportion to their size
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5 * max(1.0, float(jnp.abs(ref).max())),
+                               rtol=1e-5)
 
 
 def test_indivisible_batch_raises_then_pad():

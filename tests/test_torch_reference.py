@@ -92,8 +92,9 @@ def test_clamp_delta_logits_and_gradient_match(models):
         tl = tmodel(input_ids=p.torch_examples.tokens).logits
     tl[torch.arange(BATCH), -1, p.torch_examples.target["io"]].sum().backward()
 
-    np.testing.assert_allclose(tl.detach().numpy(), jl, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(td.grad.numpy(), jg, rtol=1e-4, atol=1e-5)
+    # two frameworks summing in different orders: rounding scales with the logits' / gradient's size
+    np.testing.assert_allclose(tl.detach().numpy(), jl, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(jl).max()))
+    np.testing.assert_allclose(td.grad.numpy(), jg, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(jg).max()))
     # the clamp really acts: without it the logits differ
     with torch.no_grad():
         plain = tmodel(input_ids=p.torch_examples.tokens).logits.numpy()
@@ -132,13 +133,17 @@ def test_solve_matches_torch_reference(models, objective, projector, reproject, 
     # the problem is not trivial: the loss moves
     assert np.abs(jax_losses[:, -1] - jax_losses[:, 0]).min() > 1e-2
     scale = np.maximum(np.abs(jax_losses), 1.0)
+    # objectives are logit / log-prob sums and delta accumulates 20 Adam steps: atols scale with their size
+    obj_atol = RTOL * max(1.0, np.abs(np.asarray(res.objective)).max(), np.abs(np.asarray(res.clamped_objective)).max())
+    delta_atol = 1e-4 * max(1.0, np.abs(np.asarray(res.delta)).max())
     for t in (loop, batched):
         np.testing.assert_array_less(np.abs(t.losses.numpy() - jax_losses) / scale, RTOL)
-        np.testing.assert_allclose(t.final_objective.numpy(), np.asarray(res.objective), rtol=RTOL, atol=RTOL)
-        np.testing.assert_allclose(t.clamped_objective.numpy(), np.asarray(res.clamped_objective), rtol=RTOL, atol=RTOL)
+        np.testing.assert_allclose(t.final_objective.numpy(), np.asarray(res.objective), rtol=RTOL, atol=obj_atol)
+        np.testing.assert_allclose(t.clamped_objective.numpy(), np.asarray(res.clamped_objective), rtol=RTOL,
+                                   atol=obj_atol)
         np.testing.assert_array_equal(t.recovered.numpy(), np.asarray(res.success))
         np.testing.assert_array_equal(t.clamped_success.numpy(), np.asarray(res.clamped_success))
-        np.testing.assert_allclose(t.delta.numpy(), np.asarray(res.delta), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(t.delta.numpy(), np.asarray(res.delta), rtol=1e-3, atol=delta_atol)
     if objective == "logit_diff":
         assert np.asarray(res.clamped_success).tolist() == [True, False, False]
         assert np.asarray(res.success).tolist() == [True, False, True]
