@@ -134,7 +134,7 @@ def test_sweeps_small(patched, tmp_path):
     assert len(res["points"]) == 2
     zero = [p for p in res["points"] if p["x"] == 0.0]
     assert all(p["summary"]["delta_norm"]["mean"] == 0.0 for p in zero)
-    assert sweeps.main(dataclasses_replace(cfg, setting="no_such_setting")) == {"skipped": True, "setting": "no_such_setting"}
+    assert sweeps.main(dataclasses_replace(cfg, setting="nope")) == {"skipped": True, "setting": "nope"}
 
 
 def dataclasses_replace(cfg, **kw):
