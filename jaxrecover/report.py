@@ -1,7 +1,10 @@
 """Results as files: JSONL per example, summary JSON, CSV, markdown tables and PNG plots.
 
-Every writer is atomic (temp file then rename) so an interrupted run never leaves a half-written
-result next to a complete one.
+Every writer (plots included) is atomic: temp file then rename, so an interrupted run never leaves a
+half-written result next to a complete one. The temporary name is unique per process and call
+(``.<name>.<pid>.<random>.tmp``), so concurrent runs writing into one folder never share one; the
+file is created with mode 0o666 minus the umask, like any ``open(path, "w")`` (``mkstemp`` would
+give 0600 whatever the umask).
 """
 
 import csv
@@ -9,7 +12,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,27 @@ from typing import Any
 import numpy as np
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def temp_name(path: Path) -> Path:
+    """A sibling of ``path`` no other process or call will pick: pid plus 64 random bits."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = temp_name(path)
+    # 0o666 through os.open: the kernel applies the umask, as for any ordinary new file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def to_jsonable(x: Any) -> Any:
@@ -47,7 +65,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -125,9 +143,7 @@ def line_plot(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save_figure(fig, Path(path))
     plt.close(fig)
 
 
@@ -150,7 +166,12 @@ def bar_plot(path: str | Path, labels: Sequence[str], values: Mapping[str, Seque
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save_figure(fig, Path(path))
     plt.close(fig)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    """Render into memory, then write atomically like every other result file."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png")
+    _atomic_write_bytes(path, buf.getvalue())

@@ -38,8 +38,18 @@ What this module refuses, with the file and field named (``SAEFormatError``, a `
 normalised inputs (``normalize_activations`` other than None/"none"), ``reshape_activations`` other
 than "none" (hook_z SAEs), per-head hooks, fine-tuning scaling factors, transcoders and skip
 connections, sparsify ``groupmax``, missing/extra tensors, shape mismatches against the config,
-non-float tensors, and unreadable files. It does not download anything and ignores SAELens'
-``sparsity.safetensors``.
+non-float tensors, non-finite values (NaN/inf, checked per tensor as stored and again after any
+conversion or dtype cast), and unreadable files. Attention ``hook_z`` SAEs (SAELens ``hook_z`` hooks
+or ``reshape_activations="hook_z"``, Gemma Scope ``-att`` releases) and transcoders (SAELens,
+sparsify, Gemma Scope ``-transcoders`` and Gemma Scope 2 ``type="transcoder"``) are refused with
+one message each. It does not download anything and ignores SAELens' ``sparsity.safetensors``.
+
+Gemma Scope (1) npz files carry no config: the hook is inferred from the path as written (symlinks
+are NOT resolved: in the Hugging Face cache ``params.npz`` links into ``blobs/``), and only from the
+part below the release folder, ``<release>/layer_N/width_*/average_l0_*/params.npz``, where
+``<release>`` (or the cache's ``models--google--<release>``) names the site: ``gemma-scope-*-res``
+-> ``blocks.N.hook_resid_post``, ``-mlp`` -> ``blocks.N.hook_mlp_out``; ``-att`` and
+``-transcoders`` are refused. Without such a release folder, pass ``hook_name``.
 """
 
 import json
@@ -80,8 +90,26 @@ _MSG_NO_FORMAT = (
 )
 _MSG_UNSUPPORTED = "{file}: unsupported {field}={value!r}: {why}"
 _MSG_GS_HOOK = (
-    "{file}: cannot infer the hook name from the path (no 'layer_<N>' component); "
+    "{file}: cannot infer the hook name from the path: expected "
+    "'<release>/layer_<N>/width_*/average_l0_*/params.npz' below a Gemma Scope release folder "
+    "(gemma-scope-<model>-res or -mlp; Gemma Scope 2: '<resid_post|mlp_out|attn_out>/layer_<N>_*/'); "
     "pass load_sae(..., hook_name='blocks.<N>.hook_resid_post')."
+)
+_MSG_NON_FINITE = (
+    "{file}: tensor {key!r} holds {count} non-finite value(s) (NaN or inf) out of {size}; "
+    "the SAE would silently poison every forward pass. Re-export or re-download the file."
+)
+_MSG_NON_FINITE_AFTER = (
+    "{file}: tensor {key!r} becomes non-finite after {step} ({count} value(s) overflow); "
+    "load in a wider dtype (dtype=float32) or fix the stored values."
+)
+_MSG_HOOK_Z = (
+    "{file}: attention hook_z SAEs are not supported ({field}={value!r}): jaxrecover intervenes on "
+    "residual-stream sites; a per-head z SAE would need the attention internals."
+)
+_MSG_TRANSCODER = (
+    "{file}: transcoders are not supported ({field}={value!r}): a transcoder maps one site to another, "
+    "so it cannot act as a clamp at one site."
 )
 
 
@@ -143,6 +171,8 @@ def load_sae_with_cfg(
         raise SAEFormatError(_MSG_GS_HOOK.format(file=weights_file))
     target = jnp.dtype(dtype) if dtype is not None else arrays["W_enc"].dtype
     arrays = {name: jnp.asarray(a).astype(target) for name, a in arrays.items()}
+    for name, a in arrays.items():  # conversions (exp, folds) and narrowing casts can overflow
+        _check_finite(weights_file, name, a, _MSG_NON_FINITE_AFTER, step=f"conversion to {target}")
     sae = SAE(
         W_enc=arrays["W_enc"],
         b_enc=arrays["b_enc"],
@@ -296,9 +326,20 @@ def _read_safetensors(file: Path, expected: dict[str, tuple[int, ...]], optional
         _check_shape(file, key, header[key][1], want)
     try:
         with safe_open(str(file), framework="flax") as f:
-            return {key: f.get_tensor(key) for key in header}
+            arrays = {key: f.get_tensor(key) for key in header}
     except Exception as e:
         raise SAEFormatError(f"{file}: unreadable safetensors file ({e})") from e
+    for key, a in arrays.items():
+        _check_finite(file, key, a)
+    return arrays
+
+
+def _check_finite(file: Path, key: str, a: Any, msg: str = _MSG_NON_FINITE, **fmt: Any) -> None:
+    """One vectorised pass per tensor; counts only on the (rare) failure path."""
+    finite = np.isfinite(np.asarray(a))
+    if not finite.all():
+        count = int(finite.size - np.count_nonzero(finite))
+        raise SAEFormatError(msg.format(file=file, key=key, count=count, size=finite.size, **fmt))
 
 
 def _check_keys(file: Path, present: set[str], expected: set[str], optional: set[str]) -> None:
@@ -370,6 +411,12 @@ def _load_saelens(weights: Path, cfg_file: Path | None, cfg: dict[str, Any]):
             raise _unsupported(cfg_file, "activation_fn_str", activation_fn, "only relu and topk are supported")
     if not isinstance(hook_name, str):
         raise SAEFormatError(f"{cfg_file}: field 'hook_name' must be a string, got {hook_name!r}")
+    if "hook_z" in hook_name:
+        raise SAEFormatError(_MSG_HOOK_Z.format(file=cfg_file, field="hook_name", value=hook_name))
+    if reshape == "hook_z":
+        raise SAEFormatError(_MSG_HOOK_Z.format(file=cfg_file, field="reshape_activations", value=reshape))
+    if "transcoder" in str(architecture):
+        raise SAEFormatError(_MSG_TRANSCODER.format(file=cfg_file, field="architecture", value=architecture))
 
     normalize = cfg.get("normalize_activations", "none")
     if normalize not in (None, "none", False):
@@ -448,34 +495,58 @@ def _gated_to_jumprelu(a: dict) -> dict:
 # ---- Gemma Scope (1): params.npz
 
 
-_GS_REPO = re.compile(r"gemma-scope-[\w.-]*?-(res|mlp|att)(?:-|$|\b)")
-_GS_HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
-             "att": "blocks.{layer}.attn.hook_z"}
+# A Gemma Scope (1) release folder as published (``gemma-scope-2b-pt-res``) or as the Hugging Face
+# cache names it (``models--google--gemma-scope-2b-pt-res``); the suffix says what the SAEs read.
+_GS_RELEASE = re.compile(r"(?:^|--)gemma-scope-[\w.]+?-(?:pt|it)-(res|mlp|att|transcoders)\b", re.IGNORECASE)
+_GS_LAYER = re.compile(r"layer_(\d+)")
+_GS_HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out"}
+
+
+def _lexical_parts(file: Path) -> tuple[str, ...]:
+    """The absolute path's components as written: ``..`` folded, symlinks NOT followed (the Hugging
+    Face cache links ``params.npz`` into ``blobs/``, which would lose the ``layer_N`` folder)."""
+    return Path(os.path.abspath(file)).parts
+
+
+def _gemma_scope_release(file: Path) -> tuple[str, tuple[str, ...]] | None:
+    """``(kind, parts below the release folder)`` for the nearest release folder above ``file``."""
+    parts = _lexical_parts(file)
+    for i in range(len(parts) - 2, -1, -1):
+        found = _GS_RELEASE.search(parts[i])
+        if found:
+            return found.group(1).lower(), parts[i + 1 : -1]
+    return None
 
 
 def _gemma_scope_hook(file: Path) -> str:
-    """``.../layer_12/width_16k/average_l0_82/params.npz`` -> ``blocks.12.hook_resid_post``; a folder
-    named like the HF repo (``gemma-scope-2b-pt-mlp``) above ``layer_<N>`` selects mlp_out / attn.hook_z.
-    Returns "" when the path has no ``layer_<N>`` component."""
-    text = file.resolve().as_posix()
-    match = re.search(r"layer_(\d+)", text)
-    if match is None:
+    """``<release>/layer_12/width_16k/average_l0_82/params.npz`` -> ``blocks.12.hook_resid_post``
+    (``-mlp`` release: ``hook_mlp_out``). Only the path below the release folder counts, so a
+    ``layer_7`` higher up (``runs_layer_7/gemma-scope-2b-pt-mlp/layer_3/...``) is ignored. Returns ""
+    when there is no release folder or not exactly one ``layer_<N>`` folder below it; raises for
+    attention (hook_z) and transcoder releases."""
+    release = _gemma_scope_release(file)
+    if release is None:
         return ""
-    repo = None
-    for part in text[: match.start()].split("/"):
-        found = _GS_REPO.search(part.lower())
-        repo = found.group(1) if found else repo
-    return _GS_HOOKS[repo or "res"].format(layer=int(match.group(1)))
+    kind, below = release
+    if kind == "att":
+        raise SAEFormatError(_MSG_HOOK_Z.format(file=file, field="release", value="gemma-scope-*-att"))
+    if kind == "transcoders":
+        raise SAEFormatError(_MSG_TRANSCODER.format(file=file, field="release", value="gemma-scope-*-transcoders"))
+    layers = [int(m.group(1)) for part in below if (m := _GS_LAYER.fullmatch(part))]
+    return _GS_HOOKS[kind].format(layer=layers[0]) if len(layers) == 1 else ""
 
 
 def _load_gemma_scope(weights: Path, cfg_file: Path | None, cfg: dict[str, Any]):
+    hook = _gemma_scope_hook(weights)  # before reading: refused releases fail fast
     try:
         with np.load(weights, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise SAEFormatError(f"{weights}: unreadable npz file ({e})") from e
-    return _jumprelu_arrays(weights, arrays, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")), "jumprelu", 0, \
-        False, _gemma_scope_hook(weights)
+    arrays = _jumprelu_arrays(weights, arrays, ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"))
+    for key, a in arrays.items():  # npz names are ours (W_enc, ...): the stored names
+        _check_finite(weights, key, a)
+    return arrays, "jumprelu", 0, False, hook
 
 
 def _jumprelu_arrays(file: Path, arrays: dict, names: tuple[str, str, str, str, str]) -> dict:
@@ -501,6 +572,8 @@ def _jumprelu_arrays(file: Path, arrays: dict, names: tuple[str, str, str, str, 
 def _load_gemma_scope_2(weights: Path, cfg_file: Path | None, cfg: dict[str, Any]):
     where = cfg_file if cfg_file is not None else weights
     kind = cfg.get("type", "sae")
+    if kind == "transcoder":
+        raise SAEFormatError(_MSG_TRANSCODER.format(file=where, field="type", value=kind))
     if kind != "sae":
         raise _unsupported(where, "type", kind, "only SAEs (not transcoders or crosscoders) are supported")
     if cfg.get("affine_connection"):
@@ -510,7 +583,7 @@ def _load_gemma_scope_2(weights: Path, cfg_file: Path | None, cfg: dict[str, Any
         raise _unsupported(where, "architecture", architecture, "Gemma Scope 2 SAEs are jump_relu")
     hook_in, hook_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out")
     if hook_out is not None and hook_out != hook_in:
-        raise _unsupported(where, "hf_hook_point_out", hook_out, "input and output sites differ (a transcoder)")
+        raise SAEFormatError(_MSG_TRANSCODER.format(file=where, field="hf_hook_point_out", value=hook_out))
 
     header = _safetensors_header(weights)
     for key, (dt, _) in header.items():
@@ -525,19 +598,27 @@ def _load_gemma_scope_2(weights: Path, cfg_file: Path | None, cfg: dict[str, Any
     return arrays, "jumprelu", 0, False, _gemma_scope_2_hook(weights, hook_in)
 
 
+_GS2_SITES = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
+_GS2_LAYER = re.compile(r"layer_(\d+)(?:_|$)")
+
+
 def _gemma_scope_2_hook(file: Path, hf_hook: Any) -> str:
     """``model.layers.12.output`` (the residual after block 12) -> ``blocks.12.hook_resid_post``;
-    other HF hook points are kept as-is; without a config, infer from the folder name."""
+    other HF hook points are kept as-is. Without a config, the two folders above the file say it:
+    ``<resid_post|mlp_out|attn_out>[_all]/layer_<N>_width_*_l0_*/params.safetensors`` (as written,
+    symlinks not followed); transcoder folders are refused; anything else returns ""."""
     if isinstance(hf_hook, str):
         match = re.fullmatch(r"(?:model\.)?(?:language_model\.)?layers\.(\d+)\.output", hf_hook)
         return f"blocks.{match.group(1)}.hook_resid_post" if match else hf_hook
-    # no config: the release folder says the site (resid_post[_all]/, mlp_out[_all]/, attn_out[_all]/)
-    hook = _gemma_scope_hook(file)
-    site = file.resolve().parent.parent.name
-    for prefix, point in (("mlp_out", "hook_mlp_out"), ("attn_out", "hook_attn_out")):
-        if hook and site.startswith(prefix):
-            return hook.rsplit(".", 1)[0] + "." + point
-    return hook
+    parts = _lexical_parts(file)
+    if len(parts) < 3:
+        return ""
+    site_dir, layer_dir = parts[-3].lower(), parts[-2]
+    if "transcoder" in site_dir:
+        raise SAEFormatError(_MSG_TRANSCODER.format(file=file, field="folder", value=parts[-3]))
+    layer = _GS2_LAYER.match(layer_dir)
+    point = next((p for prefix, p in _GS2_SITES.items() if site_dir.startswith(prefix)), None)
+    return f"blocks.{int(layer.group(1))}.{point}" if layer and point else ""
 
 
 # ---- EleutherAI sparsify: cfg.json + sae.safetensors
@@ -546,7 +627,7 @@ def _gemma_scope_2_hook(file: Path, hf_hook: Any) -> str:
 def _load_sparsify(weights: Path, cfg_file: Path | None, cfg: dict[str, Any]):
     assert cfg_file is not None
     if cfg.get("transcode"):
-        raise _unsupported(cfg_file, "transcode", cfg["transcode"], "transcoders are not supported")
+        raise SAEFormatError(_MSG_TRANSCODER.format(file=cfg_file, field="transcode", value=cfg["transcode"]))
     if cfg.get("skip_connection"):
         raise _unsupported(cfg_file, "skip_connection", cfg["skip_connection"], "W_skip is not supported")
     activation = cfg.get("activation", "topk")

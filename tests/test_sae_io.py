@@ -389,7 +389,7 @@ def test_error_unsupported_saelens_options(tmp_path, field, value):
 
 
 def test_error_pre6_hook_z_and_head_index(tmp_path):
-    with _expect("cfg.json", "reshape_activations"):
+    with _expect("cfg.json", "hook_z SAEs are not supported"):
         load_sae(_write_saelens_pre6(tmp_path / "z", _saelens_arrays(), hook_point="blocks.1.attn.hook_z"))
     with _expect("cfg.json", "hook_head_index"):
         load_sae(_write_saelens_pre6(tmp_path / "h", _saelens_arrays(), hook_point_head_index=3))
