@@ -1,29 +1,40 @@
 """Convert a llama.cpp GGUF file into a Hugging Face style model folder (float32 safetensors).
 
 Contract:
-- ``gguf_to_hf_folder(gguf_path, out_dir)`` writes ``out_dir/`` with ``config.json``
-  (``LlamaForCausalLM``), ``model.safetensors`` (float32, Hugging Face key names),
-  ``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template), ``generation_config.json``
-  and ``gguf_source.json`` (file name and sha256 of the source; callers use it as a cache marker).
+- ``gguf_to_hf_folder(gguf_path, out_dir)`` writes ``out_dir/`` with ``config.json`` (``LlamaForCausalLM``,
+  ``Qwen2ForCausalLM``, ``Gemma2ForCausalLM`` or ``Gemma3ForCausalLM``), ``model.safetensors`` (float32,
+  Hugging Face key names), ``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template and
+  ``add_bos_token``), ``generation_config.json`` and ``gguf_source.json`` (file name and sha256 of the
+  source; callers use it as a cache marker).
 - Every tensor is dequantized to float32 with ``gguf.quants.dequantize`` (F32, F16, BF16, Q8_0, Q4_1, ...
   whatever the installed ``gguf`` supports). Quantization error is NOT undone: the folder holds exactly
   the weights llama.cpp would run, widened to float32.
-- llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` so that RoPE rotates interleaved
-  pairs (0,1), (2,3), ...; Hugging Face Llama rotates half-split pairs (i, i + d_head/2). We apply the
-  inverse permutation (same as transformers' ``LlamaTensorProcessor._reverse_permute_weights``).
+- Per-architecture storage conventions of llama.cpp's ``convert_hf_to_gguf.py`` are undone:
+  - ``llama``: the rows of ``attn_q`` / ``attn_k`` are permuted so that RoPE rotates interleaved pairs
+    (0,1), (2,3), ...; Hugging Face rotates half-split pairs (i, i + d_head/2). We apply the inverse
+    permutation (same as transformers' ``LlamaTensorProcessor._reverse_permute_weights``). Only
+    ``LlamaModel`` does this in llama.cpp: ``qwen2`` and the Gemma families are stored unpermuted.
+  - ``gemma2`` / ``gemma3``: Gemma RMSNorms scale by ``(1 + w)`` and llama.cpp stores ``w + 1`` for every
+    ``*norm.weight`` (q/k norms included); we subtract 1 so the folder holds Hugging Face's ``w``.
+    Values llama.cpp does not store are filled in the way llama.cpp itself fills them at load time
+    (local RoPE base 10000, sliding-window pattern 2 / 6, attention scale ``1/sqrt(head_dim)`` except
+    the 27B models, Gemma-2 soft-caps 50 / 30).
 - The write is atomic: everything goes into a temporary folder next to ``out_dir`` that is renamed at
   the end, so a crash never leaves a half-written ``out_dir``.
-- Only ``general.architecture == "llama"`` is supported (SmolLM2, Llama-2/3 without RoPE scaling,
-  ...); anything else, and truncated or corrupt files, raise ``GGUFError`` naming the file.
+- Only ``general.architecture`` in ``SUPPORTED_ARCHS`` converts, with plain RoPE (no scaling: Gemma-3
+  4B and larger use linear RoPE scaling, which ``jaxrecover.transformer`` does not implement);
+  anything else, and truncated or corrupt files, raise ``GGUFError`` naming the file.
 
 Not here: downloading (``embedded``), loading into JAX (``io_hf``).
 """
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +45,7 @@ from jaxrecover.tokenizer import tokenizer_from_gguf
 PathLike = str | os.PathLike[str]
 
 SOURCE_MARKER = "gguf_source.json"
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma2", "gemma3")
 
 _MSG_UNREADABLE = "{path}: not a readable GGUF file (truncated or corrupt?): {err}"
 _MSG_ARCH = (
@@ -42,14 +53,14 @@ _MSG_ARCH = (
     "GGUF files only."
 )
 _MSG_MISSING_KEY = "{path}: GGUF metadata key {key!r} is missing."
-_MSG_UNKNOWN_TENSOR = "{path}: tensor {name!r} has no Hugging Face Llama equivalent (unsupported variant?)."
+_MSG_UNKNOWN_TENSOR = "{path}: tensor {name!r} has no Hugging Face {model} equivalent (unsupported variant?)."
 _MSG_SHAPE = "{path}: tensor {name!r} has shape {shape}, expected {expected} from the metadata."
 _MSG_MISSING_TENSORS = "{path}: tensors missing from the file: {names}."
 _MSG_EXISTS = "{out_dir} already exists; pass overwrite=True to replace it."
 _MSG_ROPE_SCALING = "{path}: RoPE scaling ({what}) is not supported; only plain RoPE converts."
 
-# GGUF per-layer tensor name -> Hugging Face name (after "model.layers.{i}.").
-_LAYER_KEYS = {
+# GGUF per-layer tensor name -> Hugging Face name (after "model.layers.{i}."), per architecture.
+_LLAMA_LAYER_KEYS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -60,11 +71,53 @@ _LAYER_KEYS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma has four norms per block; note that GGUF "ffn_norm" is Gemma's PRE-feedforward norm, while the
+# Llama "ffn_norm" is Hugging Face's post_attention_layernorm (the same slot, a different name).
+_GEMMA2_LAYER_KEYS = _LLAMA_LAYER_KEYS | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA3_LAYER_KEYS = _GEMMA2_LAYER_KEYS | {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _GLOBAL_KEYS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How llama.cpp stores one architecture, and what Hugging Face calls it."""
+
+    arch: str  # general.architecture
+    hf_class: str  # config.json "architectures"
+    model_type: str
+    layer_keys: Mapping[str, str]
+    rope_permuted: bool  # Q/K rows interleaved by llama.cpp's LlamaModel.permute
+    norm_shift: float  # llama.cpp stores w + norm_shift for every *norm.weight
+    qkv_bias: bool  # q/k/v biases always present (Qwen2)
+    qk_norm: bool  # per-head q/k RMSNorm (Gemma-3)
+    gemma_norms: bool  # four norms per block (Gemma-2/3)
+
+
+FAMILIES = {
+    "llama": Family("llama", "LlamaForCausalLM", "llama", _LLAMA_LAYER_KEYS, True, 0.0, False, False, False),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", "qwen2", _LLAMA_LAYER_KEYS, False, 0.0, True, False, False),
+    "gemma2": Family("gemma2", "Gemma2ForCausalLM", "gemma2", _GEMMA2_LAYER_KEYS, False, 1.0, False, False, True),
+    "gemma3": Family("gemma3", "Gemma3ForCausalLM", "gemma3_text", _GEMMA3_LAYER_KEYS, False, 1.0, False, True, True),
+}
+assert tuple(FAMILIES) == SUPPORTED_ARCHS
+
+# llama.cpp (llama-model.cpp) hard-codes what the Gemma GGUF files do not say:
+# - sliding-window layers: layer i is local iff i % n < n - 1 (n = 2 for Gemma-2, 6 for Gemma-3);
+# - the local-layer RoPE base of Gemma-3 is 10000;
+# - queries are scaled by 1/sqrt(head_dim), except the 27B models (46 / 62 layers), whose Hugging Face
+#   query_pre_attn_scalar is hidden_size / num_attention_heads;
+# - Gemma-2 soft-caps default to 50 (attention) and 30 (final logits).
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+_SOFTCAP_DEFAULTS = {"gemma2": (50.0, 30.0), "gemma3": (None, None)}
 
 
 class GGUFError(ValueError):
@@ -108,11 +161,74 @@ def _f32(value: float) -> float:
     return float(f"{float(value):.7g}")
 
 
-def hf_config_from_gguf(reader: Any, path: PathLike = "<gguf>") -> dict[str, Any]:
-    """``config.json`` (``LlamaForCausalLM``) from the GGUF metadata; raises for non-llama files."""
+def family_of(reader: Any, path: PathLike = "<gguf>") -> Family:
+    """The ``Family`` of a GGUF file's ``general.architecture``; raises ``GGUFError`` for others."""
     arch = _meta(reader, "general.architecture", path)
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in FAMILIES:
         raise GGUFError(_MSG_ARCH.format(path=path, arch=arch, supported=SUPPORTED_ARCHS))
+    return FAMILIES[arch]
+
+
+def _single(value: Any, key: str, path: PathLike) -> Any:
+    """A per-layer list whose entries all agree, as one value (some writers store one value per layer)."""
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise GGUFError(f"{path}: per-layer {key}={value} is not supported.")
+        return value[0]
+    return value
+
+
+def _layer_types(reader: Any, arch: str, n_layers: int, path: PathLike) -> list[str]:
+    """Hugging Face ``layer_types`` of a Gemma file: ``attention.sliding_window_pattern`` if present
+    (an int period, or one bool per layer, True = sliding), else llama.cpp's built-in period."""
+    pattern = _meta(reader, f"{arch}.attention.sliding_window_pattern", path, _SWA_PATTERN[arch])
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers:
+            raise GGUFError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for {n_layers} layers.")
+        local = [bool(p) for p in pattern]
+    else:
+        n = int(pattern)
+        if n < 1:
+            raise GGUFError(f"{path}: {arch}.attention.sliding_window_pattern={n} must be >= 1.")
+        local = [i % n < n - 1 for i in range(n_layers)]
+    return ["sliding_attention" if is_local else "full_attention" for is_local in local]
+
+
+def _gemma_config(reader: Any, fam: Family, base: dict[str, Any], path: PathLike) -> dict[str, Any]:
+    """The Gemma-only ``config.json`` fields, with llama.cpp's defaults for what the file leaves out."""
+    arch, n_layers = fam.arch, base["num_hidden_layers"]
+    value_length = int(_meta(reader, f"{arch}.attention.value_length", path, base["head_dim"]))
+    if value_length != base["head_dim"]:
+        raise GGUFError(f"{path}: {arch}.attention.value_length={value_length} differs from key_length={base['head_dim']}.")
+    scale = _meta(reader, f"{arch}.attention.scale", path, None)
+    if scale is not None:  # newer writers state the query scale; Hugging Face wants its inverse square
+        query_pre_attn_scalar = _f32(float(scale) ** -2)
+    elif n_layers == _GEMMA_27B_LAYERS[arch]:
+        query_pre_attn_scalar = base["hidden_size"] // base["num_attention_heads"]
+    else:
+        query_pre_attn_scalar = base["head_dim"]
+    attn_cap, final_cap = _SOFTCAP_DEFAULTS[arch]
+    attn_cap = _meta(reader, f"{arch}.attn_logit_softcapping", path, attn_cap)
+    final_cap = _meta(reader, f"{arch}.final_logit_softcapping", path, final_cap)
+    out = {
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        "attn_logit_softcapping": None if attn_cap is None else _f32(attn_cap),
+        "final_logit_softcapping": None if final_cap is None else _f32(final_cap),
+        "sliding_window": int(_meta(reader, f"{arch}.attention.sliding_window", path)),
+        "layer_types": _layer_types(reader, arch, n_layers, path),
+        "attention_bias": False,
+    }
+    if arch == "gemma3":
+        out["rope_local_base_freq"] = _f32(_meta(reader, f"{arch}.rope.freq_base_swa", path, 10000.0))
+    return out
+
+
+def hf_config_from_gguf(reader: Any, path: PathLike = "<gguf>") -> dict[str, Any]:
+    """``config.json`` (Llama, Qwen2, Gemma-2 or Gemma-3) from the GGUF metadata; raises for other files."""
+    fam = family_of(reader, path)
+    arch = fam.arch
     for what in ("rope.scaling.type", "rope.scaling.factor"):
         value = _meta(reader, f"{arch}.{what}", path, None)
         if value not in (None, "none", 1.0, 0.0):
@@ -121,12 +237,8 @@ def hf_config_from_gguf(reader: Any, path: PathLike = "<gguf>") -> dict[str, Any
     if "rope_freqs.weight" in names:
         raise GGUFError(_MSG_ROPE_SCALING.format(path=path, what="rope_freqs.weight"))
     d_model = int(_meta(reader, f"{arch}.embedding_length", path))
-    n_heads = int(_meta(reader, f"{arch}.attention.head_count", path))
-    n_kv = _meta(reader, f"{arch}.attention.head_count_kv", path, n_heads)
-    if isinstance(n_kv, list):  # some writers store one value per layer
-        if len(set(n_kv)) != 1:
-            raise GGUFError(f"{path}: per-layer head_count_kv={n_kv} is not supported.")
-        n_kv = n_kv[0]
+    n_heads = int(_single(_meta(reader, f"{arch}.attention.head_count", path), "head_count", path))
+    n_kv = _single(_meta(reader, f"{arch}.attention.head_count_kv", path, n_heads), "head_count_kv", path)
     d_head = int(_meta(reader, f"{arch}.attention.key_length", path, d_model // n_heads))
     tokens = _meta(reader, "tokenizer.ggml.tokens", path, None)
     vocab = _meta(reader, f"{arch}.vocab_size", path, None if tokens is None else len(tokens))
@@ -137,11 +249,13 @@ def hf_config_from_gguf(reader: Any, path: PathLike = "<gguf>") -> dict[str, Any
         value = _meta(reader, f"tokenizer.ggml.{key}", path, None)
         return None if value is None else int(value)
 
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    # llama.cpp's loader falls back to a RoPE base of 10000 (Gemma-2 files never state one).
+    rope_theta = _f32(_meta(reader, f"{arch}.rope.freq_base", path, 10000.0))
+    cfg: dict[str, Any] = {
+        "architectures": [fam.hf_class],
+        "model_type": fam.model_type,
         "hidden_size": d_model,
-        "intermediate_size": int(_meta(reader, f"{arch}.feed_forward_length", path)),
+        "intermediate_size": int(_single(_meta(reader, f"{arch}.feed_forward_length", path), "feed_forward_length", path)),
         "num_hidden_layers": int(_meta(reader, f"{arch}.block_count", path)),
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(n_kv),
@@ -149,7 +263,7 @@ def hf_config_from_gguf(reader: Any, path: PathLike = "<gguf>") -> dict[str, Any
         "hidden_act": "silu",
         "max_position_embeddings": int(_meta(reader, f"{arch}.context_length", path, 2048)),
         "rms_norm_eps": _f32(_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-        "rope_theta": _f32(_meta(reader, f"{arch}.rope.freq_base", path, 10000.0)),
+        "rope_theta": rope_theta,
         "rope_scaling": None,
         "attention_bias": "blk.0.attn_q.bias" in names,
         "mlp_bias": False,
@@ -160,6 +274,14 @@ def hf_config_from_gguf(reader: Any, path: PathLike = "<gguf>") -> dict[str, Any
         "pad_token_id": token_id("padding_token_id"),
         "torch_dtype": "float32",
     }
+    if fam.qkv_bias:
+        # Qwen2 always has q/k/v biases (and no o bias); its config has no attention_bias switch.
+        del cfg["attention_bias"]
+        cfg["use_sliding_window"] = False
+    if fam.gemma_norms:
+        del cfg["mlp_bias"]
+        cfg |= _gemma_config(reader, fam, cfg, path)
+    return cfg
 
 
 def _reverse_rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -173,19 +295,20 @@ def _reverse_rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_name(name: str, path: PathLike) -> str:
+def _hf_name(name: str, fam: Family, path: PathLike) -> str:
     if name in _GLOBAL_KEYS:
         return _GLOBAL_KEYS[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_KEYS:
-        return f"model.layers.{int(parts[1])}.{_LAYER_KEYS[parts[2]]}.{parts[3]}"
-    raise GGUFError(_MSG_UNKNOWN_TENSOR.format(path=path, name=name))
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in fam.layer_keys:
+        return f"model.layers.{int(parts[1])}.{fam.layer_keys[parts[2]]}.{parts[3]}"
+    raise GGUFError(_MSG_UNKNOWN_TENSOR.format(path=path, name=name, model=fam.hf_class))
 
 
-def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(cfg: dict[str, Any], fam: Family) -> dict[str, tuple[int, ...]]:
     """Hugging Face ``[out, in]`` shape for every weight the config implies."""
     d, v, m = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
-    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    dh = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * dh, cfg["num_key_value_heads"] * dh
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (v, d)
@@ -200,21 +323,27 @@ def _expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (m, d),
         "mlp.down_proj.weight": (d, m),
     }
-    if cfg["attention_bias"]:
+    if fam.qkv_bias or cfg.get("attention_bias"):
         per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    if fam.gemma_norms:
+        per_layer |= {"pre_feedforward_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,)}
+    if fam.qk_norm:
+        per_layer |= {"self_attn.q_norm.weight": (dh,), "self_attn.k_norm.weight": (dh,)}
     for i in range(cfg["num_hidden_layers"]):
         shapes |= {f"model.layers.{i}.{k}": s for k, s in per_layer.items()}
     return shapes
 
 
 def gguf_tensors_to_hf(reader: Any, cfg: dict[str, Any], path: PathLike = "<gguf>") -> dict[str, np.ndarray]:
-    """Dequantize every tensor to float32 under its Hugging Face name, Q/K un-permuted, shapes checked."""
+    """Dequantize every tensor to float32 under its Hugging Face name, llama.cpp's storage conventions
+    undone (Q/K row permutation for llama, ``w + 1`` Gemma norms), shapes checked."""
     from gguf.quants import dequantize
 
-    expected = _expected_shapes(cfg)
+    fam = family_of(reader, path)
+    expected = _expected_shapes(cfg, fam)
     out: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name, path)
+        name = _hf_name(tensor.name, fam, path)
         try:
             # GGUF lists dims innermost-first; the reader's array (and dequantize's result) is
             # row-major [out, in], which is already Hugging Face's nn.Linear layout.
@@ -222,13 +351,15 @@ def gguf_tensors_to_hf(reader: Any, cfg: dict[str, Any], path: PathLike = "<gguf
         except Exception as err:
             raise GGUFError(f"{path}: cannot dequantize {tensor.name!r} ({tensor.tensor_type.name}): {err}") from err
         if name not in expected:
-            raise GGUFError(_MSG_UNKNOWN_TENSOR.format(path=path, name=tensor.name))
+            raise GGUFError(_MSG_UNKNOWN_TENSOR.format(path=path, name=tensor.name, model=fam.hf_class))
         if w.shape != expected[name]:
             raise GGUFError(_MSG_SHAPE.format(path=path, name=tensor.name, shape=w.shape, expected=expected[name]))
-        if ".self_attn.q_proj." in name:
+        if fam.rope_permuted and ".self_attn.q_proj." in name:
             w = _reverse_rope_permute(w, cfg["num_attention_heads"])
-        elif ".self_attn.k_proj." in name:
+        elif fam.rope_permuted and ".self_attn.k_proj." in name:
             w = _reverse_rope_permute(w, cfg["num_key_value_heads"])
+        if fam.norm_shift and tensor.name.endswith("norm.weight"):
+            w = w - np.float32(fam.norm_shift)
         out[name] = np.ascontiguousarray(w)
     missing = sorted(set(expected) - set(out))
     if missing:
@@ -241,7 +372,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def gguf_to_hf_folder(gguf_path: PathLike, out_dir: PathLike, *, overwrite: bool = False) -> Path:
-    """Convert a llama-architecture GGUF file into a Hugging Face model folder.
+    """Convert a llama, qwen2, gemma2 or gemma3 GGUF file into a Hugging Face model folder.
 
     Args:
         gguf_path: the ``.gguf`` file.

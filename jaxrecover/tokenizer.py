@@ -8,8 +8,10 @@ Contract:
 - ``encode_batch`` pads on the LEFT (``valid`` is False there), so the last real token of every
   row sits in the last slot; this is the layout ``jaxrecover.transformer`` expects. Arrays are host
   NumPy arrays (``int32`` tokens, ``bool`` valid): tokenization never runs under ``jit``.
-- ``tokenizer_from_gguf`` rebuilds the byte-level BPE tokenizer llama.cpp uses for a GGUF file from
-  its metadata (``tokenizer.ggml.*``); ids are the file's own, so they match transformers'
+- ``tokenizer_from_gguf`` rebuilds the tokenizer llama.cpp uses for a GGUF file from its metadata
+  (``tokenizer.ggml.*``): byte-level BPE (``model='gpt2'``: SmolLM2, Qwen2, Llama-3) or SentencePiece
+  BPE (``model='llama'``: Gemma, Llama-2), with ``add_bos_token`` kept in both the tokenizer.json
+  post-processor and ``TextTokenizer.add_bos``; ids are the file's own, so they match transformers'
   ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``.
 - Chat templates are rendered with jinja2 (as transformers does) when it is installed, else with a
   built-in ChatML renderer that covers SmolLM2-style templates (default system prompt + ChatML turns).
@@ -44,6 +46,20 @@ _TOKEN_USER_DEFINED = 4
 # also what SmolLM2's own tokenizer.json does (Digits(individual_digits=True) then ByteLevel).
 _PRE_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _PRE_GPT2 = ("gpt2", "default", "gpt-2")
+# Pre-tokenizers that are one split regex before the byte-level mapping (llama-vocab.cpp's regex lists;
+# the same strings as transformers' Qwen2 / Llama-3 tokenizers).
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT}
+_PRE_KNOWN = _PRE_DIGITS_THEN_GPT2 + _PRE_GPT2 + tuple(_PRE_SPLITS)
+
+# SentencePiece vocabularies (tokenizer.ggml.model == "llama"): Gemma files spell whitespace-only
+# tokens with real spaces, never add a prefix space, and rank merges by file order (their scores do
+# not follow the merge order), as transformers' GGUF loader (gemma_tokenizer) also assumes.
+_SPM_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+_SPACE = "\u2581"  # SentencePiece's visible space "▁"
 
 _MSG_EMPTY = "{what}: got an empty prompt; pass at least one non-empty text."
 _MSG_NO_TOKENIZER = (
@@ -52,7 +68,8 @@ _MSG_NO_TOKENIZER = (
 )
 _MSG_UNSUPPORTED_TOKENIZER = (
     "{path}: tokenizer.ggml.model={model!r}, tokenizer.ggml.pre={pre!r} is not supported; jaxrecover builds "
-    "byte-level BPE tokenizers (tokenizer.ggml.model='gpt2') with pre-tokenizer in {known}."
+    "SentencePiece tokenizers (tokenizer.ggml.model='llama') and byte-level BPE tokenizers "
+    "(tokenizer.ggml.model='gpt2') with pre-tokenizer in {known}."
 )
 _MSG_NO_PAD = "{what}: the tokenizer has neither a pad id nor an eos id to pad with."
 
@@ -66,7 +83,7 @@ class TextTokenizer:
     eos_id: int | None
     pad_id: int | None
     chat_template: str | None = None
-    add_bos: bool = False  # whether the model was trained with a BOS in front (SmolLM2: no)
+    add_bos: bool = False  # whether the model was trained with a BOS in front (SmolLM2: no; Gemma: yes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,27 +109,10 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def tokenizer_from_gguf(reader: Any, path: PathLike = "<gguf>") -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
-    """Rebuild the byte-level BPE tokenizer described by a GGUF file's metadata.
-
-    Args:
-        reader: an open ``gguf.GGUFReader``.
-        path: the file's path, for error messages only.
-
-    Returns:
-        ``(tokenizer, tokenizer_config)``: the ``tokenizers.Tokenizer`` (vocabulary ids exactly as in
-        ``tokenizer.ggml.tokens``; control tokens are special added tokens) and a Hugging Face style
-        ``tokenizer_config.json`` dict (special tokens, ``chat_template``, ``add_bos_token``).
-    """
-    model = _field(reader, "tokenizer.ggml.model")
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    if model != "gpt2" or pre not in _PRE_DIGITS_THEN_GPT2 + _PRE_GPT2:
-        known = _PRE_DIGITS_THEN_GPT2 + _PRE_GPT2
-        raise ValueError(_MSG_UNSUPPORTED_TOKENIZER.format(path=path, model=model, pre=pre, known=known))
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
-    token_types: list[int] = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
-
+def _byte_level_tokenizer(
+    tokens: list[str], token_types: list[int], merges: list[str], pre: str
+) -> tuple[tokenizers.Tokenizer, set[str]]:
+    """Byte-level BPE (``tokenizer.ggml.model == "gpt2"``) and the vocabulary spellings it uses."""
     # Vocabulary entries are stored in the byte-level alphabet already; a control token spelled with
     # other characters (e.g. "<|im_start|>" is plain ASCII, fine) is re-spelled byte-wise so the BPE
     # model accepts it. transformers' GGUF loader does the same.
@@ -122,51 +122,165 @@ def tokenizer_from_gguf(reader: Any, path: PathLike = "<gguf>") -> tuple[tokeniz
     for i, tok in enumerate(tokens):
         key = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
         vocab.setdefault(key, i)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
 
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if pre in _PRE_DIGITS_THEN_GPT2:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    if pre in _PRE_SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(tokenizers.Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
-        tok.pre_tokenizer = byte_level
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        if pre in _PRE_DIGITS_THEN_GPT2:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    # A control token outside the byte alphabet is a llama.cpp mislabel and would grow the vocabulary.
+    control_ok = {t for t, kind in zip(tokens, token_types) if kind == _TOKEN_CONTROL and set(t) <= alphabet}
+    return tok, control_ok | set(vocab)
 
-    # Control tokens (<|im_start|> ...) must match whole in text, never be split by BPE; a control
-    # token outside the byte alphabet is a llama.cpp mislabel and would grow the vocabulary, so skip it.
+
+def spm_merges(vocab: Mapping[str, int], rank: Mapping[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, best
+    ``rank`` of the merged token first (ties: shorter left piece first, then vocabulary order).
+
+    This is SentencePiece's BPE rule (merge the adjacent pair whose union scores highest) written as the
+    ordered merge list a ``tokenizers.models.BPE`` needs; it is the order transformers'
+    ``generate_merges`` produces, so ids match its GGUF loader.
+    """
+    found: list[tuple[str, str, float]] = []
+    for piece, score in rank.items():
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        found.extend(local)
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep the order above
+    return [(left, right) for left, right, _ in found]
+
+
+def _spm_tokenizer(
+    tokens: list[str], scores: list[float], arch: str, add_space_prefix: bool, unk: str | None
+) -> tuple[tokenizers.Tokenizer, set[str]]:
+    """SentencePiece BPE (``tokenizer.ggml.model == "llama"``): ``▁`` for spaces, ``<0xNN>`` byte fallback."""
+    gemma = arch in _SPM_GEMMA_ARCHS
+    if gemma:  # "  " (real spaces) is Gemma's spelling of the token "▁▁"
+        tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    rank = {t: -float(i) for t, i in vocab.items()} if gemma else {t: float(scores[i]) for t, i in vocab.items()}
+    model = models.BPE(vocab=vocab, merges=spm_merges(vocab, rank), unk_token=unk, fuse_unk=True, byte_fallback=True)
+    tok = tokenizers.Tokenizer(model)
+    # split=False: SentencePiece sees the whole text as one piece, spaces included (as "▁").
+    scheme = "first" if add_space_prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if add_space_prefix else []))
+    return tok, set(tokens)
+
+
+def _special_post_processor(
+    tok: tokenizers.Tokenizer, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool
+) -> processors.PostProcessor | None:
+    """A ``TemplateProcessing`` that adds BOS / EOS as the GGUF asks (``add_special_tokens=True`` only),
+    so a Hugging Face loader of the folder encodes like llama.cpp; ``None`` when nothing is added."""
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    if not (add_bos or add_eos):
+        return None
+    single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
+    pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
+    special = [(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+
+def tokenizer_from_gguf(reader: Any, path: PathLike = "<gguf>") -> tuple[tokenizers.Tokenizer, dict[str, Any]]:
+    """Rebuild the tokenizer described by a GGUF file's metadata.
+
+    ``tokenizer.ggml.model == "gpt2"`` gives byte-level BPE (``tokenizer.ggml.merges``, pre-tokenizer from
+    ``tokenizer.ggml.pre``); ``"llama"`` gives SentencePiece BPE (merges from ``tokenizer.ggml.scores``,
+    ``<0xNN>`` byte fallback, ``tokenizer.ggml.add_space_prefix``). Control tokens (type 3) are special
+    added tokens and user-defined ones (type 4) plain added tokens: both match whole in text.
+
+    Args:
+        reader: an open ``gguf.GGUFReader``.
+        path: the file's path, for error messages only.
+
+    Returns:
+        ``(tokenizer, tokenizer_config)``: the ``tokenizers.Tokenizer`` (vocabulary ids exactly as in
+        ``tokenizer.ggml.tokens``; its post-processor adds BOS / EOS when the file says so) and a Hugging
+        Face style ``tokenizer_config.json`` dict (special tokens, ``chat_template``, ``add_bos_token``).
+    """
+    model = _field(reader, "tokenizer.ggml.model")
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    arch = _field(reader, "general.architecture")
+    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise ValueError(f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing or empty.")
+    token_types: list[int] = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+
+    def name(key: str) -> str | None:
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        if i is not None and not 0 <= int(i) < len(tokens):
+            raise ValueError(f"{path}: tokenizer.ggml.{key}={int(i)} is outside the {len(tokens)}-token vocabulary.")
+        return None if i is None else tokens[int(i)]
+
+    if model == "gpt2" and pre in _PRE_KNOWN:
+        merges = list(_field(reader, "tokenizer.ggml.merges", []))
+        tok, known = _byte_level_tokenizer(tokens, token_types, merges, pre)
+        add_bos_default = False
+    elif model == "llama":
+        scores = list(_field(reader, "tokenizer.ggml.scores", []))
+        gemma = arch in _SPM_GEMMA_ARCHS
+        if len(scores) != len(tokens) and not gemma:
+            raise ValueError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens.")
+        add_space_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", not gemma)) and not gemma
+        tok, known = _spm_tokenizer(tokens, scores, arch, add_space_prefix, name("unknown_token_id"))
+        add_bos_default = True  # llama.cpp adds BOS to a SentencePiece vocabulary unless told otherwise
+    else:
+        raise ValueError(_MSG_UNSUPPORTED_TOKENIZER.format(path=path, model=model, pre=pre, known=_PRE_KNOWN))
+
     special = [
         AddedToken(t, special=True, normalized=False)
         for t, kind in zip(tokens, token_types)
-        if kind == _TOKEN_CONTROL and set(t) <= alphabet
+        if kind == _TOKEN_CONTROL and t in known
     ]
     user = [
         AddedToken(t, special=False, normalized=False)
         for t, kind in zip(tokens, token_types)
-        if kind == _TOKEN_USER_DEFINED and t in vocab
+        if kind == _TOKEN_USER_DEFINED and t in known and tok.token_to_id(t) is not None
     ]
     tok.add_special_tokens(special)
     tok.add_tokens(user)
     if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
         raise ValueError(f"{path}: rebuilt tokenizer has {tok.get_vocab_size(True)} ids, the file lists {len(tokens)}.")
 
-    def name(key: str) -> str | None:
-        i = _field(reader, f"tokenizer.ggml.{key}")
-        return None if i is None else tokens[int(i)]
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", add_bos_default))
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+    bos, eos = name("bos_token_id"), name("eos_token_id")
+    template = _special_post_processor(tok, bos, eos, add_bos, add_eos)
+    if template is not None:
+        # Byte-level keeps its offset-fixing post-processor; the template runs after it.
+        current = tok.post_processor
+        tok.post_processor = template if current is None else processors.Sequence([current, template])
 
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name("bos_token_id"),
-        "eos_token": name("eos_token_id"),
+        "bos_token": bos,
+        "eos_token": eos,
         "pad_token": name("padding_token_id"),
         "unk_token": name("unknown_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_field(reader, f"{_field(reader, 'general.architecture')}.context_length", 2048)),
+        "model_max_length": int(_field(reader, f"{arch}.context_length", 2048)),
     }
-    template = _field(reader, "tokenizer.chat_template")
-    if template is not None:
-        config["chat_template"] = template
+    chat_template = _field(reader, "tokenizer.chat_template")
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     return tok, config
 
 
@@ -226,7 +340,7 @@ def load_tokenizer(folder: PathLike) -> TextTokenizer:
 # Chat template
 
 
-_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.S)
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.DOTALL)
 
 
 def _as_messages(messages: str | Sequence[Message], what: str) -> list[dict[str, str]]:
@@ -324,7 +438,7 @@ def encode_batch(
     texts: str | Sequence[str],
     *,
     pad_to: int | None = None,
-    add_bos: bool = False,
+    add_bos: bool | None = None,
 ) -> tuple[Int[np.ndarray, "batch seq"], Bool[np.ndarray, "batch seq"]]:
     """Tokenize texts into one LEFT-padded ``[batch, seq]`` array.
 
@@ -333,7 +447,9 @@ def encode_batch(
         texts: the texts (a single string is a batch of one). Special tokens written in the text
             (``<|im_start|>``) are matched whole.
         pad_to: round ``seq`` up to a multiple of this (length buckets keep ``jit`` from recompiling).
-        add_bos: put ``tok.bos_id`` in front of every row.
+        add_bos: put ``tok.bos_id`` in front of every row. ``None`` (default) follows the model:
+            ``tok.add_bos`` (the GGUF's ``add_bos_token``; True for Gemma, False for SmolLM2), and a row
+            that already starts with BOS (a chat template that writes ``<bos>``) gets no second one.
 
     Returns:
         ``(tokens, valid)``: ``int32`` ids with ``tok.pad_id`` (else ``eos_id``) in the padding, and a
@@ -349,7 +465,9 @@ def encode_batch(
     if pad_to is not None and pad_to < 1:
         raise ValueError(f"encode_batch: pad_to must be a positive int, got {pad_to}.")
     rows = [e.ids for e in tok.tokenizer.encode_batch(texts, add_special_tokens=False)]
-    if add_bos:
+    if add_bos is None and tok.add_bos and tok.bos_id is not None:
+        rows = [r if r[:1] == [tok.bos_id] else [tok.bos_id, *r] for r in rows]
+    elif add_bos:
         if tok.bos_id is None:
             raise ValueError("encode_batch: add_bos=True but the tokenizer has no bos id.")
         rows = [[tok.bos_id, *r] for r in rows]

@@ -310,13 +310,15 @@ def test_cache_root_env(monkeypatch, tmp_path):
 
 
 def test_converted_folder_trusted_only_with_matching_marker(tmp_path, no_installed):
+    """Trusted only if the marker names the pinned GGUF and the model file's recorded sha256."""
     folder = tmp_path / embedded.DEFAULT_MODEL_NAME
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_text("{}")
-    (folder / "gguf_source.json").write_text(json.dumps({"sha256": embedded.GGUF_SHA256}))
+    model_sha = sha256_file(folder / "model.safetensors")
+    (folder / "gguf_source.json").write_text(json.dumps({"sha256": embedded.GGUF_SHA256, "model_sha256": model_sha}))
     assert embedded.default_model_dir(tmp_path, allow_download=False) == folder
-    (folder / "gguf_source.json").write_text(json.dumps({"sha256": "0" * 64}))
+    (folder / "gguf_source.json").write_text(json.dumps({"sha256": "0" * 64, "model_sha256": model_sha}))
     with pytest.raises(FileNotFoundError):  # stale marker -> tries to rebuild, finds no source
         embedded.default_model_dir(tmp_path, allow_download=False)
 
