@@ -77,8 +77,8 @@ _MSG_SITE_WIDTH = (
 )
 _MSG_SITE_MISMATCH = (
     "Clamp at site {site}: SAE {sae} was trained at {hook!r}, not at this site; its features mean "
-    "something else here. Place it at its own site, or pass allow_site_mismatch=True (CLI: "
-    "--allow-site-mismatch) to use it anyway."
+    "something else here. Place it at its own site, or pass allow_site_mismatch=True to use it "
+    "anyway."
 )
 
 
@@ -325,7 +325,10 @@ def check_clamps(cfg_or_model: Any, clamps: Mapping[Any, Any], *, allow_site_mis
             name = _sae_name(clamp.sae)
             if clamp.sae.d_in != cfg.d_model:
                 raise ValueError(_MSG_SITE_WIDTH.format(site=site, sae=name, d_in=clamp.sae.d_in, d_model=cfg.d_model))
-            validate_clamp(clamp)
+            try:
+                validate_clamp(clamp)
+            except ValueError as err:  # the construction messages know the SAE, not the site
+                raise ValueError(f"At site {site}: {err}") from None
             if clamp.sae.hook_name and not allow_site_mismatch and _own_site(clamp.sae.hook_name) != site:
                 raise ValueError(_MSG_SITE_MISMATCH.format(site=site, sae=name, hook=clamp.sae.hook_name))
 

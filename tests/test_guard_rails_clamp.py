@@ -131,6 +131,16 @@ def test_check_clamps_refuses_an_sae_placed_at_another_site_unless_allowed(hook)
     check_clamps(tiny_config("llama"), {site: clamp}, allow_site_mismatch=True)
 
 
+def test_check_clamps_names_the_site_for_a_bad_stacked_clamp():
+    site = Site(1, "resid_post")
+    good = Clamp(_sae(str(site)), jnp.array([[1, 2], [3, 4]]), jnp.zeros((2, 2)))
+    leaves, tree = jax.tree.flatten(good)
+    bad = jax.tree.unflatten(tree, [jnp.array([[1, 2], [3, 99]]) if leaf.dtype == jnp.int32 else leaf
+                                    for leaf in leaves])  # e.g. ids edited after construction
+    with pytest.raises(ValueError, match=r"At site blocks.1.hook_resid_post: Clamp on SAE 'blocks.1.hook_resid_post'.*99"):
+        check_clamps(tiny_config("llama"), {site: bad})
+
+
 def test_check_clamps_takes_a_model():
     from jaxrecover.testing import random_transformer
 
