@@ -380,7 +380,7 @@ def run_layers(
     capture: Sequence[Site] = (),
 ) -> Pass:
     """Blocks ``start .. stop-1`` over the new slots ``info`` (optionally attending over the cache
-    ``kv``, stacked over ALL layers): blocks with a hook or a capture run unrolled, the runs between
+    ``kv``, stacked over blocks ``start..``): blocks with a hook or a capture run unrolled, the runs between
     them in ``lax.scan``. The one driver of ``block`` for teacher forcing, prefill, decode steps and
     the solver's cached suffix."""
     cfg = model.cfg
@@ -392,8 +392,8 @@ def run_layers(
     _check_sites(cfg, capture, "Capture")
     local = layer_is_local(cfg)
 
-    def layer_kv(i: int | Array) -> KV | None:
-        return None if kv is None else dataclasses.replace(kv, k=kv.k[i], v=kv.v[i])
+    def layer_kv(i: int | Array) -> KV | None:  # the cache is stacked over blocks start..
+        return None if kv is None else dataclasses.replace(kv, k=kv.k[i - start], v=kv.v[i - start])
 
     def body(h, i):
         # index the full stacks inside the loop: scanning over blocks[start:stop] would copy those
