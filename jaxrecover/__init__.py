@@ -12,6 +12,8 @@ The public surface is small; everything else lives in its module (``jaxrecover.t
 >>> result = jxr.solve_batch(solver, model, examples, clamps)
 """
 
+__version__ = "0.2.0"  # also in pyproject.toml; part of every resume key
+
 from jaxrecover import objectives as objectives
 from jaxrecover.embedded import load_default as load_default
 from jaxrecover.generate import generate as generate

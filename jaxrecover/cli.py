@@ -1,67 +1,47 @@
 """``jaxrecover`` command line: run the paper's experiments on the embedded default or your own
 model + SAE, and inspect checkpoints.
 
-Experiments are files in the repository's ``experiments/`` folder. Each defines a frozen
+Experiments are modules of ``jaxrecover.paper`` (installed with the package). Each defines a frozen
 ``Config`` dataclass (every field is a CLI option) and ``main(cfg) -> dict``.
 """
 
 import argparse
 import dataclasses
-import importlib.util
-import os
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS_ENV = "JAXRECOVER_EXPERIMENTS"
-
 _EPILOG = """\
 examples:
   jaxrecover list                                   # what experiments exist
-  jaxrecover run refusal                            # the main job on the embedded default (CPU, ~15 min)
+  jaxrecover run refusal                            # the main job on the embedded default (CPU)
   jaxrecover run refusal --help                     # every option of one experiment, with defaults
   jaxrecover run refusal --n-prompts 16 --budget 20 --out results/refusal-small
   jaxrecover run ioi --model-dir /path/to/hf-folder --sae /path/to/saelens-folder
   jaxrecover info --model-dir /path/to/hf-folder    # config summary of a checkpoint
+  jaxrecover inspect --sae PATH --features 1,2 --out look.html   # treescope page of model + clamp
 
-Long runs checkpoint with orbax into <out>/ckpt; rerunning the same command resumes.
+Rerunning the same command into the same --out resumes where a killed run stopped.
 Results: <out>/results.jsonl (per example), summary.json, table.md, *.csv and *.png.
+Errors print one line; add --debug for the traceback.
 """
 
 
-def experiments_dir() -> Path:
-    """``$JAXRECOVER_EXPERIMENTS``, else ``experiments/`` beside the package (editable install)."""
-    env = os.environ.get(EXPERIMENTS_ENV)
-    candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parent.parent / "experiments", Path.cwd() / "experiments"]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    raise SystemExit(
-        "jaxrecover: cannot find the experiments/ folder. Install the repository in editable mode "
-        f"(pip install -e .) or set {EXPERIMENTS_ENV}=/path/to/jaxrecover/experiments."
-    )
+def list_experiments() -> dict[str, str]:
+    from jaxrecover.paper import SETTINGS
 
-
-def list_experiments() -> dict[str, Path]:
-    return {
-        p.stem: p
-        for p in sorted(experiments_dir().glob("*.py"))
-        if not p.name.startswith("_") and "def main" in p.read_text()
-    }
+    return dict(SETTINGS)
 
 
 def load_experiment(name: str) -> types.ModuleType:
-    found = list_experiments()
-    if name not in found:
-        raise SystemExit(f"jaxrecover: unknown experiment {name!r}. Available: {', '.join(found) or '(none)'}.")
-    spec = importlib.util.spec_from_file_location(f"jaxrecover_experiment_{name}", found[name])
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(found[name].parent))
-    spec.loader.exec_module(module)
-    return module
+    from jaxrecover import paper
+
+    try:
+        return paper.load(name)
+    except ValueError as e:
+        raise SystemExit(f"jaxrecover: {e}") from None
 
 
 def _field_type(tp: Any) -> Any:
@@ -74,8 +54,18 @@ def _field_type(tp: Any) -> Any:
         inner = _field_type(typing.get_args(tp)[0])
         return lambda s: tuple(inner(v) for v in s.split(",") if v != "")
     if tp is bool:
-        return lambda s: s.lower() in ("1", "true", "yes", "on")
+        return _bool
     return tp if tp in (int, float, str) else str
+
+
+def _bool(s: str) -> bool:
+    """Strict boolean: a typo such as ``ture`` is an error, never a silent False."""
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def config_parser(cfg_cls: type, prog: str, doc: str) -> argparse.ArgumentParser:
@@ -103,13 +93,17 @@ def cmd_run(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     module = load_experiment(name)
     parser = config_parser(module.Config, f"jaxrecover run {name}", module.__doc__ or "")
-    cfg = module.Config(**vars(parser.parse_args(rest)))
+    args = vars(parser.parse_args(rest))
+    try:
+        cfg = module.Config(**args)  # each Config validates its values in __post_init__
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
     module.main(cfg)
     return 0
 
 
 def cmd_list(argv: list[str]) -> int:
-    for name, path in list_experiments().items():
+    for name in list_experiments():
         doc = (load_experiment(name).__doc__ or "").strip().splitlines()
         print(f"{name:14s} {doc[0] if doc else ''}")
     return 0
@@ -136,15 +130,31 @@ def cmd_info(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "info": cmd_info}
+def cmd_inspect(argv: list[str]) -> int:
+    from jaxrecover import inspect
+
+    return inspect.main(argv)
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "info": cmd_info, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip() + "\n\ncommands: run NAME [options] | list | info\n\n" + _EPILOG)
+        print(__doc__.strip() + "\n\ncommands: run NAME [options] | list | info | inspect\n\n" + _EPILOG)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # one line for the user; the traceback with --debug
+        if debug:
+            raise
+        print(f"jaxrecover: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -144,13 +144,19 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     """Parse a CSV with a header row; every `required` column must be present."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        for field in required:
-            if field not in columns:
-                raise DatasetError(_MSG_MISSING_COLUMN.format(path=path, field=field, present=columns))
-        return list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            for field in required:
+                if field not in columns:
+                    raise DatasetError(_MSG_MISSING_COLUMN.format(path=path, field=field, present=columns))
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the CSV as UTF-8.") from None
+    if not rows:
+        raise DatasetError(f"{path}: no data rows (only a header, or an empty file).")
+    return rows
 
 
 def _field(path: Path, row_index: int, row: Mapping[str, Any], field: str) -> Any:

@@ -11,8 +11,8 @@ import time
 from dataclasses import field
 from typing import Any
 
-import _common as C
-import refusal
+from jaxrecover.paper import common as C
+from jaxrecover.paper import refusal
 from jaxrecover import report
 
 

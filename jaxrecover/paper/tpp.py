@@ -25,28 +25,25 @@ Run: ``jaxrecover run tpp``; ``--help`` lists the options.
 """
 
 import dataclasses
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jaxrecover.probes import train_linear_probes  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxrecover.probes import train_linear_probes
 
-import _common as C  # noqa: E402
-import _recovery_suite as S  # noqa: E402
-from jaxrecover import datasets as D  # noqa: E402
-from jaxrecover import features as F  # noqa: E402
-from jaxrecover import objectives as O  # noqa: E402
-from jaxrecover import recovery as R  # noqa: E402
-from jaxrecover import report  # noqa: E402
-from jaxrecover.interventions import Clamp  # noqa: E402
-from jaxrecover.sites import Site  # noqa: E402
-from jaxrecover.tokenizer import encode_batch  # noqa: E402
+from jaxrecover.paper import common as C
+from jaxrecover.paper import suite as S
+from jaxrecover import datasets as D
+from jaxrecover import features as F
+from jaxrecover import objectives as O
+from jaxrecover import recovery as R
+from jaxrecover import report
+from jaxrecover.interventions import Clamp
+from jaxrecover.sites import Site
+from jaxrecover.tokenizer import encode_batch
 
 NAME = "tpp"
 F_ = dataclasses.field

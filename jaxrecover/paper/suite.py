@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrecover import recovery as R
+from jaxrecover import runner
 from jaxrecover import report
 from jaxrecover.sae import SAE, encode
 from jaxrecover.sites import Site
 
-REPO = Path(__file__).resolve().parent.parent
 
 _MSG_NO_SAE = (
     "{path}: no SAE there. The shipped SmolLM2 SAEs live in sae_weights/smollm2-135m-instruct-res/"
@@ -45,17 +45,19 @@ def say(msg: str) -> None:
 
 
 def default_out(out: str, name: str) -> Path:
-    """``out`` or ``experiments/results/<name>`` (the committed result folders)."""
-    p = Path(out) if out else REPO / "experiments" / "results" / name
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    """``out`` or ``results/<name>`` in the current folder (``common.out_dir``)."""
+    from jaxrecover.paper.common import out_dir
+
+    return out_dir(out, name)
 
 
 def resolve_sae(path: str, layer: int) -> tuple[Site, SAE, str]:
     """``(site, sae, source)`` from ``path`` or the shipped SAE at ``blocks.{layer}.hook_resid_post``."""
     from jaxrecover.sae_io import load_sae
 
-    p = Path(path) if path else REPO / "sae_weights" / "smollm2-135m-instruct-res" / f"blocks.{layer}.hook_resid_post"
+    from jaxrecover.shipped import shipped_sae
+
+    p = Path(path) if path else shipped_sae(layer)
     if not p.exists():
         raise SystemExit(_MSG_NO_SAE.format(path=p))
     sae = load_sae(p)
@@ -108,16 +110,16 @@ def _axes(clamp_axes: Any) -> Any:
     return None if clamp_axes is None else clamp_axes
 
 
-def _jits(solver: R.Solver, clamp_axes: Any) -> tuple[Any, Any, Any]:
+def _jits(solver: R.Solver, clamp_axes: Any, window: R.Window) -> tuple[Any, Any, Any]:
     ca = _axes(clamp_axes)
-    init = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, ca)))
+    init = jax.jit(jax.vmap(lambda m, e, c: R.init(solver, m, e, c, window), in_axes=(None, 0, ca)))
     finish = jax.jit(jax.vmap(solver.finish, in_axes=(None, 0, ca, 0, 0)))
     advances: dict[int, Any] = {}
 
     def advance(n: int) -> Any:
         if n not in advances:
             advances[n] = jax.jit(
-                jax.vmap(lambda m, e, c, x, s: solver.advance(m, e, c, x, s, n), in_axes=(None, 0, ca, 0, 0))
+                jax.vmap(lambda m, e, c, x, s: R.advance(solver, m, e, c, x, s, n, window), in_axes=(None, 0, ca, 0, 0))
             )
         return advances[n]
 
@@ -131,7 +133,7 @@ def run_solver(
     clamps: Mapping[Site, Any],
     *,
     clamp_axes: Any = None,
-    chunk: int = 25,
+    chunk: int = 10,
     desc: str = "recover",
     progress: bool = True,
 ) -> Run:
@@ -139,7 +141,7 @@ def run_solver(
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    init, advance, finish = _jits(solver, clamp_axes)
+    init, advance, finish = _jits(solver, clamp_axes, R.plan_window(solver, examples))
     n_ex = jax.tree.leaves(examples)[0].shape[0]
     ctx, state = init(model, examples, clamps)
     steps = solver.cfg.steps
@@ -154,7 +156,7 @@ def run_solver(
     bar.close()
     res = finish(model, examples, clamps, ctx, state)
     res = jax.device_get(res)
-    return Run(res, R.result_records(res), time.time() - t0, ctx)
+    return Run(res, runner.result_records(res), time.time() - t0, ctx)
 
 
 def evaluate_deltas(
@@ -177,7 +179,7 @@ def evaluate_deltas(
 
     res = jax.jit(jax.vmap(one, in_axes=(None, 0, ca, 0)))(model, examples, clamps, deltas)
     res = jax.device_get(res)
-    return Run(res, R.result_records(res), time.time() - t0)
+    return Run(res, runner.result_records(res), time.time() - t0)
 
 
 def replay_components(sae: SAE, features: Any, h_def_rows: Any, delta: Any) -> dict[str, Any]:

@@ -19,16 +19,14 @@ Run: ``jaxrecover run sweeps --setting unlearning --kind budget``.
 """
 
 import dataclasses
-import importlib.util
-import sys
+import importlib
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _recovery_suite as S  # noqa: E402
-from jaxrecover import report  # noqa: E402
+from jaxrecover.paper import suite as S
+from jaxrecover import report
 
 NAME = "sweeps"
 F_ = dataclasses.field
@@ -54,12 +52,11 @@ class Config:
 
 
 def _load(setting: str) -> Any:
-    path = Path(__file__).resolve().parent / f"{setting}.py"
-    if not path.exists():
+    from jaxrecover.paper import SETTINGS
+
+    if setting not in SETTINGS:
         return None
-    spec = importlib.util.spec_from_file_location(f"jaxrecover_sweep_{setting}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module(SETTINGS[setting])
     if not (hasattr(mod, "prepare") and hasattr(mod, "evaluate") and hasattr(mod, "Config")):
         return None
     return mod

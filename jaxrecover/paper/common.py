@@ -1,7 +1,9 @@
 """Shared plumbing for the experiment files: model/SAE loading, prompt encoding, batched
 generation, and writing results. Experiment logic lives in each experiment file."""
 
+import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -17,8 +19,28 @@ from jaxrecover import report
 from jaxrecover.sae import SAE
 from jaxrecover.sites import Site
 
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED_RELEASE = REPO / "sae_weights" / "smollm2-135m-instruct-res"
+
+
+_STAGES: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Time a pipeline stage (wall seconds, summed over repeats) for ``stage_times``."""
+    say(f"{name} ...")
+    t0 = time.time()
+    try:
+        yield
+    finally:
+        _STAGES[name] = _STAGES.get(name, 0.0) + time.time() - t0
+
+
+def stage_times(reset: bool = False) -> dict[str, float]:
+    """The stage timings recorded so far (rounded), optionally clearing them."""
+    out = {k: round(v, 2) for k, v in _STAGES.items()}
+    if reset:
+        _STAGES.clear()
+    return out
 
 
 def say(msg: str) -> None:
@@ -37,14 +59,48 @@ def load_model(model_dir: str = "", dtype: str = "float32") -> tuple[Any, Any]:
 
 
 def shipped_sae_path(layer: int, point: str = "resid_post") -> Path:
-    return SHIPPED_RELEASE / f"blocks.{layer}.hook_{point}"
+    from jaxrecover.shipped import shipped_sae
+
+    return shipped_sae(layer, point)
+
+
+def sae_paths(paths: Sequence[str], default_layers: Sequence[int]) -> list[Path]:
+    """Explicit SAE paths, or the shipped SAEs at ``default_layers``."""
+    return [Path(p) for p in paths if p] or [shipped_sae_path(layer) for layer in default_layers]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def fingerprint(paths: Sequence[Path]) -> str:
+    """sha256 over the contents of every file under ``paths`` (names included): what a resume key
+    must change with when a model or SAE is swapped in place. Cached per process by (path, size, mtime)."""
+    import hashlib
+
+    files = sorted(f for p in paths for f in ([p] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file())
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
+def model_folder(model_dir: str) -> Path:
+    from jaxrecover import embedded
+
+    return Path(model_dir) if model_dir else embedded.default_model_dir()
 
 
 def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site, SAE]:
     """``{site: SAE}`` from explicit paths (comma list) or the shipped SAEs at ``default_layers``."""
     from jaxrecover.sae_io import load_sae
 
-    chosen = [Path(p) for p in paths if p] or [shipped_sae_path(layer) for layer in default_layers]
+    chosen = sae_paths(paths, default_layers)
     out = {}
     for p in chosen:
         if not p.exists():
@@ -55,9 +111,38 @@ def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site,
 
 
 def out_dir(path: str, name: str) -> Path:
-    p = Path(path) if path else REPO / "results" / name
+    p = Path(path) if path else Path("results") / name  # relative to where the user runs it
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any expensive stage when results could not be written to ``out``."""
+    probe = out / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write results there ({e.strerror}).") from None
+
+
+def check_choice(flag: str, value: Any, allowed: Sequence[Any]) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ValueError(f"--{flag.replace('_', '-')} {','.join(map(str, values))!r}: expected {' | '.join(map(str, allowed))}.")
+
+
+def check_range(flag: str, value: float, lo: float | None = None, hi: float | None = None, *, strict_lo: bool = False) -> None:
+    import math
+
+    name = f"--{flag.replace('_', '-')}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} {value}: must be a finite number.")
+    if lo is not None and (value <= lo if strict_lo else value < lo):
+        raise ValueError(f"{name} {value}: must be {'>' if strict_lo else '>='} {lo}.")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} {value}: must be <= {hi}.")
 
 
 def chat(tok: Any, prompts: Sequence[str]) -> list[str]:

@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import _common as C
+from jaxrecover.paper import common as C
 from jaxrecover import datasets, features, judges, report
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
-from jaxrecover.interventions import AddDelta, Clamp, Compose, compose
+from jaxrecover import runner
+from jaxrecover.interventions import AddDelta, Clamp, Compose, check_clamps, compose
 from jaxrecover.sae import encode
 from jaxrecover.sites import Site
 from jaxrecover.transformer import run_blocks, run_to, unembed
@@ -98,6 +99,28 @@ class Config:
     attribution: bool = field(default=True, metadata={"help": "decompose and replay the delta (paper App. J)"})
     require_valid: bool = field(default=True, metadata={"help": "false: recover on the first prompts even if not strict-valid (pipeline smoke tests)"})
     seed: int = field(default=0, metadata={"help": "seed"})
+
+    def __post_init__(self) -> None:
+        from jaxrecover.interventions import CLAMP_MODES
+
+        C.check_choice("feature_method", self.feature_method, ("refusal_text", "steering"))
+        C.check_choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
+        C.check_choice("methods", self.methods, ("jacobian", "encoder", "none", "soft_suffix"))
+        C.check_choice("jacobian", self.jacobian, ("exact", "sketch"))
+        C.check_choice("decode_delta", self.decode_delta, ("slots", "prompt_only"))
+        if not (self.dataset == "builtin" or self.dataset.startswith(("advbench:", "harmbench:"))):
+            raise ValueError(f"--dataset {self.dataset!r}: expected builtin, advbench:PATH.csv or harmbench:PATH.csv.")
+        for name, lo in (("n_prompts", 1), ("n_harmless", 1), ("candidates_per_layer", 1), ("k_features", 1),
+                         ("max_new_tokens", 1), ("answer_tokens", 1), ("max_valid", 1), ("steps", 1), ("probes", 1),
+                         ("suffix_tokens", 1), ("topk_attr", 1), ("batch_size", 1), ("cross_layer_gap", 0)):
+            C.check_range(name, getattr(self, name), lo)
+        for name in ("lr", "suffix_lr"):
+            C.check_range(name, getattr(self, name), 0.0, strict_lo=True)
+        for name in ("budget", "budget_rel", "suffix_budget", "drift_penalty"):
+            C.check_range(name, getattr(self, name), 0.0)
+        if self.budget == 0 and self.budget_rel == 0:
+            raise ValueError("--budget 0 with --budget-rel 0 leaves no budget: delta would stay 0.")
+        C.check_range("clamp_value", self.clamp_value)
 
 
 # ----------------------------------------------------------------------------- prompts and features
@@ -350,7 +373,7 @@ def judge(texts: list[str], bases: list[str]) -> list[dict[str, Any]]:
     out = []
     for t, b in zip(texts, bases):
         q = judges.assess_recovery_quality(t, b)
-        out.append({"non_refusal": not q.refusal, "base_like": q.base_like, "strict_base_like": q.strict_base_like,
+        out.append({"non_refusal": q.non_refusal, "base_like": q.base_like, "strict_base_like": q.strict_base_like,
                     "safety_cue": q.safety_cue, "jaccard": q.jaccard})
     return out
 
@@ -400,19 +423,29 @@ def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_id
     problem = R.RecoveryProblem(delta_site=dsite, clamp_sites=tuple(clamps))
     solver = R.make_solver(problem, rc, O.refusal_stage2, O.continuation_success)
     t0 = time.time()
-    res = R.solve_batch(solver, model, ex, clamps)
+    res = runner.solve_batch(solver, model, ex, clamps)
     jax.block_until_ready(res.delta)
     wall = time.time() - t0
-    recs = R.result_records(res)
+    recs = runner.result_records(res)
     prompt_tok = (batch.tokens[:, :P], batch.valid[:, :P])  # the exact slots the deltas were fit on
     return recs, np.asarray(res.delta), slots, dsite, prompt_tok, {"wall_s": wall, "budget": budget, "P": P}, batch
 
 
 def main(cfg: Config) -> dict[str, Any]:
     t_start = time.time()
+    # cheap checks first: a bad dataset, SAE or output folder fails before the model loads
+    try:
+        load_prompts(cfg)
+    except datasets.DatasetError as e:
+        raise SystemExit(f"--dataset: {e}") from None
     out = C.out_dir(cfg.out, "refusal")
-    model, tok = C.load_model(cfg.model_dir)
+    C.check_writable(out)
     saes = C.load_saes(cfg.sae, cfg.layers)
+    d_sae = min(s.d_sae for s in saes.values())
+    if cfg.k_features > d_sae * len(saes):
+        raise SystemExit(f"--k-features {cfg.k_features}: the SAEs have {d_sae} features each ({len(saes)} SAE(s)).")
+    with C.stage("model load"):
+        model, tok = C.load_model(cfg.model_dir)
     return run(model, tok, saes, cfg, out, t_start)
 
 
@@ -426,37 +459,44 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     refusal_ids = first_token_ids(tok, judges.REFUSAL_SUBSTRINGS)
     discouraged = first_token_ids(tok, judges.DISCOURAGED_PREFIXES)
 
-    # 1. base answers (cached)
+    # 1. base answers (cached, keyed by the model's contents, the prompts and the code version)
+    from jaxrecover import __version__
+
+    model_fp = C.fingerprint([C.model_folder(cfg.model_dir)])
     cache = out / "base_cache.json"
-    key = {"model": str(cfg.model_dir), "n": len(harmful), "max_new_tokens": cfg.max_new_tokens, "dataset": cfg.dataset}
-    if cache.exists() and json.loads(cache.read_text())["key"] == key:
-        c = json.loads(cache.read_text())
-        base_texts, base_ids = c["texts"], c["ids"]
+    key = {"model": model_fp, "prompts": hashlib.sha1("\n".join(harmful).encode()).hexdigest()[:16],
+           "max_new_tokens": cfg.max_new_tokens, "version": __version__}
+    cached = json.loads(cache.read_text()) if cache.exists() else None
+    if cached is not None and cached.get("key") == key:
+        base_texts, base_ids = cached["texts"], cached["ids"]
         C.say(f"base answers: cached ({len(base_texts)})")
     else:
-        C.say(f"base answers for {len(harmful)} prompts")
-        base_texts, base_ids = C.generate_texts(model, tok, p_harm, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, pad_to=8, desc="base")
+        if cached is not None:
+            C.say("base answers: the cache was made with another model, prompt set or version; recomputing")
+        with C.stage("base answers"):
+            base_texts, base_ids = C.generate_texts(model, tok, p_harm, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, pad_to=8, desc="base")
         report.write_json(cache, {"key": key, "texts": base_texts, "ids": base_ids})
     base_refusals = sum(judges.is_refusal(t) for t in base_texts)
 
     # 2. features
-    C.say("selecting refusal features")
     harm_tok = encode_batch(tok, p_harm, pad_to=8)
     ref_act = None
-    if cfg.feature_method == "refusal_text":
-        feats, ref_act = select_refusal_text(model, tok, saes, p_harm[:32], cfg)
-    elif cfg.feature_method == "steering":
-        feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
-    else:
-        raise SystemExit(f"--feature-method {cfg.feature_method!r}: expected refusal_text or steering.")
+    with C.stage("feature selection"):
+        if cfg.feature_method == "refusal_text":
+            feats, ref_act = select_refusal_text(model, tok, saes, p_harm[:32], cfg)
+        else:
+            feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
     clamps = make_clamps(saes, feats, cfg, ref_act)
+    check_clamps(model, clamps)
 
     # 3-4. clamped answers and strict-valid flips
-    C.say("clamped answers")
-    clamp_texts = gen_with(model, tok, harm_tok, clamps, cfg, desc="clamped")
+    with C.stage("clamped answers"):
+        clamp_texts = gen_with(model, tok, harm_tok, clamps, cfg, desc="clamped")
     valid = [judges.strict_valid(b, c) for b, c in zip(base_texts, clamp_texts)]
     flips = [i for i, v in enumerate(valid) if (v or not cfg.require_valid) and len(base_ids[i]) >= 4][: cfg.max_valid]
     C.say(f"strict-valid flips: {sum(valid)} of {len(harmful)}; recovering {len(flips)}")
+    if len(flips) < cfg.max_valid:
+        C.say(f"WARNING: asked for {cfg.max_valid} flips, found {len(flips)}: the table reports N = {len(flips)}")
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "features": {str(s): f.tolist() for s, f in feats.items()},
@@ -479,8 +519,14 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     # resumes at the first unfinished method and gives the same results
     ck = out / "ckpt"
     ck.mkdir(exist_ok=True)
-    run_key = hashlib.sha1(json.dumps({**dataclasses.asdict(cfg), "out": "", "save_text": False, "flips": flips},
-                                      sort_keys=True, default=str).encode()).hexdigest()[:12]
+    run_key = hashlib.sha1(json.dumps({
+        **dataclasses.asdict(cfg), "out": "", "save_text": False, "flips": flips, "version": __version__,
+        "model": model_fp, "saes": C.fingerprint(C.sae_paths(cfg.sae, cfg.layers)),
+        "features": summary["features"], "clamp_values": summary["clamp_values"],
+    }, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    stale = [f.name for f in ck.glob("*_*.json") if not f.name.startswith(run_key)]
+    if stale:
+        C.say(f"resume: {len(stale)} checkpoint(s) in {ck} belong to another model/SAE/config; starting fresh")
     for method in cfg.methods:
         done = ck / f"{run_key}_{method}.json"
         if done.exists():
@@ -492,12 +538,15 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
             prompts = (batch.tokens[:, : info["P"]], batch.valid[:, : info["P"]])
             C.say(f"recovery: {method} (resumed from {done.name})")
         else:
-            C.say(f"recovery: {method}")
-            recs, deltas, slots, dsite, prompts, info, batch = recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bids, pf, discouraged, site)
-            texts = gen_with(model, tok, prompts, clamps, cfg, dsite, deltas, np.tile(slots, (len(flips), 1)), info["P"], desc=method)
+            with C.stage(f"{method}: solve"):
+                recs, deltas, slots, dsite, prompts, info, batch = recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bids, pf, discouraged, site)
+            with C.stage(f"{method}: generation"):
+                texts = gen_with(model, tok, prompts, clamps, cfg, dsite, deltas, np.tile(slots, (len(flips), 1)), info["P"], desc=method)
             rows = []
             for i, (r, j) in enumerate(zip(recs, judge(texts, btx))):
-                row = {"method": method, "prompt_index": flips[i], **j, **{k: r.get(k) for k in ("drift_rel", "floor_violation", "drift_abs", "delta_norm", "delta_rel", "final_objective", "clamped_objective", "base_objective")}}
+                if r["status"] == "non_finite":  # a non-finite delta is never a recovery, whatever it generates
+                    j = {**j, "non_refusal": False, "base_like": False, "strict_base_like": False}
+                row = {"method": method, "prompt_index": flips[i], "status": r["status"], **j, **{k: r.get(k) for k in ("drift_rel", "floor_violation", "drift_abs", "delta_norm", "delta_rel", "final_objective", "clamped_objective", "base_objective")}}
                 if cfg.save_text:
                     row["text"] = texts[i]
                 rows.append(row)
@@ -514,7 +563,8 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     attr_method = next((m for m in ("jacobian", "encoder", "none") if m in keep and keep[m][2] in saes), None)
     if attr_method is not None and cfg.attribution:
         deltas, slots, dsite, prompts, P, batch = keep[attr_method]
-        summary["attribution"] = attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, attr_method)
+        with C.stage("attribution"):
+            summary["attribution"] = attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, attr_method)
     return finish(out, summary, records, t_start)
 
 
@@ -559,6 +609,7 @@ def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prom
 
 def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_start: float) -> dict[str, Any]:
     summary["wall_s"] = time.time() - t_start
+    summary["stage_s"] = C.stage_times(reset=True)
     report.write_jsonl(out / "results.jsonl", records)
     report.write_json(out / "summary.json", summary)
     rows = []
@@ -576,6 +627,7 @@ def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_
                   f"{summary['clamp_refusals']}, strict-valid {summary['strict_valid']}, recovered on {summary['recovered_on']}; "
                   f"features {summary['features']}; wall {summary['wall_s']:.0f} s\n"),
         ("Recovery (Wilson / bootstrap 95% CIs; paper = AdvBench, Gemma-2-2B-it)", report.markdown_table(rows)),
+        ("Where the time went (wall s)", report.markdown_table([{"stage": k, "seconds": f"{v:.1f}"} for k, v in summary["stage_s"].items()])),
     ]
     if "attribution" in summary:
         sections.append(("Recovery-path attribution (replay under the clamp)", report.markdown_table(summary["attribution"]["table"])))
