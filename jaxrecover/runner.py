@@ -47,26 +47,60 @@ def batch_size_for(n: int, batch_size: int) -> int:
     return -(-min(batch_size, n) // n_dev) * n_dev
 
 
+def _axes_key(clamp_axes: Any) -> tuple:
+    """A hashable form of a vmap ``in_axes`` prefix for the clamps (``None``: shared by all)."""
+    leaves, treedef = jax.tree.flatten(clamp_axes, is_leaf=lambda x: x is None)
+    return tuple(leaves), treedef
+
+
 @functools.lru_cache(maxsize=64)
-def compiled(solver: R.Solver, what: str, window: R.Window, n: int = 0) -> Any:
-    """Jitted ``vmap`` of one solver piece over examples: one compile per (solver, window, shape)."""
+def _compiled(solver: R.Solver, what: str, window: R.Window, n: int, axes_key: tuple) -> Any:
+    ca = jax.tree.unflatten(axes_key[1], axes_key[0])
     if what == "init":
-        return jax.jit(jax.vmap(lambda m, e, c: R.init(solver, m, e, c, window), in_axes=(None, 0, None)))
+        return jax.jit(jax.vmap(lambda m, e, c: R.init(solver, m, e, c, window), in_axes=(None, 0, ca)))
     if what == "advance":
         fn = lambda m, e, c, x, s: R.advance(solver, m, e, c, x, s, n, window)  # noqa: E731
-        return jax.jit(jax.vmap(fn, in_axes=(None, 0, None, 0, 0)))
+        return jax.jit(jax.vmap(fn, in_axes=(None, 0, ca, 0, 0)))
     if what == "finish":
-        return jax.jit(jax.vmap(lambda m, e, c, x, s: R.finish(solver, m, e, c, x, s), in_axes=(None, 0, None, 0, 0)))
-    return jax.jit(jax.vmap(lambda m, e, c: R.solve(solver, m, e, c, window), in_axes=(None, 0, None)))
+        return jax.jit(jax.vmap(lambda m, e, c, x, s: R.finish(solver, m, e, c, x, s), in_axes=(None, 0, ca, 0, 0)))
+    return jax.jit(jax.vmap(lambda m, e, c: R.solve(solver, m, e, c, window), in_axes=(None, 0, ca)))
+
+
+def compiled(solver: R.Solver, what: str, window: R.Window, n: int = 0, clamp_axes: Any = None) -> Any:
+    """Jitted ``vmap`` of one solver piece over examples: one compile per (solver, window, shape).
+    ``clamp_axes`` is the clamps' ``in_axes`` (``None``: one set of clamps for every example)."""
+    return _compiled(solver, what, window, n, _axes_key(clamp_axes))
 
 
 def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any],
-                window: R.Window | None = None) -> R.RecoveryResult:
-    """``vmap(solve)`` over stacked ``examples`` (sharded, padded, window planned unless given)."""
+                window: R.Window | None = None, *, clamp_axes: Any = None, progress: bool = False,
+                desc: str = "recover") -> R.RecoveryResult:
+    """All examples at once (``vmap``; sharded and padded when several devices), window planned from
+    the data unless given. With ``progress`` the steps run in chunks of ``cfg.steps_per_chunk`` under
+    a progress bar (same result: the chunks only split the scan); the trace is returned either way."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
     n = _n(examples)
     window = R.plan_window(solver, examples) if window is None else window
-    res = compiled(solver, "solve", window)(model, _place(examples, batch_size_for(n, n)), clamps)
-    return jax.tree.map(lambda a: a[:n], res)
+    size = batch_size_for(n, n)
+    ex = _place(examples, size)
+    if clamp_axes is not None:
+        clamps = jax.tree.map(lambda axis, c: c if axis is None else _place(c, size), clamp_axes, clamps,
+                              is_leaf=lambda x: x is None)
+    ctx, state = compiled(solver, "init", window, 0, clamp_axes)(model, ex, clamps)
+    steps, traces, done = solver.cfg.steps, [], 0
+    bar = tqdm(total=steps * n, desc=desc, disable=not progress, leave=False, unit="ex-step")
+    while done < steps:
+        k = min(solver.cfg.steps_per_chunk if progress else steps, steps - done)
+        state, trace = compiled(solver, "advance", window, k, clamp_axes)(model, ex, clamps, ctx, state)
+        jax.block_until_ready(state.delta)
+        traces.append(trace)
+        done += k
+        bar.update(k * n)
+    bar.close()
+    res = compiled(solver, "finish", window, 0, clamp_axes)(model, ex, clamps, ctx, state)
+    trace = jax.tree.map(lambda *t: np.concatenate(t, axis=1), *traces) if traces else None
+    return jax.tree.map(lambda a: a[:n], dataclasses.replace(res, trace=trace))
 
 
 # ----------------------------------------------------------------------------- records

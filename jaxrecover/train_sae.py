@@ -23,7 +23,10 @@ Losses (per example, written for one row and batched with ``vmap``):
   reconstructs the residual error from the ``aux_k`` largest pre-activations of dead latents.
 - JumpReLU (Rajamanoharan et al. 2024): ``||x - x_hat||^2 / d_in + l0_coeff * sum_i H(pre_i - t_i)``;
   the Heaviside step and the jump get straight-through gradients w.r.t. the threshold through a
-  rectangle kernel of width ``bandwidth``; thresholds are trained as ``log t``.
+  rectangle kernel of width ``bandwidth``; thresholds are trained as ``log t``, initialised either to
+  the constant ``threshold_init`` or (``threshold_init_l0 > 0``) per latent from the data so that the
+  initial L0 is ``threshold_init_l0``; ``threshold_lr_mult`` scales their Adam step (a log-threshold
+  moves by ~``lr`` per step, so a short run needs a larger step for the thresholds to track the encoder).
 Decoder rows are kept unit-norm: the gradient component along each row is removed before the Adam
 update and rows are renormalised after it.
 
@@ -88,7 +91,9 @@ class TrainConfig:
     normalize: bool = True  # train on s * x with E||s x||^2 = d_in; folded back by `to_sae`
     l0_coeff: float = 1e-3  # jumprelu only
     bandwidth: float = 1e-3  # jumprelu only, in normalised units
-    threshold_init: float = 1e-3  # jumprelu only
+    threshold_init: float = 1e-3  # jumprelu only, in normalised units (a floor when threshold_init_l0 > 0)
+    threshold_init_l0: float = 0.0  # jumprelu only: > 0 sets each latent's initial threshold from the data
+    threshold_lr_mult: float = 1.0  # jumprelu only: the log-threshold Adam update is scaled by this
     seed: int = 0
     checkpoint_every: int = 200
     hook_name: str = ""
@@ -98,6 +103,8 @@ class TrainConfig:
             raise ValueError(_MSG_BAD_ACTIVATION.format(act=self.activation))
         if self.activation == "topk" and not 0 < self.k <= self.d_sae:
             raise ValueError(f"TrainConfig: need 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}.")
+        if not 0.0 <= self.threshold_init_l0 < self.d_sae:
+            raise ValueError(f"TrainConfig: need 0 <= threshold_init_l0 < d_sae, got {self.threshold_init_l0}.")
 
     @property
     def learning_rate(self) -> float:
@@ -165,11 +172,32 @@ def input_scale(x: Float[np.ndarray, "n d_in"]) -> float:
     return float(math.sqrt(x.shape[-1] / float(np.mean(np.sum(x * x, axis=-1)))))
 
 
+def quantile_thresholds(
+    params: Params, x: Float[np.ndarray, "n d_in"], l0: float, floor: float
+) -> Float[Array, " d_sae"]:
+    """Per-latent thresholds at which each latent fires on a fraction ``l0 / d_sae`` of the
+    (normalised) rows ``x``, so the initial mean L0 is ``l0``; at least ``floor``.
+
+    With a threshold of ~1e-3 a freshly initialised JumpReLU SAE fires on about half its latents,
+    and the L0 penalty (whose only gradient is through the thresholds, trained as ``log t`` with a
+    step of ~``lr`` per Adam update) cannot raise them by the ~1000x needed within a short run.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    pre = (x - params.b_dec[None, :]) @ params.W_enc + params.b_enc[None, :]
+    q = 1.0 - l0 / params.W_enc.shape[-1]
+    return jnp.maximum(jnp.quantile(pre, q, axis=0), floor).astype(jnp.float32)
+
+
 def init_state(cfg: TrainConfig, sample: Float[np.ndarray, "n d_in"]) -> TrainState:
-    """Initial state; ``sample`` (a few thousand rows) sets the input scale and ``b_dec``."""
+    """Initial state; ``sample`` (a few thousand rows) sets the input scale and ``b_dec`` (and, with
+    ``threshold_init_l0 > 0``, the JumpReLU thresholds, see ``quantile_thresholds``)."""
     s = input_scale(sample) if cfg.normalize else 1.0
     mean = jnp.asarray(np.mean(np.asarray(sample, np.float32), axis=0) * s)
     params = init_params(jax.random.PRNGKey(cfg.seed), cfg, mean)
+    if cfg.activation == "jumprelu" and cfg.threshold_init_l0 > 0:
+        x = np.asarray(sample, np.float32)[:8192] * s
+        t = quantile_thresholds(params, x, cfg.threshold_init_l0, cfg.threshold_init)
+        params = dataclasses.replace(params, log_threshold=jnp.log(t))
     return TrainState(params=params, opt_state=make_optimizer(cfg).init(params), step=jnp.zeros((), jnp.int32),
                       since_fired=jnp.zeros((cfg.d_sae,), jnp.int32), scale=jnp.asarray(s, jnp.float32))
 
@@ -291,6 +319,8 @@ def make_train_step(cfg: TrainConfig) -> Callable[[TrainState, Array], tuple[Tra
         grads = dataclasses.replace(grads, W_dec=_project_out_row_parallel(grads.W_dec, state.params.W_dec))
         with jax.numpy_dtype_promotion("standard"):  # optax computes `b1 ** count` (float ** int32)
             updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        if cfg.activation == "jumprelu" and cfg.threshold_lr_mult != 1.0:
+            updates = dataclasses.replace(updates, log_threshold=updates.log_threshold * cfg.threshold_lr_mult)
         params = optax.apply_updates(state.params, updates)
         params = dataclasses.replace(params, W_dec=_unit_rows(params.W_dec))
         any_fired = jnp.any(fired, axis=0)

@@ -9,6 +9,7 @@ import numpy as np
 from jaxrecover import checkpoint as ckpt
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
+from jaxrecover import runner
 from jaxrecover.interventions import Clamp
 from jaxrecover.sae import SAE
 from jaxrecover.sites import Site
@@ -53,14 +54,14 @@ def test_state_round_trip(tmp_path):
 
 def test_killed_run_resumes_to_identical_results(tmp_path):
     solver, model, ex, clamps = _problem()
-    full = R.run_recovery(solver, model, ex, clamps, tmp_path / "a", run_id="r", batch_size=4, progress=False)
+    full = runner.run_recovery(solver, model, ex, clamps, tmp_path / "a", run_id="r", batch_size=4, progress=False)
     assert full is not None and full["all"]["n"] == 3
     # kill after one chunk, then after two more (mid-run, checkpoint restored each time), then finish
-    assert R.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False,
+    assert runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False,
                           stop_after_chunks=1) is None
-    assert R.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False,
+    assert runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False,
                           stop_after_chunks=1) is None
-    R.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False)
+    runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False)
     a = (tmp_path / "a" / "r.jsonl").read_text()
     b = (tmp_path / "b" / "r.jsonl").read_text()
     assert a == b

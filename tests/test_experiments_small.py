@@ -6,24 +6,18 @@ test checks the output files and their fields. ``require_flip=False`` makes the 
 every candidate example, since a random model gives no guaranteed valid flips.
 """
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import jax
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-EXP = REPO / "experiments"
 
 
 def _load(name):
-    sys.path.insert(0, str(EXP))
-    spec = importlib.util.spec_from_file_location(f"test_exp_{name}", EXP / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"jaxrecover.paper.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +42,10 @@ def tiny():
 @pytest.fixture
 def patched(tiny, monkeypatch):
     model, tok, sae = tiny
-    sys.path.insert(0, str(EXP))
-    import _common
-    import _recovery_suite
+    from jaxrecover.paper import common, suite
 
-    monkeypatch.setattr(_common, "load_model", lambda *a, **k: (model, tok))
-    monkeypatch.setattr(_recovery_suite, "resolve_sae", lambda *a, **k: sae)
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(suite, "resolve_sae", lambda *a, **k: sae)
     return tiny
 
 
@@ -75,7 +67,7 @@ def _check(out: Path, name: str, mode_keys=("none", "encoder")):
 
 def test_ioi_small(patched, tmp_path):
     ioi = _load("ioi")
-    cfg = ioi.Config(out=str(tmp_path), n_prompts=6, n_features=8, steps=3, chunk=3, max_flips=3, suffix_len=2,
+    cfg = ioi.Config(out=str(tmp_path), n_prompts=6, n_features=8, steps=3, max_flips=3, suffix_len=2,
                      budget=2.0, require_flip=False)
     ioi.main(cfg)
     summary, rows = _check(tmp_path, "ioi", ("none", "encoder", "soft_suffix", "replay_clamped_feature"))
@@ -88,7 +80,7 @@ def test_ioi_small(patched, tmp_path):
 @pytest.mark.slow
 def test_ioi_shared_delta(patched, tmp_path):
     ioi = _load("ioi")
-    cfg = ioi.Config(out=str(tmp_path), n_prompts=4, n_features=8, steps=2, chunk=2, max_flips=3, suffix=False,
+    cfg = ioi.Config(out=str(tmp_path), n_prompts=4, n_features=8, steps=2, max_flips=3, suffix=False,
                      replay=False, shared_delta=True, require_flip=False)
     ioi.main(cfg)
     _, rows = _check(tmp_path, "ioi")
@@ -98,7 +90,7 @@ def test_ioi_shared_delta(patched, tmp_path):
 
 def test_unlearning_small(patched, tmp_path):
     unl = _load("unlearning")
-    cfg = unl.Config(out=str(tmp_path), n_features=8, max_questions=2, min_correct=0, max_flips=3, steps=3, chunk=3,
+    cfg = unl.Config(out=str(tmp_path), n_features=8, max_questions=2, min_correct=0, max_flips=3, steps=3,
                      replay=False, require_flip=False)
     unl.main(cfg)
     _check(tmp_path, "unlearning")
@@ -108,14 +100,14 @@ def test_unlearning_small(patched, tmp_path):
 def test_unlearning_answer_scoring(patched, tmp_path):
     unl = _load("unlearning")
     cfg = unl.Config(out=str(tmp_path), scoring="answer", n_features=8, max_questions=1, min_correct=0, max_flips=2,
-                     steps=2, chunk=2, replay=False, require_flip=False)
+                     steps=2, replay=False, require_flip=False)
     unl.main(cfg)
     _check(tmp_path, "unlearning")
 
 
 def test_tpp_small(patched, tmp_path):
     tpp = _load("tpp")
-    cfg = tpp.Config(out=str(tmp_path), n_features=4, steps=3, chunk=3, probe_steps=20, max_flips_per_class=2,
+    cfg = tpp.Config(out=str(tmp_path), n_features=4, steps=3, probe_steps=20, max_flips=2,
                      require_flip=False)
     tpp.main(cfg)
     summary, _ = _check(tmp_path, "tpp")
@@ -128,7 +120,7 @@ def test_sweeps_small(patched, tmp_path):
     sub = _load("ioi")
     cfg = sweeps.Config(setting="ioi", kind="budget", budgets=(0.0, 1.0), constraints=("encoder",), out=str(tmp_path),
                         max_flips=2, steps=2, n_prompts=4)
-    prep = sub.prepare(sub.Config(n_prompts=4, n_features=8, steps=2, chunk=2, max_flips=2, suffix=False,
+    prep = sub.prepare(sub.Config(n_prompts=4, n_features=8, steps=2, max_flips=2, suffix=False,
                                   replay=False, require_flip=False))
     res = sweeps.run_sweep(cfg, sub, prep)
     assert len(res["points"]) == 2

@@ -1,13 +1,10 @@
 """The refusal experiment end to end on a tiny random model (plumbing, files, resume)."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import pytest
 
-EXP = Path(__file__).resolve().parent.parent / "experiments"
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +21,12 @@ def tiny():
     return model, tok, {Site(1, "resid_post"): sae}
 
 
-def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path):
-    sys.path.insert(0, str(EXP))
-    import refusal
+def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
+    from jaxrecover.paper import refusal
 
     model, tok, saes = tiny
-    cfg = refusal.Config(n_prompts=4, n_harmless=4, k_features=4, max_new_tokens=6, answer_tokens=4, max_valid=2,
-                         steps=2, suffix_tokens=2, cross_layer_gap=1, require_valid=False, batch_size=4, topk_attr=4)
+    cfg = refusal.Config(n_prompts=4, n_harmless=4, n_features=4, max_new_tokens=6, answer_tokens=4, max_flips=2,
+                         steps=2, suffix_len=2, cross_layer_gap=1, require_flip=False, batch_size=4, topk_attr=4)
     out = tmp_path / "refusal"
     summary = refusal.run(model, tok, saes, cfg, out)
     for f in ("results.jsonl", "summary.json", "table.md", "methods.csv", "recovery.png"):
@@ -46,7 +42,11 @@ def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path):
     for m, s in summary["methods"].items():
         assert all(r["delta_norm"] <= s["budget"] * (1 + 1e-4) for r in rows if r["method"] == m)
     assert {t["component"] for t in summary["attribution"]["table"]} >= {"residual", "clamped_features", "topk_knockout"}
-    # a rerun resumes every method from <out>/ckpt and reproduces the records
+    # a rerun resumes every method from <out>/ckpt and reproduces the records: solving again is an error
+    def no_solve(*a, **k):
+        raise AssertionError("a resumed run must not solve again")
+
+    monkeypatch.setattr(refusal, "recover_method", no_solve)
     again = refusal.run(model, tok, saes, cfg, out)
     rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert rows2 == rows

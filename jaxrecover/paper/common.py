@@ -43,6 +43,36 @@ def stage_times(reset: bool = False) -> dict[str, float]:
     return out
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Options every setting shares, with ONE name each (a setting's Config subclasses this and may
+    re-declare a field to change its default). Values are checked in ``__post_init__``, before
+    anything is loaded, so a bad flag costs nothing."""
+
+    out: str = dataclasses.field(default="", metadata={"help": "results folder ('' = results/<setting> in the current folder)"})
+    model_dir: str = dataclasses.field(default="", metadata={"help": "Hugging Face model folder ('' = embedded SmolLM2-135M-Instruct)"})
+    sae: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "SAE path(s), comma-separated ('' = shipped SAEs at --layers)"})
+    layers: tuple[int, ...] = dataclasses.field(default=(9,), metadata={"help": "layers of the shipped SAEs used when --sae is empty"})
+    dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | bfloat16 (model compute; losses, projections and norms stay float32)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed"})
+    n_features: int = dataclasses.field(default=20, metadata={"help": "number of clamped SAE features K"})
+    max_flips: int = dataclasses.field(default=8, metadata={"help": "recover at most this many valid flips (0 = all)"})
+    require_flip: bool = dataclasses.field(default=True, metadata={"help": "recover valid flips only (false: every example; smoke tests)"})
+    steps: int = dataclasses.field(default=100, metadata={"help": "optimisation steps"})
+    lr: float = dataclasses.field(default=0.1, metadata={"help": "Adam learning rate"})
+    budget: float = dataclasses.field(default=20.0, metadata={"help": "L2 budget on ||delta||_F"})
+    suffix_len: int = dataclasses.field(default=8, metadata={"help": "soft-suffix length (tokens)"})
+
+    def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        for name, lo in (("n_features", 1), ("max_flips", 0), ("steps", 0), ("suffix_len", 1)):
+            check_range(name, getattr(self, name), lo)
+        check_range("lr", self.lr, 0.0, strict_lo=True)
+        check_range("budget", self.budget, 0.0)
+        if self.sae and self.layers != RunConfig.layers and len(self.layers) != len(self.sae):
+            raise ValueError("--layers applies to the shipped SAEs only; with --sae give the SAE paths alone.")
+
+
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -69,31 +99,17 @@ def sae_paths(paths: Sequence[str], default_layers: Sequence[int]) -> list[Path]
     return [Path(p) for p in paths if p] or [shipped_sae_path(layer) for layer in default_layers]
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
-
-
-def fingerprint(paths: Sequence[Path]) -> str:
-    """sha256 over the contents of every file under ``paths`` (names included): what a resume key
-    must change with when a model or SAE is swapped in place. Cached per process by (path, size, mtime)."""
+def tree_fingerprint(tree: Any) -> str:
+    """sha256 over every array of a pytree (a loaded model or SAE): the content a resume key must
+    follow, wherever it was loaded from (~1 s for SmolLM2-135M in float32)."""
     import hashlib
 
-    files = sorted(f for p in paths for f in ([p] if Path(p).is_file() else Path(p).rglob("*")) if f.is_file())
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _FINGERPRINTS:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        _FINGERPRINTS[key] = h.hexdigest()[:16]
-    return _FINGERPRINTS[key]
-
-
-def model_folder(model_dir: str) -> Path:
-    from jaxrecover import embedded
-
-    return Path(model_dir) if model_dir else embedded.default_model_dir()
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site, SAE]:
@@ -133,7 +149,8 @@ def check_choice(flag: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ValueError(f"--{flag.replace('_', '-')} {','.join(map(str, values))!r}: expected {' | '.join(map(str, allowed))}.")
 
 
-def check_range(flag: str, value: float, lo: float | None = None, hi: float | None = None, *, strict_lo: bool = False) -> None:
+def check_range(flag: str, value: Any, lo: Any = None, hi: Any = None, *, strict_lo: bool = False) -> None:
+    """``value`` in range and finite (ints are fine: numbers, not types, are checked)."""
     import math
 
     name = f"--{flag.replace('_', '-')}"

@@ -61,15 +61,11 @@ PAPER = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
-    model_dir: str = F_(default="", metadata={"help": "Hugging Face model folder ('' = embedded SmolLM2-135M-Instruct)"})
-    sae: str = F_(default="", metadata={"help": "SAE folder ('' = shipped blocks.{sae_layer}.hook_resid_post)"})
-    sae_layer: int = F_(default=9, metadata={"help": "layer of the shipped SAE used when --sae is empty"})
-    out: str = F_(default="", metadata={"help": "output folder ('' = experiments/results/ioi)"})
+class Config(C.RunConfig):
+    seed: int = F_(default=0, metadata={"help": "prompt sampling seed"})
     n_prompts: int = F_(default=32, metadata={"help": "IOI prompts (paper: 64)"})
     template_kind: str = F_(default="BABA", metadata={"help": "BABA | ABBA (paper: BABA)"})
     template_index: int = F_(default=0, metadata={"help": "template index (one template: shared END slot)"})
-    seed: int = F_(default=0, metadata={"help": "prompt sampling seed"})
     n_features: int = F_(default=64, metadata={"help": "top-k attribution features clamped (paper: 64)"})
     clamp_value: float = F_(default=0.0, metadata={"help": "0 = paper (zero-ablate); -5 = authors' code (active -> -5)"})
     max_flips: int = F_(default=8, metadata={"help": "recover at most this many valid flips (CPU budget; 0 = all)"})
@@ -80,7 +76,6 @@ class Config:
     suffix: bool = F_(default=True, metadata={"help": "run the soft-suffix baseline"})
     suffix_len: int = F_(default=8, metadata={"help": "soft-suffix length (placeholder '!' tokens)"})
     replay: bool = F_(default=True, metadata={"help": "replay components of the unconstrained delta"})
-    chunk: int = F_(default=25, metadata={"help": "optimisation steps per jitted call (progress granularity)"})
     require_flip: bool = F_(default=True, metadata={"help": "recover valid flips only (False: every prompt; tests/debug)"})
 
 
@@ -111,8 +106,8 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None =
     """Prompts, tokens and the attribution scores (independent of K, budget and constraint)."""
     t0 = time.time()
     if model is None:
-        model, tok = C.load_model(cfg.model_dir)
-    site, sae_, path = sae if sae is not None else S.resolve_sae(cfg.sae, cfg.sae_layer)
+        model, tok = C.load_model(cfg.model_dir, cfg.dtype)
+    site, sae_, path = sae if sae is not None else S.resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])
     prompts = D.ioi_prompts(cfg.n_prompts, seed=cfg.seed, template_kind=cfg.template_kind,
                             template_index=cfg.template_index)
     tokens, valid = encode_batch(tok, [p.text for p in prompts])
@@ -231,12 +226,12 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         solver = R.make_solver(problem, rcfg.replace(constraint=m), O.logit_diff, O.logit_diff_success)
         if cfg.shared_delta:
             shared = R.make_solver(problem, rcfg.replace(constraint=m), O.logit_diff, O.logit_diff_success)
-            run = S.run_solver(shared, prep.model, _shared_example(prep, used), clamps, chunk=cfg.chunk,
+            run = S.run_solver(shared, prep.model, _shared_example(prep, used), clamps,
                                desc=f"ioi {m} shared", progress=progress)
             deltas = jnp.broadcast_to(run.result.delta, (len(used),) + run.result.delta.shape[1:])
             run = dataclasses.replace(S.evaluate_deltas(solver, prep.model, ex, clamps, deltas), seconds=run.seconds)
         else:
-            run = S.run_solver(solver, prep.model, ex, clamps, chunk=cfg.chunk, desc=f"ioi {m} K={k}", progress=progress)
+            run = S.run_solver(solver, prep.model, ex, clamps, desc=f"ioi {m} K={k}", progress=progress)
         if m == "none":
             none_run = run
         _collect(out, m, run, base_rec)
@@ -250,7 +245,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     if cfg.suffix and constraint is None:
         sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
         solver = R.make_solver(sproblem, rcfg, O.logit_diff, O.logit_diff_success)
-        run = S.run_solver(solver, prep.model, _examples(prep, used, cfg.suffix_len), clamps, chunk=cfg.chunk,
+        run = S.run_solver(solver, prep.model, _examples(prep, used, cfg.suffix_len), clamps,
                            desc="ioi soft suffix", progress=progress)
         _collect(out, "soft_suffix", run, base_rec)
     return out

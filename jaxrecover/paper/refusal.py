@@ -58,28 +58,24 @@ PAPER = {  # AdvBench, 24 strict-valid (Fig. 5 / Table 3 / Table 10)
     "soft_suffix": {"nonref": "24/24", "base_like": "20/24", "strict": "19/24", "drift": 0.815, "floor": 0.702},
 }
 PAPER_REPLAY = {
-    "full": "23/24", "residual": "23/24", "other_features": "2/24", "topk_features": "1/24",
+    "full": "23/24", "residual": "23/24", "other_features": "2/24", "topn_features": "1/24",
     "clamped_features": "0/24", "topk_knockout": "21/24",
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    out: str = field(default="", metadata={"help": "results folder (default results/refusal)"})
-    model_dir: str = field(default="", metadata={"help": "Hugging Face model folder; empty = embedded SmolLM2-135M-Instruct"})
-    sae: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated SAE paths; empty = shipped SAEs at --layers"})
-    layers: tuple[int, ...] = field(default=(9,), metadata={"help": "layers of the shipped SAEs to use (e.g. 9,15)"})
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(C.RunConfig):
     dataset: str = field(default="builtin", metadata={"help": "builtin | advbench:PATH.csv | harmbench:PATH.csv"})
     n_prompts: int = field(default=64, metadata={"help": "harmful prompts scanned for flips (built-in set has 120)"})
     n_harmless: int = field(default=60, metadata={"help": "harmless prompts for the steering vector"})
     feature_method: str = field(default="refusal_text", metadata={"help": "refusal_text (contrast refusal vs compliance answers) | steering (paper: harmful-harmless steering vector + attribution)"})
     candidates_per_layer: int = field(default=10, metadata={"help": "steering: top-cosine candidates per layer"})
-    k_features: int = field(default=20, metadata={"help": "global feature set size K"})
+    n_features: int = field(default=20, metadata={"help": "global feature set size K"})
     clamp_mode: str = field(default="floor", metadata={"help": "floor | scale (paper, x3) | set | ... (interventions.CLAMP_MODES)"})
     clamp_value: float = field(default=4.0, metadata={"help": "floor/set: multiple of each feature's mean activation on refusal text; scale: the factor (paper 3.0)"})
     max_new_tokens: int = field(default=40, metadata={"help": "generated tokens per answer (paper 128)"})
     answer_tokens: int = field(default=16, metadata={"help": "teacher-forced base-answer tokens (paper 48)"})
-    max_valid: int = field(default=8, metadata={"help": "recover at most this many strict-valid flips"})
+    max_flips: int = field(default=24, metadata={"help": "recover at most this many strict-valid flips (paper: 24)"})
     methods: tuple[str, ...] = field(default=("jacobian", "encoder", "none", "soft_suffix"), metadata={"help": "recovery methods"})
     cross_layer_gap: int = field(default=3, metadata={"help": "jacobian: delta at resid_post of (first clamp layer - gap); 0 = at the first clamp site"})
     steps: int = field(default=30, metadata={"help": "optimisation steps (paper stage 2: 120)"})
@@ -89,7 +85,7 @@ class Config:
     jacobian: str = field(default="sketch", metadata={"help": "exact (paper) | sketch (authors' code: probes + drift probe)"})
     probes: int = field(default=4, metadata={"help": "random probes for the sketch (code: 8)"})
     drift_penalty: float = field(default=0.0, metadata={"help": "lambda_act (paper 0; authors' refusal code 200)"})
-    suffix_tokens: int = field(default=8, metadata={"help": "soft-suffix length (paper 16)"})
+    suffix_len: int = field(default=8, metadata={"help": "soft-suffix length (paper 16)"})
     suffix_budget: float = field(default=0.0, metadata={"help": "budget on ||suffix - init||; 0 = budget_rel * embedding norms"})
     suffix_lr: float = field(default=0.01, metadata={"help": "soft-suffix Adam lr (paper 0.01)"})
     topk_attr: int = field(default=20, metadata={"help": "k of the top-k other-feature component"})
@@ -97,10 +93,10 @@ class Config:
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     save_text: bool = field(default=False, metadata={"help": "also write completions (harmful content!)"})
     attribution: bool = field(default=True, metadata={"help": "decompose and replay the delta (paper App. J)"})
-    require_valid: bool = field(default=True, metadata={"help": "false: recover on the first prompts even if not strict-valid (pipeline smoke tests)"})
-    seed: int = field(default=0, metadata={"help": "seed"})
+    require_flip: bool = field(default=True, metadata={"help": "false: recover on the first prompts even if not strict-valid (pipeline smoke tests)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         from jaxrecover.interventions import CLAMP_MODES
 
         C.check_choice("feature_method", self.feature_method, ("refusal_text", "steering"))
@@ -110,9 +106,9 @@ class Config:
         C.check_choice("decode_delta", self.decode_delta, ("slots", "prompt_only"))
         if not (self.dataset == "builtin" or self.dataset.startswith(("advbench:", "harmbench:"))):
             raise ValueError(f"--dataset {self.dataset!r}: expected builtin, advbench:PATH.csv or harmbench:PATH.csv.")
-        for name, lo in (("n_prompts", 1), ("n_harmless", 1), ("candidates_per_layer", 1), ("k_features", 1),
-                         ("max_new_tokens", 1), ("answer_tokens", 1), ("max_valid", 1), ("steps", 1), ("probes", 1),
-                         ("suffix_tokens", 1), ("topk_attr", 1), ("batch_size", 1), ("cross_layer_gap", 0)):
+        for name, lo in (("n_prompts", 1), ("n_harmless", 1), ("candidates_per_layer", 1), ("n_features", 1),
+                         ("max_new_tokens", 1), ("answer_tokens", 1), ("max_flips", 1), ("steps", 1), ("probes", 1),
+                         ("suffix_len", 1), ("topk_attr", 1), ("batch_size", 1), ("cross_layer_gap", 0)):
             C.check_range(name, getattr(self, name), lo)
         for name in ("lr", "suffix_lr"):
             C.check_range(name, getattr(self, name), 0.0, strict_lo=True)
@@ -203,7 +199,7 @@ def select_features(model, tok, saes, harmful_tok, harmless_tok, refusal_ids, cf
         scores += [(float(a[f]), s, int(f)) for f in cands[s]]
     scores.sort(key=lambda t: -t[0])
     chosen: dict[Site, list[int]] = {}
-    for _, s, f in scores[: cfg.k_features]:
+    for _, s, f in scores[: cfg.n_features]:
         chosen.setdefault(s, []).append(f)
     return {s: np.asarray(sorted(v), np.int32) for s, v in chosen.items()}
 
@@ -258,10 +254,10 @@ def select_refusal_text(model, tok, saes, prompts, cfg) -> tuple[dict[Site, np.n
     scored = []
     for s in sorted(saes):
         diff = zr[s].mean(0) - zc[s].mean(0)
-        scored += [(float(diff[f]), s, int(f)) for f in np.argsort(-diff)[: cfg.k_features]]
+        scored += [(float(diff[f]), s, int(f)) for f in np.argsort(-diff)[: cfg.n_features]]
     scored.sort(key=lambda t: -t[0])
     feats: dict[Site, list[int]] = {}
-    for _, s, f in scored[: cfg.k_features]:
+    for _, s, f in scored[: cfg.n_features]:
         feats.setdefault(s, []).append(f)
     feats_np = {s: np.asarray(sorted(v), np.int32) for s, v in feats.items()}
     return feats_np, {s: zr[s].mean(0)[f] for s, f in feats_np.items()}
@@ -355,15 +351,19 @@ def gen_with(model, tok, prompt_tok, clamps, cfg, delta_site=None, deltas=None, 
     """Greedy answers under the clamps (and a per-example delta at ``delta_site``) for the
     left-padded prompts ``prompt_tok = (tokens, valid)``."""
     hooks: dict = dict(clamps)
-    axes = None
-    if deltas is not None:
-        if cfg.decode_delta == "prompt_only":  # authors' code: answer-slot rows never act when generating
-            slots = np.where(slots < first_answer_slot, slots, -1)
-        add = AddDelta(jnp.asarray(deltas), jnp.asarray(slots))
-        hooks[delta_site] = compose(clamps[delta_site], add) if delta_site in clamps else add
-        axes = {s: None for s in clamps}
-        # a vmap in_axes prefix: the clamp is shared, the delta is per example
-        axes[delta_site] = Compose((None, AddDelta(0, 0))) if delta_site in clamps else AddDelta(0, 0)
+    if deltas is None:
+        # a zero delta with the same hook structure as the single-layer methods: the clamp-only pass
+        # and the encoder / unconstrained regenerations share one compiled program per prompt bucket
+        delta_site = sorted(clamps)[0]
+        deltas = np.zeros((len(prompt_tok[0]), cfg.answer_tokens, clamps[delta_site].sae.d_in), np.float32)
+        slots = np.full(deltas.shape[:2], -1, np.int32)
+    if cfg.decode_delta == "prompt_only":  # authors' code: answer-slot rows never act when generating
+        slots = np.where(slots < first_answer_slot, slots, -1)
+    add = AddDelta(jnp.asarray(deltas), jnp.asarray(slots))
+    hooks[delta_site] = compose(clamps[delta_site], add) if delta_site in clamps else add
+    axes = {s: None for s in clamps}
+    # a vmap in_axes prefix: the clamp is shared, the delta is per example
+    axes[delta_site] = Compose((None, AddDelta(0, 0))) if delta_site in clamps else AddDelta(0, 0)
     texts, _ = C.generate_tokens(model, tok, *prompt_tok, max_new_tokens=cfg.max_new_tokens, hooks=hooks,
                                  hooks_in_axes=axes, batch_size=cfg.batch_size, desc=desc)
     return texts
@@ -392,7 +392,7 @@ def decompose(sae, S: np.ndarray, h_def: jax.Array, delta: jax.Array, k: int) ->
     thresh = jax.lax.top_k(jnp.abs(other_dz), k)[0][..., -1:]
     top = jnp.where(jnp.abs(other_dz) >= thresh, other_dz, 0.0) @ W
     residual = delta - (clamped + other)
-    return {"full": delta, "residual": residual, "other_features": other, "topk_features": top,
+    return {"full": delta, "residual": residual, "other_features": other, "topn_features": top,
             "clamped_features": clamped, "topk_knockout": delta - top}
 
 
@@ -402,9 +402,9 @@ def decompose(sae, S: np.ndarray, h_def: jax.Array, delta: jax.Array, k: int) ->
 def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_ids, prompt_texts, discouraged, site):
     """Run one recovery method on the flips; returns (records, deltas, slots, delta_site, prompts)."""
     if method == "soft_suffix":
-        batch = build_batch(tok, prompt_texts, bases_ids, cfg, suffix=cfg.suffix_tokens)
+        batch = build_batch(tok, prompt_texts, bases_ids, cfg, suffix=cfg.suffix_len)
         P = batch.prompt_len
-        slots = np.arange(P - cfg.suffix_tokens, P, dtype=np.int32)
+        slots = np.arange(P - cfg.suffix_len, P, dtype=np.int32)
         dsite = Site(0, "resid_pre")
         ex = examples_for(batch, discouraged, slots)
         budget = cfg.suffix_budget or cfg.budget_rel * float(np.median(row_norms_at(model, clamps, dsite, ex))) * np.sqrt(len(slots))
@@ -423,7 +423,7 @@ def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_id
     problem = R.RecoveryProblem(delta_site=dsite, clamp_sites=tuple(clamps))
     solver = R.make_solver(problem, rc, O.refusal_stage2, O.continuation_success)
     t0 = time.time()
-    res = runner.solve_batch(solver, model, ex, clamps)
+    res = runner.solve_batch(solver, model, ex, clamps, progress=True, desc=method)
     jax.block_until_ready(res.delta)
     wall = time.time() - t0
     recs = runner.result_records(res)
@@ -442,10 +442,10 @@ def main(cfg: Config) -> dict[str, Any]:
     C.check_writable(out)
     saes = C.load_saes(cfg.sae, cfg.layers)
     d_sae = min(s.d_sae for s in saes.values())
-    if cfg.k_features > d_sae * len(saes):
-        raise SystemExit(f"--k-features {cfg.k_features}: the SAEs have {d_sae} features each ({len(saes)} SAE(s)).")
+    if cfg.n_features > d_sae * len(saes):
+        raise SystemExit(f"--n-features {cfg.n_features}: the SAEs have {d_sae} features each ({len(saes)} SAE(s)).")
     with C.stage("model load"):
-        model, tok = C.load_model(cfg.model_dir)
+        model, tok = C.load_model(cfg.model_dir, cfg.dtype)
     return run(model, tok, saes, cfg, out, t_start)
 
 
@@ -462,7 +462,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     # 1. base answers (cached, keyed by the model's contents, the prompts and the code version)
     from jaxrecover import __version__
 
-    model_fp = C.fingerprint([C.model_folder(cfg.model_dir)])
+    model_fp = C.tree_fingerprint(model)
     cache = out / "base_cache.json"
     key = {"model": model_fp, "prompts": hashlib.sha1("\n".join(harmful).encode()).hexdigest()[:16],
            "max_new_tokens": cfg.max_new_tokens, "version": __version__}
@@ -493,10 +493,10 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     with C.stage("clamped answers"):
         clamp_texts = gen_with(model, tok, harm_tok, clamps, cfg, desc="clamped")
     valid = [judges.strict_valid(b, c) for b, c in zip(base_texts, clamp_texts)]
-    flips = [i for i, v in enumerate(valid) if (v or not cfg.require_valid) and len(base_ids[i]) >= 4][: cfg.max_valid]
+    flips = [i for i, v in enumerate(valid) if (v or not cfg.require_flip) and len(base_ids[i]) >= 4][: cfg.max_flips]
     C.say(f"strict-valid flips: {sum(valid)} of {len(harmful)}; recovering {len(flips)}")
-    if len(flips) < cfg.max_valid:
-        C.say(f"WARNING: asked for {cfg.max_valid} flips, found {len(flips)}: the table reports N = {len(flips)}")
+    if len(flips) < cfg.max_flips:
+        C.say(f"WARNING: asked for {cfg.max_flips} flips, found {len(flips)}: the table reports N = {len(flips)}")
     summary: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "features": {str(s): f.tolist() for s, f in feats.items()},
@@ -507,7 +507,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     }
     records: list[dict[str, Any]] = []
     if not flips:
-        C.say("no strict-valid flips: raise --clamp-value or --k-features")
+        C.say("no strict-valid flips: raise --clamp-value or --n-features")
         return finish(out, summary, records, t_start)
 
     site = sorted(clamps)[0]
@@ -521,7 +521,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     ck.mkdir(exist_ok=True)
     run_key = hashlib.sha1(json.dumps({
         **dataclasses.asdict(cfg), "out": "", "save_text": False, "flips": flips, "version": __version__,
-        "model": model_fp, "saes": C.fingerprint(C.sae_paths(cfg.sae, cfg.layers)),
+        "model": model_fp, "saes": C.tree_fingerprint(saes),
         "features": summary["features"], "clamp_values": summary["clamp_values"],
     }, sort_keys=True, default=str).encode()).hexdigest()[:12]
     stale = [f.name for f in ck.glob("*_*.json") if not f.name.startswith(run_key)]
@@ -534,7 +534,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
             arrays = np.load(ck / f"{run_key}_{method}.npz")
             rows, info, dsite = saved["rows"], saved["info"], Site.parse(saved["dsite"])
             deltas, slots = arrays["deltas"], arrays["slots"]
-            batch = build_batch(tok, pf, bids, cfg, suffix=cfg.suffix_tokens if method == "soft_suffix" else 0)
+            batch = build_batch(tok, pf, bids, cfg, suffix=cfg.suffix_len if method == "soft_suffix" else 0)
             prompts = (batch.tokens[:, : info["P"]], batch.valid[:, : info["P"]])
             C.say(f"recovery: {method} (resumed from {done.name})")
         else:
@@ -596,8 +596,14 @@ def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prom
     parts = jax.vmap(lambda h, d: decompose(sae, S, h, d, cfg.topk_attr))(h_def, jnp.asarray(deltas))
     out: dict[str, Any] = {"method": method, "norms": {k: float(jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))) for k, v in parts.items()}}
     rows = []
-    for name, comp in parts.items():
-        texts = gen_with(model, tok, prompts, clamps, cfg, dsite, np.asarray(comp), np.tile(slots, (n, 1)), P, desc=f"replay {name}")
+    # every component of every example in ONE batched generation (one compile, full batches)
+    names = list(parts)
+    stacked = np.concatenate([np.asarray(parts[k]) for k in names])
+    all_prompts = tuple(np.concatenate([p] * len(names)) for p in prompts)
+    all_texts = gen_with(model, tok, all_prompts, clamps, cfg, dsite, stacked, np.tile(slots, (n * len(names), 1)), P,
+                         desc="replays")
+    for c, name in enumerate(names):
+        texts = all_texts[c * n : (c + 1) * n]
         js = judge(texts, btx)
         rows.append({"component": name, **{k: C.rates(js, k)["cell"] for k in ("non_refusal", "base_like", "strict_base_like")},
                      "mean_norm": out["norms"][name], "paper_non_refusal": PAPER_REPLAY.get(name, "--")})

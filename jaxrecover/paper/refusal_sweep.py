@@ -16,29 +16,26 @@ from jaxrecover.paper import refusal
 from jaxrecover import report
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    out: str = field(default="", metadata={"help": "results folder (default results/refusal_sweep)"})
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(C.RunConfig):
     kind: str = field(default="k", metadata={"help": "k (feature-set size) | budget (relative budget)"})
     ks: tuple[int, ...] = field(default=(5, 10, 20, 40, 60), metadata={"help": "K values (paper 5..61)"})
     budget_rels: tuple[float, ...] = field(default=(0.0, 0.02, 0.05, 0.1, 0.25), metadata={"help": "budgets relative to ||h_def|| at the delta rows"})
     method: str = field(default="encoder", metadata={"help": "encoder | jacobian | none"})
     n_prompts: int = field(default=32, metadata={"help": "harmful prompts per point"})
-    max_valid: int = field(default=6, metadata={"help": "flips recovered per point"})
+    max_flips: int = field(default=6, metadata={"help": "flips recovered per point"})
     steps: int = field(default=20, metadata={"help": "optimisation steps"})
-    model_dir: str = field(default="", metadata={"help": "model folder; empty = embedded default"})
-    sae: tuple[str, ...] = field(default=(), metadata={"help": "SAE paths; empty = shipped layer 9"})
 
 
 def main(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     out = C.out_dir(cfg.out, "refusal_sweep")
-    model, tok = C.load_model(cfg.model_dir)
-    saes = C.load_saes(cfg.sae, (9,))
-    base = refusal.Config(n_prompts=cfg.n_prompts, max_valid=cfg.max_valid, steps=cfg.steps, methods=(cfg.method,),
-                          attribution=False, model_dir=cfg.model_dir)
+    model, tok = C.load_model(cfg.model_dir, cfg.dtype)
+    saes = C.load_saes(cfg.sae, cfg.layers)
+    base = refusal.Config(n_prompts=cfg.n_prompts, max_flips=cfg.max_flips, steps=cfg.steps, methods=(cfg.method,),
+                          attribution=False, model_dir=cfg.model_dir, sae=cfg.sae, layers=cfg.layers, dtype=cfg.dtype)
     if cfg.kind == "k":
-        points = [("K", k, dataclasses.replace(base, k_features=k)) for k in cfg.ks]
+        points = [("K", k, dataclasses.replace(base, n_features=k)) for k in cfg.ks]
     elif cfg.kind == "budget":
         # budget_rel 0 would mean "use --budget"; a tiny positive budget stands for 0
         points = [("budget_rel", b, dataclasses.replace(base, budget_rel=max(b, 1e-9))) for b in cfg.budget_rels]

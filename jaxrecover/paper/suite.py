@@ -106,26 +106,6 @@ class Run:
     ctx: Any = None
 
 
-def _axes(clamp_axes: Any) -> Any:
-    return None if clamp_axes is None else clamp_axes
-
-
-def _jits(solver: R.Solver, clamp_axes: Any, window: R.Window) -> tuple[Any, Any, Any]:
-    ca = _axes(clamp_axes)
-    init = jax.jit(jax.vmap(lambda m, e, c: R.init(solver, m, e, c, window), in_axes=(None, 0, ca)))
-    finish = jax.jit(jax.vmap(solver.finish, in_axes=(None, 0, ca, 0, 0)))
-    advances: dict[int, Any] = {}
-
-    def advance(n: int) -> Any:
-        if n not in advances:
-            advances[n] = jax.jit(
-                jax.vmap(lambda m, e, c, x, s: R.advance(solver, m, e, c, x, s, n, window), in_axes=(None, 0, ca, 0, 0))
-            )
-        return advances[n]
-
-    return init, advance, finish
-
-
 def run_solver(
     solver: R.Solver,
     model: Any,
@@ -133,30 +113,14 @@ def run_solver(
     clamps: Mapping[Site, Any],
     *,
     clamp_axes: Any = None,
-    chunk: int = 10,
     desc: str = "recover",
     progress: bool = True,
 ) -> Run:
-    """All examples at once (``vmap``), ``chunk`` steps per jitted ``advance`` call."""
-    from tqdm.auto import tqdm
-
+    """All examples at once (``runner.solve_batch``: windowed steps, chunked under a progress bar)."""
     t0 = time.time()
-    init, advance, finish = _jits(solver, clamp_axes, R.plan_window(solver, examples))
-    n_ex = jax.tree.leaves(examples)[0].shape[0]
-    ctx, state = init(model, examples, clamps)
-    steps = solver.cfg.steps
-    bar = tqdm(total=steps * n_ex, desc=desc, disable=not progress, leave=False, unit="ex-step")
-    done = 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        state, _ = advance(n)(model, examples, clamps, ctx, state)
-        jax.block_until_ready(state.delta)
-        done += n
-        bar.update(n * n_ex)
-    bar.close()
-    res = finish(model, examples, clamps, ctx, state)
+    res = runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes, progress=progress, desc=desc)
     res = jax.device_get(res)
-    return Run(res, runner.result_records(res), time.time() - t0, ctx)
+    return Run(res, runner.result_records(res), time.time() - t0)
 
 
 def evaluate_deltas(
@@ -170,7 +134,7 @@ def evaluate_deltas(
 ) -> Run:
     """Measure fixed ``deltas [n, rows, d]`` (no optimisation) with the solver's ``finish``."""
     t0 = time.time()
-    ca = _axes(clamp_axes)
+    ca = clamp_axes
 
     def one(model, ex, cl, delta):
         ctx, state = solver.init(model, ex, cl)
@@ -211,7 +175,7 @@ def take(tree: Any, idx: Sequence[int] | np.ndarray) -> Any:
 
 def mode_summary(records: Sequence[Mapping[str, Any]], drift_key: str = "drift_abs") -> dict[str, Any]:
     """Wilson rates for recovered / zero-reactivation, bootstrap means for the continuous metrics."""
-    from _common import mean_ci, rates
+    from jaxrecover.paper.common import mean_ci, rates
 
     out: dict[str, Any] = {"n": len(records)}
     if not records:

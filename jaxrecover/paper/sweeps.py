@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 
+from jaxrecover.paper import common as C
 from jaxrecover.paper import suite as S
 from jaxrecover import report
 
@@ -36,19 +37,16 @@ PAPER_K_REFUSAL = {5: "16/17", 10: "36/36", 15: "45/45", 20: "42/45", 30: "58/59
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(C.RunConfig):
     setting: str = F_(default="ioi", metadata={"help": "ioi | unlearning | refusal"})
     kind: str = F_(default="k", metadata={"help": "k (number of clamped features) | budget"})
     ks: tuple[int, ...] = F_(default=(5, 10, 15, 20, 30, 40, 60), metadata={"help": "K grid (comma list)"})
     budgets: tuple[float, ...] = F_(default=(1.0, 2.0, 5.0, 10.0, 20.0, 40.0), metadata={"help": "budget grid"})
     constraints: tuple[str, ...] = F_(default=("none", "encoder"), metadata={"help": "constraints compared"})
-    model_dir: str = F_(default="", metadata={"help": "Hugging Face model folder ('' = embedded default)"})
-    sae: str = F_(default="", metadata={"help": "SAE folder ('' = shipped layer-9 SAE)"})
     max_flips: int = F_(default=4, metadata={"help": "valid flips recovered per grid point (small slice)"})
     steps: int = F_(default=0, metadata={"help": "optimisation steps (0 = the experiment's default)"})
     n_prompts: int = F_(default=24, metadata={"help": "IOI prompts"})
     max_questions: int = F_(default=4, metadata={"help": "unlearning: questions through the strict filter"})
-    out: str = F_(default="", metadata={"help": "output folder ('' = experiments/results/sweeps/<setting>_<kind>)"})
 
 
 def _load(setting: str) -> Any:
@@ -65,7 +63,7 @@ def _load(setting: str) -> Any:
 def _sub_config(cfg: Config, mod: Any) -> Any:
     """The experiment's Config with the sweep's slice settings (only fields it has)."""
     names = {f.name for f in dataclasses.fields(mod.Config)}
-    over = {"model_dir": cfg.model_dir, "sae": cfg.sae, "max_flips": cfg.max_flips, "n_prompts": cfg.n_prompts,
+    over = {"model_dir": cfg.model_dir, "sae": cfg.sae, "layers": cfg.layers, "dtype": cfg.dtype, "max_flips": cfg.max_flips, "n_prompts": cfg.n_prompts,
             "max_questions": cfg.max_questions, "suffix": False, "replay": False,
             "out": str(Path(cfg.out or "/tmp") / "sub")}
     if cfg.steps:

@@ -57,13 +57,9 @@ PAPER = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
-    model_dir: str = F_(default="", metadata={"help": "Hugging Face model folder ('' = embedded SmolLM2-135M-Instruct)"})
-    sae: str = F_(default="", metadata={"help": "SAE folder ('' = shipped blocks.{sae_layer}.hook_resid_post)"})
-    sae_layer: int = F_(default=9, metadata={"help": "layer of the shipped SAE used when --sae is empty"})
-    out: str = F_(default="", metadata={"help": "output folder ('' = experiments/results/tpp)"})
-    train_frac: float = F_(default=0.6, metadata={"help": "fraction of each class used to train the probes"})
+class Config(C.RunConfig):
     seed: int = F_(default=0, metadata={"help": "split / probe seed"})
+    train_frac: float = F_(default=0.6, metadata={"help": "fraction of each class used to train the probes"})
     probe_steps: int = F_(default=400, metadata={"help": "probe training steps (full batch)"})
     probe_lr: float = F_(default=0.01, metadata={"help": "probe Adam learning rate"})
     probe_l2: float = F_(default=1e-3, metadata={"help": "probe L2 penalty"})
@@ -72,8 +68,7 @@ class Config:
     steps: int = F_(default=100, metadata={"help": "Adam steps"})
     lr: float = F_(default=0.1, metadata={"help": "Adam learning rate"})
     budget: float = F_(default=20.0, metadata={"help": "||delta||_F budget over all pooled positions"})
-    max_flips_per_class: int = F_(default=0, metadata={"help": "cap valid flips per class (0 = all)"})
-    chunk: int = F_(default=25, metadata={"help": "optimisation steps per jitted call"})
+    max_flips: int = F_(default=0, metadata={"help": "cap on valid flips per class (0 = all)"})
     require_flip: bool = F_(default=True, metadata={"help": "recover valid flips only (False: every test example of the class; tests)"})
 
 
@@ -106,8 +101,8 @@ def _pooled(resid: Any, pool: Any) -> Any:
 def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None = None) -> Prepared:
     t0 = time.time()
     if model is None:
-        model, tok = C.load_model(cfg.model_dir)
-    site, sae_, path = sae if sae is not None else S.resolve_sae(cfg.sae, cfg.sae_layer)
+        model, tok = C.load_model(cfg.model_dir, cfg.dtype)
+    site, sae_, path = sae if sae is not None else S.resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])
     bios = D.load_tpp()
     labels = sorted({b.label for b in bios})
     y = np.asarray([labels.index(b.label) for b in bios], np.int32)
@@ -172,8 +167,8 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         valid_flip = is_c & (clean_logits[:, c] > 0) & (abl_logits[c, :, c] <= 0)
         n_flips = int(valid_flip.sum())
         flips = np.nonzero(valid_flip if cfg.require_flip else is_c)[0]
-        if cfg.max_flips_per_class:
-            flips = flips[: cfg.max_flips_per_class]
+        if cfg.max_flips:
+            flips = flips[: cfg.max_flips]
         ex_idx += [int(test[i]) for i in flips]
         ex_cls += [c] * len(flips)
         acc = lambda L, j: float(((L[:, j] > 0) == (yt == j)).mean())  # noqa: E731
@@ -209,7 +204,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     base_rec = [{"bio": int(i), "label": prep.labels[c]} for i, c in zip(ex_idx, ex_cls, strict=True)]
     for m in [constraint] if constraint else ["none", "encoder"]:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), O.probe_logit, O.probe_success)
-        run = S.run_solver(solver, prep.model, examples, {site: clamp}, clamp_axes=axes, chunk=cfg.chunk,
+        run = S.run_solver(solver, prep.model, examples, {site: clamp}, clamp_axes=axes,
                            desc=f"tpp {m} K={k}", progress=progress)
         recs = [{**b, **r, "mode": m, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
         for r in recs:

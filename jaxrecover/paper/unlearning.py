@@ -64,11 +64,7 @@ PAPER = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Config:
-    model_dir: str = F_(default="", metadata={"help": "Hugging Face model folder ('' = embedded SmolLM2-135M-Instruct)"})
-    sae: str = F_(default="", metadata={"help": "SAE folder ('' = shipped blocks.{sae_layer}.hook_resid_post)"})
-    sae_layer: int = F_(default=9, metadata={"help": "layer of the shipped SAE used when --sae is empty"})
-    out: str = F_(default="", metadata={"help": "output folder ('' = experiments/results/unlearning)"})
+class Config(C.RunConfig):
     scoring: str = F_(default="first_token", metadata={"help": "first_token | answer (see module doc)"})
     n_features: int = F_(default=200, metadata={"help": "forget-vs-retain features clamped (paper: 50; 50 flips nothing here)"})
     retain_threshold: float = F_(default=0.01, metadata={"help": "max retain firing frequency of a selected feature"})
@@ -84,7 +80,6 @@ class Config:
     suffix: bool = F_(default=False, metadata={"help": "run the soft-suffix baseline (full 30-layer passes: slow on CPU)"})
     suffix_len: int = F_(default=8, metadata={"help": "soft-suffix length (placeholder '!' tokens)"})
     replay: bool = F_(default=True, metadata={"help": "replay components of the unconstrained delta"})
-    chunk: int = F_(default=25, metadata={"help": "optimisation steps per jitted call (progress granularity)"})
     require_flip: bool = F_(default=True, metadata={"help": "recover valid flips only (False: every base-correct order; tests)"})
 
 
@@ -210,8 +205,8 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None =
     if cfg.scoring not in ("first_token", "answer"):
         raise SystemExit(f"--scoring must be first_token or answer, got {cfg.scoring!r}")
     if model is None:
-        model, tok = C.load_model(cfg.model_dir)
-    site, sae_, path = sae if sae is not None else S.resolve_sae(cfg.sae, cfg.sae_layer)
+        model, tok = C.load_model(cfg.model_dir, cfg.dtype)
+    site, sae_, path = sae if sae is not None else S.resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])
     qs = D.load_qa_bio()
     usable = []
     for qi, q in enumerate(qs):
@@ -292,7 +287,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     none_run = None
     for m in [constraint] if constraint else ["none", "encoder"]:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), objective, success)
-        run = S.run_solver(solver, prep.model, ex, clamps, chunk=cfg.chunk, desc=f"unlearning {m} K={k}", progress=progress)
+        run = S.run_solver(solver, prep.model, ex, clamps, desc=f"unlearning {m} K={k}", progress=progress)
         none_run = run if m == "none" else none_run
         _collect(out, m, run, base_rec)
     if cfg.replay and none_run is not None and constraint is None:
@@ -306,7 +301,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         sex = _examples(items, cfg.scoring, prep.P, prep.A, [bang] * cfg.suffix_len)
         sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
         solver = R.make_solver(sproblem, rcfg, objective, success)
-        _collect(out, "soft_suffix", S.run_solver(solver, prep.model, sex, clamps, chunk=cfg.chunk,
+        _collect(out, "soft_suffix", S.run_solver(solver, prep.model, sex, clamps,
                                                   desc="unlearning soft suffix", progress=progress), base_rec)
     return out
 
