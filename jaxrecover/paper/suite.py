@@ -117,8 +117,11 @@ def run_solver(
     progress: bool = True,
 ) -> Run:
     """All examples at once (``runner.solve_batch``: windowed steps, chunked under a progress bar)."""
+    from jaxrecover.paper.common import stage
+
     t0 = time.time()
-    res = runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes, progress=progress, desc=desc)
+    with stage(f"solve: {desc}"):
+        res = runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes, progress=progress, desc=desc)
     res = jax.device_get(res)
     return Run(res, runner.result_records(res), time.time() - t0)
 
@@ -222,14 +225,19 @@ def write_outputs(
     title: str,
 ) -> str:
     """results.jsonl, summary.json, table.md, ``{name}.csv``; returns the markdown table."""
+    from jaxrecover.paper.common import stage_times
+
+    stages = stage_times(reset=True)
     report.write_jsonl(out / "results.jsonl", records)
-    report.write_json(out / "summary.json", summary)
+    report.write_json(out / "summary.json", {**summary, "stage_s": stages})
     report.write_csv(out / f"{name}.csv", csv_rows)
     cols = list(dict.fromkeys(k for r in table_rows for k in r))
     paper = [c for c in cols if c.startswith("paper")]
     table = report.markdown_table(table_rows, [c for c in cols if c not in paper] + paper)
-    report.write_markdown(out / "table.md", title, [("Results (ours vs paper)", table), ("Notes", notes)])
-    return table
+    timing = report.markdown_table([{"stage": k, "seconds": f"{v:.1f}"} for k, v in stages.items()])
+    report.write_markdown(out / "table.md", title, [("Results (ours vs paper)", table), ("Notes", notes),
+                                                    ("Where the time went (wall s)", timing)])
+    return table + "\n\nWhere the time went (wall s):\n" + timing
 
 
 def finite(x: Any) -> float | None:

@@ -339,7 +339,9 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
 def main(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     out = S.default_out(cfg.out, NAME)
-    prep = prepare(cfg)
+    C.check_writable(out)
+    with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
+        prep = prepare(cfg)
     res = evaluate(prep)
     records = res.pop("records")
     summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
