@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxrecover._proc import pid_alive
+
 _Atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's own marker (atomicity_types.TMP_DIR_SUFFIX)
 
@@ -36,22 +38,13 @@ class UniqueTemporaryPath(_Atomic):
         return cls(tmp, final_path, **kwargs)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Delete ``*.orbax-checkpoint-tmp-<pid>-<hex>`` folders whose process no longer runs."""
     removed = []
     for path in directory.glob(f"*{TMP_SUFFIX}-*-*") if directory.is_dir() else ():
         pid = path.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

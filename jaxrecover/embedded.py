@@ -40,6 +40,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from jaxrecover._proc import pid_alive
 from jaxrecover.gguf_convert import SOURCE_MARKER, gguf_to_hf_folder, sha256_file
 
 PathLike = str | os.PathLike[str]
@@ -140,15 +141,6 @@ def _is_converted(folder: Path, *, say: bool = False) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
 
 def _host() -> str:
     return socket.gethostname().replace("-", "_")  # '-' separates the staging name's fields
@@ -174,7 +166,7 @@ def remove_stale_temporaries(root: Path, name: str = DEFAULT_MODEL_NAME) -> list
         if path.name.startswith(staging):
             owner = _staging_owner(path.name, staging)
             # another host's process cannot be checked here (a shared cache): leave it alone
-            stale = owner is not None and owner[0] == host and owner[1] != os.getpid() and not _pid_alive(owner[1])
+            stale = owner is not None and owner[0] == host and owner[1] != os.getpid() and not pid_alive(owner[1])
         elif path.name.startswith((f".{name}.tmp-", f".{name}.old-")):
             try:
                 stale = now - path.stat().st_mtime > _LEGACY_TEMP_AGE_S

@@ -305,14 +305,14 @@ def _call(
     valid: _Valid | None,
     *,
     max_new_tokens: int,
-    hooks: AnyHooks | None,
-    hooks_in_axes: Any,
-    temperature: float,
-    top_k: int | None,
-    key: Array | None,
-    eos_id: int | None,
-    pad_id: int | None,
-    return_logits: bool,
+    hooks: AnyHooks | None = None,
+    hooks_in_axes: Any = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    key: Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    return_logits: bool = False,
 ) -> GenerationResult:
     tokens = jnp.asarray(tokens, jnp.int32)
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
@@ -412,36 +412,9 @@ def generate(
     )
 
 
-def generate_uncached(
-    model: Transformer,
-    tokens: _Tokens,
-    valid: _Valid | None = None,
-    *,
-    max_new_tokens: int,
-    hooks: AnyHooks | None = None,
-    hooks_in_axes: Any = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    key: Array | None = None,
-    eos_id: int | None = None,
-    pad_id: int | None = None,
-    return_logits: bool = False,
-) -> GenerationResult:
+def generate_uncached(model: Transformer, tokens: _Tokens, valid: _Valid | None = None, **options: Any) -> GenerationResult:
     """``generate`` without a cache: every step reruns ``transformer.forward`` over the whole
-    ``seq + max_new_tokens`` buffer (future slots marked invalid). Same arguments and result; cost is
-    quadratic in the number of steps. Use it as a reference."""
-    return _call(
-        _generate_uncached_jit,
-        model,
-        tokens,
-        valid,
-        max_new_tokens=max_new_tokens,
-        hooks=hooks,
-        hooks_in_axes=hooks_in_axes,
-        temperature=temperature,
-        top_k=top_k,
-        key=key,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        return_logits=return_logits,
-    )
+    ``seq + max_new_tokens`` buffer (future slots marked invalid). Same arguments (``options`` are
+    ``generate``'s keywords) and result; cost is quadratic in the number of steps. Use it as a
+    reference."""
+    return _call(_generate_uncached_jit, model, tokens, valid, **options)

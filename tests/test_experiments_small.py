@@ -81,7 +81,7 @@ def test_ioi_small(patched, tmp_path):
 def test_ioi_shared_delta(patched, tmp_path):
     ioi = _load("ioi")
     cfg = ioi.Config(out=str(tmp_path), n_prompts=4, n_features=8, steps=2, max_flips=3, suffix=False,
-                     replay=False, shared_delta=True, require_flip=False)
+                     attribution=False, shared_delta=True, require_flip=False)
     ioi.main(cfg)
     _, rows = _check(tmp_path, "ioi")
     none = [r for r in rows if r["mode"] == "none"]
@@ -91,7 +91,7 @@ def test_ioi_shared_delta(patched, tmp_path):
 def test_unlearning_small(patched, tmp_path):
     unl = _load("unlearning")
     cfg = unl.Config(out=str(tmp_path), n_features=8, max_questions=2, min_correct=0, max_flips=3, steps=3,
-                     replay=False, require_flip=False)
+                     attribution=False, require_flip=False)
     unl.main(cfg)
     _check(tmp_path, "unlearning")
 
@@ -100,7 +100,7 @@ def test_unlearning_small(patched, tmp_path):
 def test_unlearning_answer_scoring(patched, tmp_path):
     unl = _load("unlearning")
     cfg = unl.Config(out=str(tmp_path), scoring="answer", n_features=8, max_questions=1, min_correct=0, max_flips=2,
-                     steps=2, replay=False, require_flip=False)
+                     steps=2, attribution=False, require_flip=False)
     unl.main(cfg)
     _check(tmp_path, "unlearning")
 
@@ -121,7 +121,7 @@ def test_sweeps_small(patched, tmp_path):
     cfg = sweeps.Config(setting="ioi", kind="budget", budgets=(0.0, 1.0), constraints=("encoder",), out=str(tmp_path),
                         max_flips=2, steps=2, n_prompts=4)
     prep = sub.prepare(sub.Config(n_prompts=4, n_features=8, steps=2, max_flips=2, suffix=False,
-                                  replay=False, require_flip=False))
+                                  attribution=False, require_flip=False))
     res = sweeps.run_sweep(cfg, sub, prep)
     assert len(res["points"]) == 2
     zero = [p for p in res["points"] if p["x"] == 0.0]

@@ -62,6 +62,7 @@ class RunConfig:
     lr: float = dataclasses.field(default=0.1, metadata={"help": "Adam learning rate"})
     budget: float = dataclasses.field(default=20.0, metadata={"help": "L2 budget on ||delta||_F"})
     suffix_len: int = dataclasses.field(default=8, metadata={"help": "soft-suffix length (tokens)"})
+    attribution: bool = dataclasses.field(default=True, metadata={"help": "decompose the delta and replay each part under the clamp (paper App. J)"})
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))

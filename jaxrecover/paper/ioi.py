@@ -28,6 +28,7 @@ Run: ``jaxrecover run ioi`` (or ``.venv/bin/python experiments/ioi.py``); ``--he
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -69,24 +70,12 @@ class Config(C.RunConfig):
     n_features: int = F_(default=64, metadata={"help": "top-k attribution features clamped (paper: 64)"})
     clamp_value: float = F_(default=0.0, metadata={"help": "0 = paper (zero-ablate); -5 = authors' code (active -> -5)"})
     max_flips: int = F_(default=8, metadata={"help": "recover at most this many valid flips (CPU budget; 0 = all)"})
-    steps: int = F_(default=100, metadata={"help": "Adam steps (paper: 100)"})
-    lr: float = F_(default=0.1, metadata={"help": "Adam learning rate (paper: 0.1)"})
-    budget: float = F_(default=20.0, metadata={"help": "||delta||_F budget (paper: 20, a GPT-2 scale)"})
     shared_delta: bool = F_(default=False, metadata={"help": "one delta shared by all valid flips (authors' code)"})
     suffix: bool = F_(default=True, metadata={"help": "run the soft-suffix baseline"})
-    suffix_len: int = F_(default=8, metadata={"help": "soft-suffix length (placeholder '!' tokens)"})
-    replay: bool = F_(default=True, metadata={"help": "replay components of the unconstrained delta"})
-    require_flip: bool = F_(default=True, metadata={"help": "recover valid flips only (False: every prompt; tests/debug)"})
 
 
 @dataclasses.dataclass
-class Prepared:
-    cfg: Config
-    model: Any
-    tok: Any
-    site: Site
-    sae: Any
-    sae_path: str
+class Prepared(S.Prepared):
     prompts: tuple
     tokens: np.ndarray
     valid: np.ndarray
@@ -235,7 +224,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         if m == "none":
             none_run = run
         _collect(out, m, run, base_rec)
-    if cfg.replay and none_run is not None and constraint is None:
+    if cfg.attribution and none_run is not None and constraint is None:
         solver = R.make_solver(problem, rcfg, O.logit_diff, O.logit_diff_success)
         ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
         parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
@@ -290,18 +279,9 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    t0 = time.time()
-    out = S.default_out(cfg.out, NAME)
-    C.check_writable(out)
-    with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
-        prep = prepare(cfg)
-    res = evaluate(prep)
-    records = res.pop("records")
-    summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
-               "prepare_seconds": prep.seconds, "wall_seconds": time.time() - t0, **res}
-    rows = table_rows(res)
-    notes = (
+def notes(prep: Prepared, res: dict[str, Any]) -> str:
+    cfg = prep.cfg
+    return (
         f"SAE: `{prep.sae_path}` at `{prep.site}`; K={res['n_features']} attribution features, clamp mode "
         f"`{res['clamp_mode']}` (value {res['clamp_value']}). Recovery on the first {res['n_recovered_on']} of "
         f"{res['n_valid_flips']} valid flips; Adam lr {cfg.lr}, {cfg.steps} steps, budget {res['budget']}; "
@@ -312,25 +292,21 @@ def main(cfg: Config) -> dict[str, Any]:
         "Replay rows re-run the unconstrained delta's clamped-feature part dz_S W_dec[S] and SAE-residual part "
         "delta - dz W_dec alone, under the clamp.\n"
     )
-    table = S.write_outputs(out, name=NAME, records=records, summary=summary, table_rows=rows,
-                            csv_rows=[{"mode": m, **{k: (v.get("mean", v.get("rate")) if isinstance(v, dict) else v)
-                                                      for k, v in s.items()}} for m, s in res["modes"].items()],
-                            notes=notes, title="IOI circuit-level recovery (paper §5.3, Fig. 4)")
-    modes = [m for m in res["modes"]]
-    if modes:
-        report.bar_plot(out / "ioi.png", ["recovery", "act drift L2", "decode drift", "react frac"],
-                        {m: [res["modes"][m]["recovered"]["rate"],
-                             res["modes"][m].get("drift_abs", {}).get("mean") or 0.0,
-                             res["modes"][m].get("decode_drift", {}).get("mean") or 0.0,
-                             res["modes"][m].get("react_frac", {}).get("mean") or 0.0] for m in modes},
-                        ylabel="value", title=f"IOI recovery (K={res['n_features']}, budget {res['budget']})")
-    print(table)
-    S.say(f"ioi: wrote {out} in {time.time() - t0:.0f} s")
-    return summary
 
 
-if __name__ == "__main__":
-    from jaxrecover.cli import config_parser
+def plot(out: Path, res: dict[str, Any]) -> None:
+    modes = list(res["modes"])
+    report.bar_plot(out / "ioi.png", ["recovery", "act drift L2", "decode drift", "react frac"],
+                    {m: [res["modes"][m]["recovered"]["rate"],
+                         res["modes"][m].get("drift_abs", {}).get("mean") or 0.0,
+                         res["modes"][m].get("decode_drift", {}).get("mean") or 0.0,
+                         res["modes"][m].get("react_frac", {}).get("mean") or 0.0] for m in modes},
+                    ylabel="value", title=f"IOI recovery (K={res['n_features']}, budget {res['budget']})")
 
-    p = config_parser(Config, "ioi", __doc__)
-    main(Config(**vars(p.parse_args())))
+
+SETTING = S.Setting(name=NAME, title="IOI circuit-level recovery (paper §5.3, Fig. 4)", prepare=prepare, evaluate=evaluate,
+                    table_rows=table_rows, notes=notes, plot=plot, csv_rows=S.mode_csv_rows)
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    return S.run_setting(SETTING, cfg)

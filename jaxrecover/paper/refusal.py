@@ -92,7 +92,6 @@ class Config(C.RunConfig):
     decode_delta: str = field(default="slots", metadata={"help": "slots (answer rows act at decode steps) | prompt_only (authors' code)"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
     save_text: bool = field(default=False, metadata={"help": "also write completions (harmful content!)"})
-    attribution: bool = field(default=True, metadata={"help": "decompose and replay the delta (paper App. J)"})
     require_flip: bool = field(default=True, metadata={"help": "false: recover on the first prompts even if not strict-valid (pipeline smoke tests)"})
 
     def __post_init__(self) -> None:

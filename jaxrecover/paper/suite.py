@@ -16,7 +16,7 @@ The helpers never loop over examples in Python on the hot path: every array op i
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,68 @@ def write_outputs(
     report.write_markdown(out / "table.md", title, [("Results (ours vs paper)", table), ("Notes", notes),
                                                     ("Where the time went (wall s)", timing)])
     return table + "\n\nWhere the time went (wall s):\n" + timing
+
+
+def mode_csv_rows(res: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One CSV row per mode: the mean (or rate) of each summarised metric."""
+    return [{"mode": m, **{k: (v.get("mean", v.get("rate")) if isinstance(v, dict) else v) for k, v in s.items()}}
+            for m, s in res["modes"].items()]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What every setting's ``prepare`` returns first (a setting adds its own fields after these)."""
+
+    cfg: Any
+    model: Any
+    tok: Any
+    site: Site
+    sae: Any
+    sae_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What a setting provides to the one driver (``run_setting``) and to the sweeps.
+
+    ``prepare(cfg) -> prep`` (model, SAE, data, clean and clamped passes; ``prep.sae_path``,
+    ``prep.site``, ``prep.seconds``); ``evaluate(prep, n_features=, budget=, constraint=) -> res``
+    (valid flips, recovery per method, judged; ``res["modes"]``, ``res["records"]``);
+    ``table_rows(res)`` (ours next to the paper's numbers); ``notes(prep, res)``; ``plot(out, res)``.
+    """
+
+    name: str
+    title: str
+    prepare: Callable[[Any], Any]
+    evaluate: Callable[..., dict[str, Any]]
+    table_rows: Callable[[dict[str, Any]], list[dict[str, Any]]]
+    notes: Callable[[Any, dict[str, Any]], str]
+    plot: Callable[[Path, dict[str, Any]], None]
+    csv_rows: Callable[[Mapping[str, Any]], list[dict[str, Any]]] = mode_csv_rows
+
+
+def run_setting(setting: Setting, cfg: Any) -> dict[str, Any]:
+    """THE driver of a setting: checks the output folder before anything is loaded, times each stage,
+    writes results.jsonl, summary.json, table.md, ``<name>.csv`` and ``<name>.png``, prints the table."""
+    from jaxrecover.paper import common as C
+
+    t0 = time.time()
+    out = default_out(cfg.out, setting.name)
+    C.check_writable(out)
+    with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
+        prep = setting.prepare(cfg)
+    res = setting.evaluate(prep)
+    records = res.pop("records")
+    summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
+               "prepare_seconds": prep.seconds, "wall_seconds": time.time() - t0, **res}
+    table = write_outputs(out, name=setting.name, records=records, summary=summary,
+                          table_rows=setting.table_rows(res), csv_rows=setting.csv_rows(res),
+                          notes=setting.notes(prep, res), title=setting.title)
+    if res["modes"]:
+        setting.plot(out, res)
+    print(table)
+    say(f"{setting.name}: wrote {out} in {time.time() - t0:.0f} s")
+    return summary
 
 
 def finite(x: Any) -> float | None:

@@ -64,7 +64,7 @@ def _sub_config(cfg: Config, mod: Any) -> Any:
     """The experiment's Config with the sweep's slice settings (only fields it has)."""
     names = {f.name for f in dataclasses.fields(mod.Config)}
     over = {"model_dir": cfg.model_dir, "sae": cfg.sae, "layers": cfg.layers, "dtype": cfg.dtype, "max_flips": cfg.max_flips, "n_prompts": cfg.n_prompts,
-            "max_questions": cfg.max_questions, "suffix": False, "replay": False,
+            "max_questions": cfg.max_questions, "suffix": False, "attribution": False,
             "out": str(Path(cfg.out or "/tmp") / "sub")}
     if cfg.steps:
         over["steps"] = cfg.steps

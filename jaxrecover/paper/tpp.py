@@ -26,6 +26,7 @@ Run: ``jaxrecover run tpp``; ``--help`` lists the options.
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -42,7 +43,6 @@ from jaxrecover import objectives as O
 from jaxrecover import recovery as R
 from jaxrecover import report
 from jaxrecover.interventions import Clamp
-from jaxrecover.sites import Site
 from jaxrecover.tokenizer import encode_batch
 
 NAME = "tpp"
@@ -65,21 +65,11 @@ class Config(C.RunConfig):
     probe_l2: float = F_(default=1e-3, metadata={"help": "probe L2 penalty"})
     n_features: int = F_(default=200, metadata={"help": "features ablated per target class (20 flips nothing on these easy bios)"})
     selection: str = F_(default="attribution", metadata={"help": "attribution | decoder"})
-    steps: int = F_(default=100, metadata={"help": "Adam steps"})
-    lr: float = F_(default=0.1, metadata={"help": "Adam learning rate"})
-    budget: float = F_(default=20.0, metadata={"help": "||delta||_F budget over all pooled positions"})
     max_flips: int = F_(default=0, metadata={"help": "cap on valid flips per class (0 = all)"})
-    require_flip: bool = F_(default=True, metadata={"help": "recover valid flips only (False: every test example of the class; tests)"})
 
 
 @dataclasses.dataclass
-class Prepared:
-    cfg: Config
-    model: Any
-    tok: Any
-    site: Site
-    sae: Any
-    sae_path: str
+class Prepared(S.Prepared):
     labels: list[str]
     y: np.ndarray  # [n] class index
     train: np.ndarray  # [n] bool
@@ -253,17 +243,9 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows + [mean_row, paper_row]
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    t0 = time.time()
-    out = S.default_out(cfg.out, NAME)
-    C.check_writable(out)
-    with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
-        prep = prepare(cfg)
-    res = evaluate(prep)
-    records = res.pop("records")
-    summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
-               "prepare_seconds": prep.seconds, "wall_seconds": time.time() - t0, **res}
-    notes = (
+def notes(prep: Prepared, res: dict[str, Any]) -> str:
+    cfg = prep.cfg
+    return (
         f"SAE `{prep.sae_path}` at `{prep.site}`; K={res['n_features']} features per target by {cfg.selection}, "
         f"zero-ablated at every position. Probes: one-vs-rest logistic regression, accuracy {prep.probe_acc}. "
         f"Recovery: Adam lr {cfg.lr}, {cfg.steps} steps, ||delta||_F <= {res['budget']} over all pooled positions. "
@@ -272,24 +254,21 @@ def main(cfg: Config) -> dict[str, Any]:
         "unweighted over classes (paper Table 2 aggregation). Paper: Gemma-2-2B, Gemma Scope layer 5, SAEBench "
         "TPP latents, 20 targets.\n"
     )
-    table = S.write_outputs(out, name=NAME, records=records, summary=summary, table_rows=table_rows(res),
-                            csv_rows=table_rows(res), notes=notes,
-                            title="TPP latent-level recovery (paper §5.1, Table 2)")
+
+
+def plot(out: Path, res: dict[str, Any]) -> None:
     modes = [m for m in ("none", "encoder") if m in res["modes"]]
-    if modes:
-        labs = [lab for lab in res["labels"] if res["per_class"][lab]["n_recovered_on"]]
-        report.bar_plot(out / "tpp.png", labs,
-                        {f"recovery {m}": [res["modes"][m]["per_class"][lab]["recovered"]["rate"] for lab in labs]
-                         for m in modes} | {f"zero-react {m}": [res["modes"][m]["per_class"][lab]["zero_reactivation"]["rate"]
-                                                               for lab in labs] for m in modes},
-                        ylabel="rate", title=f"TPP recovery per target (K={res['n_features']})")
-    print(table)
-    S.say(f"tpp: wrote {out} in {time.time() - t0:.0f} s")
-    return summary
+    labs = [lab for lab in res["labels"] if res["per_class"][lab]["n_recovered_on"]]
+    report.bar_plot(out / "tpp.png", labs,
+                    {f"recovery {m}": [res["modes"][m]["per_class"][lab]["recovered"]["rate"] for lab in labs]
+                     for m in modes} | {f"zero-react {m}": [res["modes"][m]["per_class"][lab]["zero_reactivation"]["rate"]
+                                                           for lab in labs] for m in modes},
+                    ylabel="rate", title=f"TPP recovery per target (K={res['n_features']})")
 
 
-if __name__ == "__main__":
-    from jaxrecover.cli import config_parser
+SETTING = S.Setting(name=NAME, title="TPP latent-level recovery (paper §5.1, Table 2)", prepare=prepare, evaluate=evaluate,
+                    table_rows=table_rows, notes=notes, plot=plot, csv_rows=table_rows)
 
-    p = config_parser(Config, "tpp", __doc__)
-    main(Config(**vars(p.parse_args())))
+
+def main(cfg: Config) -> dict[str, Any]:
+    return S.run_setting(SETTING, cfg)

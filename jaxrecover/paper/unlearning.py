@@ -32,6 +32,7 @@ Run: ``jaxrecover run unlearning``; ``--help`` lists the options.
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -76,11 +77,7 @@ class Config(C.RunConfig):
     max_flips: int = F_(default=6, metadata={"help": "recover at most this many valid flips (CPU budget; 0 = all)"})
     steps: int = F_(default=150, metadata={"help": "Adam steps (paper: 150)"})
     lr: float = F_(default=0.08, metadata={"help": "Adam learning rate (paper: 0.08)"})
-    budget: float = F_(default=20.0, metadata={"help": "||delta||_F budget (paper: 20)"})
     suffix: bool = F_(default=False, metadata={"help": "run the soft-suffix baseline (full 30-layer passes: slow on CPU)"})
-    suffix_len: int = F_(default=8, metadata={"help": "soft-suffix length (placeholder '!' tokens)"})
-    replay: bool = F_(default=True, metadata={"help": "replay components of the unconstrained delta"})
-    require_flip: bool = F_(default=True, metadata={"help": "recover valid flips only (False: every base-correct order; tests)"})
 
 
 @dataclasses.dataclass
@@ -94,13 +91,7 @@ class Item:
 
 
 @dataclasses.dataclass
-class Prepared:
-    cfg: Config
-    model: Any
-    tok: Any
-    site: Site
-    sae: Any
-    sae_path: str
+class Prepared(S.Prepared):
     questions: tuple
     items: list[Item]  # all 24 perms of the kept questions
     kept: list[int]  # question indices kept by the strict filter
@@ -290,7 +281,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         run = S.run_solver(solver, prep.model, ex, clamps, desc=f"unlearning {m} K={k}", progress=progress)
         none_run = run if m == "none" else none_run
         _collect(out, m, run, base_rec)
-    if cfg.replay and none_run is not None and constraint is None:
+    if cfg.attribution and none_run is not None and constraint is None:
         solver = R.make_solver(problem, rcfg, objective, success)
         ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
         parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
@@ -336,17 +327,9 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    t0 = time.time()
-    out = S.default_out(cfg.out, NAME)
-    C.check_writable(out)
-    with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
-        prep = prepare(cfg)
-    res = evaluate(prep)
-    records = res.pop("records")
-    summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
-               "prepare_seconds": prep.seconds, "wall_seconds": time.time() - t0, **res}
-    notes = (
+def notes(prep: Prepared, res: dict[str, Any]) -> str:
+    cfg = prep.cfg
+    return (
         f"SAE `{prep.sae_path}` at `{prep.site}`; K={res['n_features']} forget-vs-retain features, clamp: active -> "
         f"-{cfg.multiplier} at every position. Scoring `{cfg.scoring}`. Strict filter: {len(prep.kept)} of the first "
         f"{len(prep.correct_counts)} base-correct questions answered right under >= {res['min_correct']}/24 orders"
@@ -356,22 +339,18 @@ def main(cfg: Config) -> dict[str, Any]:
         "Gemma Scope layer 3, letter readout (choice_margin), 6 questions / 91 flips. Rates: Wilson 95%; means: "
         "bootstrap 95%.\n"
     )
-    table = S.write_outputs(out, name=NAME, records=records, summary=summary, table_rows=table_rows(res),
-                            csv_rows=[{"mode": m, **{k: (v.get("mean", v.get("rate")) if isinstance(v, dict) else v)
-                                                      for k, v in s.items()}} for m, s in res["modes"].items()],
-                            notes=notes, title="Unlearning (WMDP-Bio style) output-level recovery (paper §5.2)")
-    if res["modes"]:
-        report.bar_plot(out / "unlearning.png", ["recovery", "drift abs L2", "drift > 1e-3"],
-                        {m: [s["recovered"]["rate"], (s.get("drift_abs") or {}).get("mean") or 0.0,
-                             s["drift_gt_1e-3"]["rate"]] for m, s in res["modes"].items()},
-                        ylabel="value", title=f"Unlearning recovery (K={res['n_features']}, budget {res['budget']})")
-    print(table)
-    S.say(f"unlearning: wrote {out} in {time.time() - t0:.0f} s")
-    return summary
 
 
-if __name__ == "__main__":
-    from jaxrecover.cli import config_parser
+def plot(out: Path, res: dict[str, Any]) -> None:
+    report.bar_plot(out / "unlearning.png", ["recovery", "drift abs L2", "drift > 1e-3"],
+                    {m: [s["recovered"]["rate"], (s.get("drift_abs") or {}).get("mean") or 0.0,
+                         s["drift_gt_1e-3"]["rate"]] for m, s in res["modes"].items()},
+                    ylabel="value", title=f"Unlearning recovery (K={res['n_features']}, budget {res['budget']})")
 
-    p = config_parser(Config, "unlearning", __doc__)
-    main(Config(**vars(p.parse_args())))
+
+SETTING = S.Setting(name=NAME, title="Unlearning (WMDP-Bio style) output-level recovery (paper §5.2)", prepare=prepare, evaluate=evaluate,
+                    table_rows=table_rows, notes=notes, plot=plot, csv_rows=S.mode_csv_rows)
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    return S.run_setting(SETTING, cfg)
