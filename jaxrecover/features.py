@@ -11,7 +11,6 @@
 All functions are pure and take per-example arrays already batched by the caller.
 """
 
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -73,11 +72,3 @@ def forget_retain(
 def probe_features(sae: SAE, probe_w: Float[Array, " d"], k: int) -> Int[Array, " k"]:
     """Features whose decoder rows push the probe logit most (``W_dec @ w``), largest first."""
     return jax.lax.top_k(sae.W_dec.astype(jnp.float32) @ probe_w.astype(jnp.float32), k)[1]
-
-
-def resid_grad(
-    metric: Callable[[Float[Array, "seq d"]], Float[Array, ""]],
-    resid: Float[Array, "seq d"],
-) -> Float[Array, "seq d"]:
-    """dM/dh for one example; vmap over a batch."""
-    return jax.grad(metric)(resid)

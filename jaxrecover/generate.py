@@ -35,6 +35,7 @@ from jaxrecover._pytree import pytree_dataclass
 from jaxrecover.config import TransformerConfig
 from jaxrecover.sites import Site
 from jaxrecover.transformer import KV, Hook, SeqInfo, Transformer, embed, forward, run_layers, seq_info, unembed
+from jaxrecover.types import Tokens, Valid
 
 # hooks keyed by Site or by "blocks.{L}.hook_{point}" string (Site.parse accepts both)
 AnyHooks = Mapping[Site | str, Hook]
@@ -112,8 +113,8 @@ def _embed_at(model: Transformer, tokens: Int[Array, " q"], positions: Int[Array
 
 def prefill(
     model: Transformer,
-    tokens: Int[Array, " seq"],
-    valid: Bool[Array, " seq"],
+    tokens: Tokens,
+    valid: Valid,
     max_len: int,
     hooks: AnyHooks | None = None,
 ) -> tuple[Float[Array, " d_vocab"], KVCache]:

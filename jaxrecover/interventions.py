@@ -45,6 +45,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxrecover._pytree import pytree_dataclass, static
 from jaxrecover.sae import SAE, encode_features
 from jaxrecover.sites import Site
+from jaxrecover.types import Resid, Slots, Valid
 
 CLAMP_MODES = ("set", "zero", "scale", "negative_on_positive", "floor", "ceiling")
 
@@ -101,7 +102,7 @@ def clamp_latents(mode: str, z_S: Float[Array, "*seq k"], values: Float[Array, "
     raise ValueError(f"Unknown clamp mode {mode!r}; expected one of {CLAMP_MODES}.")
 
 
-def _slot_gate(slot_mask: Bool[Array, " n"] | None, slots: Int[Array, " seq"]) -> Bool[Array, " seq"] | None:
+def _slot_gate(slot_mask: Bool[Array, " n"] | None, slots: Slots) -> Valid | None:
     if slot_mask is None:
         return None
     inside = slots < slot_mask.shape[0]
@@ -213,7 +214,7 @@ class Clamp:
         # only user construction gets here (pytree unflattening bypasses __init__); tracers skip
         validate_clamp(self)
 
-    def __call__(self, resid: Float[Array, "seq d"], slots: Int[Array, " seq"]) -> Float[Array, "seq d"]:
+    def __call__(self, resid: Resid, slots: Slots) -> Resid:
         if self.sae.d_in != resid.shape[-1]:  # shapes are static: a trace-time error, not a dot_general one
             raise ValueError(_MSG_WIDTH.format(sae=_sae_name(self.sae), d_in=self.sae.d_in, width=resid.shape[-1]))
         z_S = encode_features(self.sae, resid, self.features)
@@ -226,7 +227,7 @@ class Clamp:
         return resid + (dz @ self.sae.W_dec[self.features]).astype(resid.dtype)
 
 
-def reencoding_error(clamp: Clamp, resid: Float[Array, "seq d"], slots: Int[Array, " seq"]) -> Float[Array, ""]:
+def reencoding_error(clamp: Clamp, resid: Resid, slots: Slots) -> Float[Array, ""]:
     """How far the clamped features read back from their targets: ``max |z_S(clamp(h)) - target|``.
 
     The clamp writes ``target - z_S`` along the decoder rows ``W_dec[S]``; re-encoding the result gives
@@ -258,7 +259,7 @@ class AddDelta:
     delta: Float[Array, "*batch rows d"] | int | None  # batch / int / None: see the note in Clamp
     slots: Int[Array, "*batch rows"] | int | None
 
-    def __call__(self, resid: Float[Array, "seq d"], slots: Int[Array, " seq"]) -> Float[Array, "seq d"]:
+    def __call__(self, resid: Resid, slots: Slots) -> Resid:
         # one-hot scatter: works unchanged for a full pass and for a single decode slot
         hit = (slots[:, None] == self.slots[None, :]).astype(self.delta.dtype)
         return resid + (hit @ self.delta).astype(resid.dtype)
@@ -270,7 +271,7 @@ class Compose:
 
     fns: tuple
 
-    def __call__(self, resid: Float[Array, "seq d"], slots: Int[Array, " seq"]) -> Float[Array, "seq d"]:
+    def __call__(self, resid: Resid, slots: Slots) -> Resid:
         for fn in self.fns:
             resid = fn(resid, slots)
         return resid
@@ -284,7 +285,7 @@ def compose(*fns: Callable) -> Compose:
 
 @pytree_dataclass
 class Identity:
-    def __call__(self, resid: Float[Array, "seq d"], slots: Int[Array, " seq"]) -> Float[Array, "seq d"]:
+    def __call__(self, resid: Resid, slots: Slots) -> Resid:
         return resid
 
 

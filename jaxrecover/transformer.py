@@ -27,8 +27,9 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxrecover._pytree import pytree_dataclass, static
 from jaxrecover.config import TransformerConfig
 from jaxrecover.sites import Site
+from jaxrecover.types import Logits, Resid, Slots, Tokens, Valid
 
-Hook = Callable[[Float[Array, "seq d_model"], Int[Array, " seq"]], Float[Array, "seq d_model"]]
+Hook = Callable[[Resid, Slots], Resid]
 Hooks = Mapping[Site, Hook]
 
 
@@ -115,7 +116,7 @@ def _act(name: str, x: Array) -> Array:
     raise ValueError(f"Unknown activation {name!r}.")
 
 
-def rope(x: Float[Array, "seq heads d_head"], positions: Int[Array, " seq"], theta: Array | float) -> Array:
+def rope(x: Float[Array, "seq heads d_head"], positions: Slots, theta: Array | float) -> Array:
     """Rotary embedding, half-split layout (Hugging Face ``rotate_half``)."""
     d = x.shape[-1]
     inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
@@ -165,7 +166,7 @@ def attend(
 
 
 def qkv(
-    cfg: TransformerConfig, p: Attention, x: Float[Array, "seq d_model"], positions: Int[Array, " seq"], is_local: Array
+    cfg: TransformerConfig, p: Attention, x: Resid, positions: Slots, is_local: Array
 ) -> tuple[Array, Array, Array]:
     """Projected, normed and rotated queries, keys and values."""
     q = jnp.einsum("sd,dhk->shk", x, p.W_Q)
@@ -183,12 +184,12 @@ def qkv(
     return q, k, v
 
 
-def attn_out(p: Attention, o: Float[Array, "seq n_heads d_head"]) -> Float[Array, "seq d_model"]:
+def attn_out(p: Attention, o: Float[Array, "seq n_heads d_head"]) -> Resid:
     y = jnp.einsum("shk,hkd->sd", o, p.W_O)
     return y if p.b_O is None else y + _like(p.b_O, y)
 
 
-def mlp(cfg: TransformerConfig, p: MLP, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
+def mlp(cfg: TransformerConfig, p: MLP, x: Resid) -> Resid:
     h = x @ p.W_in
     if p.b_in is not None:
         h = h + _like(p.b_in, h)
@@ -204,12 +205,12 @@ def mlp(cfg: TransformerConfig, p: MLP, x: Float[Array, "seq d_model"]) -> Float
 class SeqInfo:
     """Per-example bookkeeping shared by every block of one pass."""
 
-    slots: Int[Array, " seq"]
-    positions: Int[Array, " seq"]
-    valid: Bool[Array, " seq"]
+    slots: Slots
+    positions: Slots
+    valid: Valid
 
 
-def seq_info(valid: Bool[Array, " seq"]) -> SeqInfo:
+def seq_info(valid: Valid) -> SeqInfo:
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0)
     return SeqInfo(slots=jnp.arange(valid.shape[0], dtype=jnp.int32), positions=positions, valid=valid)
 
@@ -291,17 +292,17 @@ def block(
 def block_forward(
     cfg: TransformerConfig,
     p: Block,
-    x: Float[Array, "seq d_model"],
+    x: Resid,
     info: SeqInfo,
     is_local: Bool[Array, ""],
     block_hooks: Mapping[str, Hook] | None = None,
     captured: dict[str, Array] | None = None,
-) -> Float[Array, "seq d_model"]:
+) -> Resid:
     """``block`` over a whole sequence, residual only."""
     return block(cfg, p, x, info, is_local, block_hooks, captured)[0]
 
 
-def mlp_residual(cfg: TransformerConfig, p: Block, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
+def mlp_residual(cfg: TransformerConfig, p: Block, x: Resid) -> Resid:
     """The second half of a block: ``x + post_norm(mlp(norm(x)))`` (shared with cached decoding)."""
     m = mlp(cfg, p.mlp, norm(p.ln2, x, cfg.norm_eps))
     if p.ln2_post is not None:
@@ -320,7 +321,7 @@ def layer_is_local(cfg: TransformerConfig) -> Bool[Array, " layer"]:
     return jnp.asarray(cfg.layer_is_local, dtype=bool)
 
 
-def embed(model: Transformer, tokens: Int[Array, " seq"], valid: Bool[Array, " seq"] | None = None) -> Array:
+def embed(model: Transformer, tokens: Tokens, valid: Valid | None = None) -> Array:
     """Token (+ learned position) embedding, scaled for Gemma: the residual entering block 0."""
     cfg = model.cfg
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid
@@ -333,7 +334,7 @@ def embed(model: Transformer, tokens: Int[Array, " seq"], valid: Bool[Array, " s
     return x
 
 
-def unembed(model: Transformer, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_vocab"]:
+def unembed(model: Transformer, x: Resid) -> Logits:
     """Final norm, unembedding and (Gemma-2) final soft-cap; logits are float32."""
     cfg = model.cfg
     h = norm(model.ln_final, x, cfg.norm_eps)
@@ -427,14 +428,14 @@ def run_layers(
 
 def run_blocks(
     model: Transformer,
-    x: Float[Array, "seq d_model"],
+    x: Resid,
     start: int,
     stop: int,
     hooks: Hooks | None = None,
     *,
-    valid: Bool[Array, " seq"] | None = None,
+    valid: Valid | None = None,
     capture: Sequence[Site] = (),
-) -> tuple[Float[Array, "seq d_model"], dict[Site, Array]]:
+) -> tuple[Resid, dict[Site, Array]]:
     """Run blocks ``start .. stop-1`` of a whole sequence from the residual entering ``start``.
 
     Hooks and captures at layers outside ``[start, stop)`` are skipped (a site past the model's last
@@ -446,14 +447,30 @@ def run_blocks(
     return out.x, out.captured
 
 
+def capture(
+    model: Transformer,
+    tokens: Tokens,
+    sites: Sequence[Site | str],
+    hooks: Hooks | None = None,
+    *,
+    valid: Valid | None = None,
+) -> dict[Site, Resid]:
+    """The residual at each of ``sites`` (before that site's hook), running only the blocks up to the
+    last of them, with ``hooks`` applied on the way (e.g. the clamps, to read a defended state)."""
+    sites = tuple(Site.parse(s) for s in sites)
+    stop = max(s.layer for s in sites) + 1
+    _, cap = run_blocks(model, embed(model, tokens, valid), 0, stop, hooks, valid=valid, capture=sites)
+    return cap
+
+
 def run_to(
     model: Transformer,
-    tokens: Int[Array, " seq"],
+    tokens: Tokens,
     layer: int,
     hooks: Hooks | None = None,
     *,
-    valid: Bool[Array, " seq"] | None = None,
-) -> Float[Array, "seq d_model"]:
+    valid: Valid | None = None,
+) -> Resid:
     """Residual entering block ``layer`` (before any hook at ``blocks.{layer}.hook_resid_pre``)."""
     x, _ = run_blocks(model, embed(model, tokens, valid), 0, layer, hooks, valid=valid)
     return x
@@ -461,12 +478,12 @@ def run_to(
 
 def run_from(
     model: Transformer,
-    resid: Float[Array, "seq d_model"],
+    resid: Resid,
     layer: int,
     hooks: Hooks | None = None,
     *,
-    valid: Bool[Array, " seq"] | None = None,
-) -> Float[Array, "seq d_vocab"]:
+    valid: Valid | None = None,
+) -> Logits:
     """Logits from the residual entering block ``layer``; hooks at layers >= ``layer`` apply."""
     x, _ = run_blocks(model, resid, layer, model.cfg.n_layers, hooks, valid=valid)
     return unembed(model, x)
@@ -474,11 +491,11 @@ def run_from(
 
 def forward(
     model: Transformer,
-    tokens: Int[Array, " seq"],
+    tokens: Tokens,
     hooks: Hooks | None = None,
     *,
-    valid: Bool[Array, " seq"] | None = None,
-) -> Float[Array, "seq d_vocab"]:
+    valid: Valid | None = None,
+) -> Logits:
     """Logits for one sequence, with interventions ``hooks`` applied at their sites."""
     return run_from(model, run_to(model, tokens, 0, valid=valid), 0, hooks, valid=valid)
 

@@ -73,6 +73,13 @@ class Config(C.RunConfig):
     shared_delta: bool = F_(default=False, metadata={"help": "one delta shared by all valid flips (authors' code)"})
     suffix: bool = F_(default=True, metadata={"help": "run the soft-suffix baseline"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        C.check_choice("template_kind", self.template_kind, ("BABA", "ABBA"))
+        for name, lo in (("n_prompts", 1), ("template_index", 0)):
+            C.check_range(name, getattr(self, name), lo)
+        C.check_range("clamp_value", self.clamp_value)
+
 
 @dataclasses.dataclass
 class Prepared(S.Prepared):

@@ -50,7 +50,7 @@ from jaxrecover import runner
 from jaxrecover.interventions import AddDelta, Clamp, Compose, check_clamps, compose
 from jaxrecover.sae import encode
 from jaxrecover.sites import Site
-from jaxrecover.transformer import run_blocks, run_to, unembed
+from jaxrecover.transformer import capture, run_blocks, run_to, unembed
 
 PAPER = {  # AdvBench, 24 strict-valid (Fig. 5 / Table 3 / Table 10)
     "jacobian": {"nonref": "23/24", "base_like": "15/24", "strict": "12/24", "drift": 0.131, "floor": 0.127},
@@ -146,13 +146,10 @@ def first_token_ids(tok: Any, texts: tuple[str, ...]) -> list[int]:
 
 def residuals_at(model: Any, tokens: np.ndarray, valid: np.ndarray, sites: list[Site], batch: int = 16) -> dict[Site, np.ndarray]:
     """Residual at each site (pre-hook) for every prompt, last real token only (left padding)."""
-    stop = max(s.layer for s in sites) + 1
-
     @jax.jit  # the model is an argument, not a closure: closed-over weights become XLA constants
     def one_batch(model, t, v):
         def one(ti, vi):
-            x = run_to(model, ti, 0, valid=vi)
-            _, cap = run_blocks(model, x, 0, stop, valid=vi, capture=tuple(sites))
+            cap = capture(model, ti, sites, valid=vi)
             return {s: cap[s][-1] for s in sites}
 
         return jax.vmap(one)(t, v)
@@ -227,12 +224,11 @@ def answer_latents(model, tok, saes, prompts: list[str], answers: tuple[str, ...
     ft, fv = encode_batch(tok, full, pad_to=8)
     n_ans = fv.sum(1) - pv.sum(1)
     mask = np.arange(ft.shape[1])[None, :] >= (ft.shape[1] - n_ans)[:, None]
-    stop = max(s.layer for s in sites) + 1
 
     @jax.jit
     def lat(model, saes, t, v):
         def one(ti, vi):
-            _, cap = run_blocks(model, run_to(model, ti, 0, valid=vi), 0, stop, valid=vi, capture=tuple(sites))
+            cap = capture(model, ti, sites, valid=vi)
             return {s: encode(saes[s], cap[s]) for s in sites}
 
         return jax.vmap(one)(t, v)
@@ -333,8 +329,7 @@ def row_norms_at(model, clamps, site: Site, ex: R.Example) -> np.ndarray:
 
     def one(model, clamps, t, v, slots):
         below = {s: c for s, c in clamps.items() if s.order <= site.order}
-        x = run_to(model, t[0], 0, valid=v[0])
-        _, cap = run_blocks(model, x, 0, site.layer + 1, below, valid=v[0], capture=(site,))
+        cap = capture(model, t[0], (site,), below, valid=v[0])
         h = cap[site]
         if site in clamps:
             h = clamps[site](h, jnp.arange(h.shape[0], dtype=jnp.int32))
@@ -587,9 +582,8 @@ def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prom
     tokens, valid = batch.tokens, batch.valid
 
     def hdef(model, clamps, t, v):
-        x = run_to(model, t, 0, valid=v)
-        _, cap = run_blocks(model, x, 0, dsite.layer + 1, clamps, valid=v, capture=(dsite,))
-        return clamps[dsite](cap[dsite], jnp.arange(x.shape[0], dtype=jnp.int32))[jnp.asarray(slots)]
+        cap = capture(model, t, (dsite,), clamps, valid=v)
+        return clamps[dsite](cap[dsite], jnp.arange(t.shape[0], dtype=jnp.int32))[jnp.asarray(slots)]
 
     h_def = jax.jit(jax.vmap(hdef, in_axes=(None, None, 0, 0)))(model, clamps, jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]))
     parts = jax.vmap(lambda h, d: decompose(sae, S, h, d, cfg.topk_attr))(h_def, jnp.asarray(deltas))

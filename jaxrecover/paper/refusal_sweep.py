@@ -26,6 +26,15 @@ class Config(C.RunConfig):
     max_flips: int = field(default=6, metadata={"help": "flips recovered per point"})
     steps: int = field(default=20, metadata={"help": "optimisation steps"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        C.check_choice("kind", self.kind, ("k", "budget"))
+        C.check_choice("method", self.method, ("encoder", "jacobian", "none"))
+        for k in self.ks:
+            C.check_range("ks", k, 1)
+        for b in self.budget_rels:
+            C.check_range("budget_rels", b, 0.0)
+
 
 def main(cfg: Config) -> dict[str, Any]:
     t0 = time.time()

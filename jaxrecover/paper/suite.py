@@ -87,9 +87,9 @@ def resid_and_grad(model: Any, tokens: Any, valid: Any, site: Site, metric: Any)
 
 def resid_at(model: Any, tokens: Any, valid: Any, site: Site, hooks: Mapping | None = None) -> Any:
     """Residual at ``site`` (before its hook) for one sequence; blocks past the site are not run."""
-    from jaxrecover.transformer import embed, run_blocks
+    from jaxrecover.transformer import capture
 
-    _, cap = run_blocks(model, embed(model, tokens, valid), 0, site.layer + 1, hooks, valid=valid, capture=(site,))
+    cap = capture(model, tokens, (site,), hooks, valid=valid)
     return cap[site]
 
 

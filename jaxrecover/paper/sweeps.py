@@ -48,6 +48,16 @@ class Config(C.RunConfig):
     n_prompts: int = F_(default=24, metadata={"help": "IOI prompts"})
     max_questions: int = F_(default=4, metadata={"help": "unlearning: questions through the strict filter"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        C.check_choice("setting", self.setting, ("ioi", "unlearning", "tpp", "refusal"))
+        C.check_choice("kind", self.kind, ("k", "budget"))
+        C.check_choice("constraints", self.constraints, ("none", "encoder", "jacobian"))
+        for k in self.ks:
+            C.check_range("ks", k, 1)
+        for b in self.budgets:
+            C.check_range("budgets", b, 0.0)
+
 
 def _load(setting: str) -> Any:
     from jaxrecover.paper import SETTINGS

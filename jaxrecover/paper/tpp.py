@@ -67,6 +67,14 @@ class Config(C.RunConfig):
     selection: str = F_(default="attribution", metadata={"help": "attribution | decoder"})
     max_flips: int = F_(default=0, metadata={"help": "cap on valid flips per class (0 = all)"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        C.check_choice("selection", self.selection, ("attribution", "decoder"))
+        C.check_range("train_frac", self.train_frac, 0.0, 1.0, strict_lo=True)
+        C.check_range("probe_steps", self.probe_steps, 1)
+        C.check_range("probe_lr", self.probe_lr, 0.0, strict_lo=True)
+        C.check_range("probe_l2", self.probe_l2, 0.0)
+
 
 @dataclasses.dataclass
 class Prepared(S.Prepared):

@@ -79,6 +79,16 @@ class Config(C.RunConfig):
     lr: float = F_(default=0.08, metadata={"help": "Adam learning rate (paper: 0.08)"})
     suffix: bool = F_(default=False, metadata={"help": "run the soft-suffix baseline (full 30-layer passes: slow on CPU)"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        C.check_choice("scoring", self.scoring, ("first_token", "answer"))
+        C.check_range("retain_threshold", self.retain_threshold, 0.0, 1.0)
+        C.check_range("multiplier", self.multiplier, 0.0)
+        for name, lo in (("max_questions", 1), ("min_questions", 1)):
+            C.check_range(name, getattr(self, name), lo)
+        for name in ("min_correct", "relax_to"):
+            C.check_range(name, getattr(self, name), 0, 24)
+
 
 @dataclasses.dataclass
 class Item:
