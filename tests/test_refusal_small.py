@@ -51,3 +51,18 @@ def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
     rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert rows2 == rows
     assert again["methods"]["encoder"]["non_refusal"] == summary["methods"]["encoder"]["non_refusal"]
+
+
+def test_refusal_is_a_setting_the_sweeps_drive(tiny, tmp_path):
+    from jaxrecover.paper import refusal, sweeps
+
+    model, tok, saes = tiny
+    cfg = refusal.Config(n_prompts=3, n_harmless=3, n_features=4, max_new_tokens=6, answer_tokens=3, max_flips=2,
+                         steps=2, require_flip=False, batch_size=4, out=str(tmp_path / "r"))
+    prep = refusal.prepare(cfg, model, tok, saes)
+    swept = sweeps.run_sweep(sweeps.Config(setting="refusal", kind="k", ks=(2, 4), constraints=("none", "encoder")),
+                             refusal, prep)
+    assert [(p["x"], p["constraint"]) for p in swept["points"]] == [(2, "none"), (2, "encoder"), (4, "none"), (4, "encoder")]
+    for p in swept["points"]:
+        assert p["summary"]["recovered"]["n"] == 2  # every point judged its 2 examples
+        assert p["summary"]["n"] == 2

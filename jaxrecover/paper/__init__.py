@@ -8,8 +8,7 @@ executes files from the current folder.
 ``ioi``                   IOI circuit ablation recovery (logit difference)
 ``unlearning``            SAE unlearning on bio MCQs (answer log-prob)
 ``tpp``                   targeted probe perturbation (linear probe readout)
-``sweeps``                K and budget sweeps for ioi / unlearning / refusal
-``refusal_sweep``         refusal K and budget sweeps with per-point folders
+``sweeps``                K and budget sweeps for every setting (ioi, unlearning, tpp, refusal)
 ========================  ==================================================================
 """
 
@@ -18,7 +17,7 @@ from types import ModuleType
 
 SETTINGS = {
     name: f"jaxrecover.paper.{name}"
-    for name in ("refusal", "ioi", "unlearning", "tpp", "sweeps", "refusal_sweep")
+    for name in ("refusal", "ioi", "unlearning", "tpp", "sweeps")
 }
 
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrecover.paper import common as C
+from jaxrecover.paper import suite as S
 from jaxrecover import datasets, features, judges, report
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
@@ -438,24 +439,40 @@ def main(cfg: Config) -> dict[str, Any]:
     d_sae = min(s.d_sae for s in saes.values())
     if cfg.n_features > d_sae * len(saes):
         raise SystemExit(f"--n-features {cfg.n_features}: the SAEs have {d_sae} features each ({len(saes)} SAE(s)).")
-    with C.stage("model load"):
-        model, tok = C.load_model(cfg.model_dir, cfg.dtype)
-    return run(model, tok, saes, cfg, out, t_start)
+    res = evaluate(prepare(cfg, saes=saes, out=out))
+    return finish(out, res.pop("summary"), res["records"], t_start)
 
 
-def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) -> dict[str, Any]:
-    t_start = t_start or time.time()
+@dataclasses.dataclass
+class Prepared(S.Prepared):
+    """Everything that does not depend on K, the budget or the method."""
+
+    out: Path
+    harmful: list[str]
+    p_harm: list[str]
+    p_safe: list[str]
+    base_texts: list[str]
+    base_ids: list[list[int]]
+    refusal_ids: list[int]
+    discouraged: list[int]
+    model_fp: str
+    seconds: float
+
+
+def prepare(cfg: Config, model: Any = None, tok: Any = None, saes: dict | None = None, out: Path | None = None) -> Prepared:
+    """Model, SAEs, prompts and the base model's own answers (cached in ``out``, keyed by the model's
+    contents, the prompts and the package version)."""
+    from jaxrecover import __version__
+
+    t0 = time.time()
+    out = C.out_dir(cfg.out, "refusal") if out is None else out
+    saes = C.load_saes(cfg.sae, cfg.layers) if saes is None else saes
+    if model is None:
+        with C.stage("model load"):
+            model, tok = C.load_model(cfg.model_dir, cfg.dtype)
     harmful = load_prompts(cfg)
     harmless = [it.prompt for it in datasets.load_harmless()][: cfg.n_harmless]
     p_harm, p_safe = C.chat(tok, harmful), C.chat(tok, harmless)
-    from jaxrecover.tokenizer import encode_batch
-
-    refusal_ids = first_token_ids(tok, judges.REFUSAL_SUBSTRINGS)
-    discouraged = first_token_ids(tok, judges.DISCOURAGED_PREFIXES)
-
-    # 1. base answers (cached, keyed by the model's contents, the prompts and the code version)
-    from jaxrecover import __version__
-
     model_fp = C.tree_fingerprint(model)
     cache = out / "base_cache.json"
     key = {"model": model_fp, "prompts": hashlib.sha1("\n".join(harmful).encode()).hexdigest()[:16],
@@ -470,6 +487,38 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
         with C.stage("base answers"):
             base_texts, base_ids = C.generate_texts(model, tok, p_harm, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, pad_to=8, desc="base")
         report.write_json(cache, {"key": key, "texts": base_texts, "ids": base_ids})
+    site = sorted(saes)[0]
+    return Prepared(cfg, model, tok, site, saes, ",".join(map(str, C.sae_paths(cfg.sae, cfg.layers))),
+                    out, harmful, p_harm, p_safe, base_texts, base_ids,
+                    first_token_ids(tok, judges.REFUSAL_SUBSTRINGS), first_token_ids(tok, judges.DISCOURAGED_PREFIXES),
+                    model_fp, time.time() - t0)
+
+
+def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) -> dict[str, Any]:
+    """The whole setting on a loaded model: prepare, evaluate every method, write the files."""
+    t_start = t_start or time.time()
+    res = evaluate(prepare(cfg, model, tok, saes, out))
+    return finish(out, res.pop("summary"), res["records"], t_start)
+
+
+def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
+             constraint: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Features for K = ``n_features``, the clamp, strict-valid flips, and recovery with each method
+    (only ``constraint`` when given, as the sweeps do), each regenerated and judged; attribution of the
+    first delta-site method. ``res["modes"][method]`` summarises it (``recovered`` = non-refusal)."""
+    from jaxrecover import __version__
+    from jaxrecover.tokenizer import encode_batch
+
+    over = {"n_features": n_features or prep.cfg.n_features}
+    if budget is not None:
+        over["budget"] = budget
+    if constraint is not None:
+        over.update(methods=(constraint,), attribution=False)
+    cfg = dataclasses.replace(prep.cfg, **over)
+    model, tok, saes, out = prep.model, prep.tok, prep.sae, prep.out
+    harmful, p_harm, p_safe = prep.harmful, prep.p_harm, prep.p_safe
+    base_texts, base_ids, refusal_ids, discouraged = prep.base_texts, prep.base_ids, prep.refusal_ids, prep.discouraged
+    model_fp = prep.model_fp
     base_refusals = sum(judges.is_refusal(t) for t in base_texts)
 
     # 2. features
@@ -502,7 +551,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
     records: list[dict[str, Any]] = []
     if not flips:
         C.say("no strict-valid flips: raise --clamp-value or --n-features")
-        return finish(out, summary, records, t_start)
+        return {"summary": summary, "records": records, "modes": {}, "n_valid_flips": 0, "n_recovered_on": 0}
 
     site = sorted(clamps)[0]
     pf = [p_harm[i] for i in flips]
@@ -559,7 +608,12 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
         deltas, slots, dsite, prompts, P, batch = keep[attr_method]
         with C.stage("attribution"):
             summary["attribution"] = attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, attr_method)
-    return finish(out, summary, records, t_start)
+    modes = {}
+    for m in summary["methods"]:
+        rows = [{**r, "recovered": r["non_refusal"]} for r in records if r["method"] == m]
+        modes[m] = {**S.mode_summary(rows), **summary["methods"][m]}
+    return {"summary": summary, "records": records, "modes": modes, "n_valid_flips": summary["strict_valid"],
+            "n_recovered_on": len(flips), "n_features": cfg.n_features}
 
 
 def method_summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
