@@ -159,7 +159,7 @@ class RecoveryConfig:
     seed: int = 0
     prefix_cache: bool = True
     compute_dtype: str = "float32"
-    steps_per_chunk: int = 10
+    steps_per_chunk: int = 5  # progress bars and checkpoints move every chunk
     checkpoint_every: int = 1  # in chunks
 
     def __post_init__(self) -> None:

@@ -126,7 +126,8 @@ def test_sweeps_small(patched, tmp_path):
     assert len(res["points"]) == 2
     zero = [p for p in res["points"] if p["x"] == 0.0]
     assert all(p["summary"]["delta_norm"]["mean"] == 0.0 for p in zero)
-    assert sweeps.main(dataclasses_replace(cfg, setting="nope")) == {"skipped": True, "setting": "nope"}
+    with pytest.raises(ValueError, match="--setting 'nope'"):  # an unknown setting is refused, not skipped
+        dataclasses_replace(cfg, setting="nope")
 
 
 def dataclasses_replace(cfg, **kw):

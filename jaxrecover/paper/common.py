@@ -129,7 +129,10 @@ def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site,
 
 def out_dir(path: str, name: str) -> Path:
     p = Path(path) if path else Path("results") / name  # relative to where the user runs it
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {p}: cannot create the results folder ({e.strerror}).") from None
     return p
 
 

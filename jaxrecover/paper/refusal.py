@@ -593,7 +593,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
                 if cfg.save_text:
                     row["text"] = texts[i]
                 rows.append(row)
-            tmp = ck / f".{run_key}_{method}.npz"
+            tmp = ck / f".{run_key}_{method}.{os.getpid()}.npz"
             np.savez(tmp, deltas=deltas, slots=slots)
             os.replace(tmp, ck / f"{run_key}_{method}.npz")
             report.write_json(done, {"rows": rows, "info": info, "dsite": str(dsite)})

@@ -286,8 +286,11 @@ def run_setting(setting: Setting, cfg: Any) -> dict[str, Any]:
     t0 = time.time()
     out = default_out(cfg.out, setting.name)
     C.check_writable(out)
+    sae = resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])  # cheap: fail before the model loads
+    if cfg.n_features > sae[1].d_sae:
+        raise SystemExit(f"--n-features {cfg.n_features}: the SAE {sae[2]} has {sae[1].d_sae} features.")
     with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
-        prep = setting.prepare(cfg)
+        prep = setting.prepare(cfg, sae=sae)
     res = setting.evaluate(prep)
     records = res.pop("records")
     summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
