@@ -27,6 +27,9 @@ Losses (per example, written for one row and batched with ``vmap``):
   the constant ``threshold_init`` or (``threshold_init_l0 > 0``) per latent from the data so that the
   initial L0 is ``threshold_init_l0``; ``threshold_lr_mult`` scales their Adam step (a log-threshold
   moves by ~``lr`` per step, so a short run needs a larger step for the thresholds to track the encoder).
+  ``preact_coeff`` adds Anthropic's (2025) pre-activation loss ``sum_i relu(t_i - pre_i)`` (unit decoder
+  rows), whose gradient lowers the thresholds and raises the pre-activations of latents below threshold
+  (the only gradient a never-firing latent gets). ``aux_k > 0`` adds the AuxK term for JumpReLU too.
 Decoder rows are kept unit-norm: the gradient component along each row is removed before the Adam
 update and rows are renormalised after it.
 
@@ -85,7 +88,7 @@ class TrainConfig:
     decay_frac: float = 0.2
     b1: float = 0.9
     b2: float = 0.999
-    aux_k: int = 0  # topk: AuxK latents (0: off; Gao et al. use d_in // 2)
+    aux_k: int = 0  # AuxK latents (0: off; Gao et al. use d_in // 2); jumprelu: the same dead-latent term
     aux_coeff: float = 1.0 / 32.0
     dead_tokens: int = 200_000  # a latent is dead if it has not fired in this many training rows
     normalize: bool = True  # train on s * x with E||s x||^2 = d_in; folded back by `to_sae`
@@ -94,6 +97,7 @@ class TrainConfig:
     threshold_init: float = 1e-3  # jumprelu only, in normalised units (a floor when threshold_init_l0 > 0)
     threshold_init_l0: float = 0.0  # jumprelu only: > 0 sets each latent's initial threshold from the data
     threshold_lr_mult: float = 1.0  # jumprelu only: the log-threshold Adam update is scaled by this
+    preact_coeff: float = 0.0  # jumprelu only: pre-activation loss sum_i relu(t_i - pre_i) (revives dead latents)
     seed: int = 0
     checkpoint_every: int = 200
     hook_name: str = ""
@@ -277,23 +281,28 @@ def example_loss(cfg: TrainConfig, p: Params, x: Float[Array, " d_in"], dead: Bo
     if cfg.activation == "topk":
         z = jax.nn.relu(pre) * jax.lax.stop_gradient(_topk_mask(pre, cfg.k))
         l0_term = jnp.zeros((), pre.dtype)
+        preact_term = jnp.zeros((), pre.dtype)
     else:
         threshold = jnp.exp(p.log_threshold)
         z = _jump_relu(jax.nn.relu(pre), threshold, cfg.bandwidth)
         l0_term = jnp.sum(_step_fn(pre, threshold, cfg.bandwidth))
+        # decoder rows are unit-norm, so the pre-activation loss's ||W_dec_i|| weights are 1
+        preact_term = jnp.sum(jax.nn.relu(threshold - pre)) if cfg.preact_coeff > 0 else jnp.zeros((), pre.dtype)
     x_hat = z @ p.W_dec + p.b_dec
     err = x - x_hat
     mse = jnp.sum(err * err) / cfg.d_in
     aux = jnp.zeros((), pre.dtype)
-    if cfg.activation == "topk" and cfg.aux_k > 0:
-        # AuxK: the dead latents' top pre-activations reconstruct the (fixed) residual error.
+    if cfg.aux_k > 0:
+        # AuxK: the dead latents' top pre-activations reconstruct the (fixed) residual error. For JumpReLU
+        # the same term (on relu(pre), thresholds ignored) moves dead latents' encoders towards the error,
+        # which lifts their pre-activations back over their thresholds.
         pre_dead = jnp.where(dead, pre, -1e30)
         z_aux = jax.nn.relu(pre_dead) * jax.lax.stop_gradient(_topk_mask(pre_dead, cfg.aux_k))
         e = jax.lax.stop_gradient(err)
         e_hat = z_aux @ p.W_dec
         # normalised by ||e||^2 (per row) so the term is scale free; zero when nothing is dead
         aux = jnp.sum(jnp.square(e - e_hat)) / jnp.maximum(jnp.sum(e * e), 1e-8) * jnp.any(dead).astype(pre.dtype)
-    loss = mse + cfg.aux_coeff * aux + cfg.l0_coeff * l0_term
+    loss = mse + cfg.aux_coeff * aux + cfg.l0_coeff * l0_term + cfg.preact_coeff * preact_term
     fired = z > 0
     return loss, (mse, aux, jnp.sum(fired.astype(jnp.int32)), fired)
 

@@ -114,6 +114,63 @@ def test_jumprelu_trains_and_moves_thresholds(data):
     assert sae.activation == "jumprelu" and sae.threshold is not None
 
 
+def test_jumprelu_threshold_init_from_data_sets_initial_l0(data):
+    """threshold_init_l0: each latent fires on l0/d_sae of the init rows, so the mean L0 starts at l0
+    (a constant 1e-3 threshold starts near d_sae / 2); the floor applies where the quantile is lower."""
+    cfg = small_cfg(activation="jumprelu", aux_k=0, threshold_init_l0=8.0)
+    sample = data[:4000]
+    state = ts.init_state(cfg, sample)
+    p = state.params
+    x = jnp.asarray(sample) * state.scale
+    pre = (x - p.b_dec[None, :]) @ p.W_enc + p.b_enc[None, :]
+    fires = pre > jnp.exp(p.log_threshold)[None, :]
+    assert abs(float(jnp.mean(jnp.sum(fires, axis=-1))) - 8.0) < 0.5
+    np.testing.assert_allclose(np.asarray(jnp.mean(fires, axis=0)), 8.0 / cfg.d_sae, atol=2e-3)
+    flat = ts.init_state(small_cfg(activation="jumprelu", aux_k=0), sample).params
+    pre_flat = (x - flat.b_dec[None, :]) @ flat.W_enc + flat.b_enc[None, :]
+    assert float(jnp.mean(jnp.sum(pre_flat > jnp.exp(flat.log_threshold)[None, :], axis=-1))) > 0.3 * cfg.d_sae
+    high_floor = ts.init_state(small_cfg(activation="jumprelu", aux_k=0, threshold_init_l0=8.0, threshold_init=50.0),
+                               sample)
+    np.testing.assert_allclose(np.exp(np.asarray(high_floor.params.log_threshold)), 50.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="threshold_init_l0"):
+        small_cfg(activation="jumprelu", threshold_init_l0=float(cfg.d_sae))
+
+
+def test_jumprelu_with_data_thresholds_trains_sparse(data):
+    cfg = small_cfg(activation="jumprelu", steps=200, l0_coeff=3e-3, bandwidth=0.05, aux_k=0, threshold_init_l0=6.0,
+                    threshold_lr_mult=10.0)
+    logs: list[tuple[int, dict[str, float]]] = []
+    state = ts.train(cfg, ts.ArrayBatches(data, cfg.batch_size), data[:2000], progress=False, log_every=25,
+                     log=lambda i, m: logs.append((i, m)))
+    assert logs[-1][1]["ev"] > 0.8
+    assert logs[-1][1]["l0"] < 16  # ~4 true atoms per row; a 1e-3 constant init would start at ~64
+    sae = ts.to_sae(state, cfg)
+    held_out = jnp.asarray(sparse_data(2000, seed=2))
+    assert float(ts.explained_variance(held_out, decode(sae, encode(sae, held_out)))) > 0.8
+
+
+def test_jumprelu_preact_loss_term_and_gradient():
+    """preact_coeff adds coeff * sum_i relu(t_i - pre_i); its gradient lowers the thresholds and raises the
+    pre-activations of latents below threshold (the only gradient a never-firing latent gets)."""
+    cfg = small_cfg(activation="jumprelu", aux_k=0, l0_coeff=0.0, threshold_init=0.3, preact_coeff=0.5)
+    base = dataclasses.replace(cfg, preact_coeff=0.0)
+    params = ts.init_params(jax.random.PRNGKey(0), cfg, jnp.zeros(D_IN))
+    x = jnp.asarray(sparse_data(1, seed=3)[0])
+    dead = jnp.zeros(cfg.d_sae, bool)
+
+    def extra(p):
+        return ts.example_loss(cfg, p, x, dead)[0] - ts.example_loss(base, p, x, dead)[0]
+
+    pre = (x - params.b_dec) @ params.W_enc + params.b_enc
+    t = jnp.exp(params.log_threshold)
+    np.testing.assert_allclose(float(extra(params)), 0.5 * float(jnp.sum(jax.nn.relu(t - pre))), rtol=1e-5)
+    g = jax.grad(extra)(params)
+    below = np.asarray(pre < t)
+    assert below.any() and (~below).any()
+    assert np.all(np.asarray(g.log_threshold)[below] > 0) and np.all(np.asarray(g.b_enc)[below] < 0)
+    np.testing.assert_array_equal(np.asarray(g.b_enc)[~below], 0.0)
+
+
 def test_jumprelu_straight_through_gradients():
     """d/dt H(pre - t) = -K((pre-t)/eps)/eps and d/dt JumpReLU = -t K((pre-t)/eps)/eps (rectangle K)."""
     pre = jnp.array([0.50, 0.52, 0.60, 1.00])
