@@ -1,7 +1,8 @@
 """Timing and memory helpers shared by the benchmarks: compile time apart from steady state.
 
 - ``time_compile(fn, *args)``: seconds of the FIRST call (trace + compile + one run), result blocked on.
-- ``time_steady(fn, *args, repeats)``: per-call seconds of later calls, after one warm-up call.
+- ``time_steady(fn, *args, repeats)``: per-call seconds of later calls, after one warm-up call
+  (``Steady.last`` keeps the last call's result).
 - ``block(x)``: wait for asynchronous work: ``jax.block_until_ready`` on JAX leaves, and
   ``torch.cuda.synchronize()`` when a torch CUDA tensor is among the leaves (torch on CPU is synchronous).
 - ``PeakRSS``: a context manager sampling the process resident set size in a thread; ``peak_bytes``
@@ -39,9 +40,10 @@ def block(x: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Steady:
-    """Per-call seconds of ``repeats`` steady-state calls."""
+    """Per-call seconds of ``repeats`` steady-state calls (``last``: the last call's result)."""
 
     times: tuple[float, ...]
+    last: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def median(self) -> float:
@@ -73,12 +75,12 @@ def time_steady(fn: Callable[..., Any], *args: Any, repeats: int = 3, warmup: in
     """Per-call seconds of ``repeats`` calls of ``fn(*args)`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         block(fn(*args))
-    times = []
+    times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        block(fn(*args))
+        out = block(fn(*args))
         times.append(time.perf_counter() - t0)
-    return Steady(tuple(times))
+    return Steady(tuple(times), out)
 
 
 def _rss_bytes() -> int:

@@ -26,6 +26,14 @@ Two execution modes, same numbers:
   One Adam over the stacked ``delta [batch, rows, d_model]`` is exactly per-example Adam (it is
   elementwise), the loss is the sum of per-example losses (examples do not interact), and the budget
   clip is per example.
+- ``recover_batched(cache=True)``: the same, plus the JAX engine's sequence-axis caching and
+  read-slot unembedding (``jaxrecover.recovery.Window``). Once per solve, ONE pass over the whole
+  sequence from block ``L`` on (clamps on, ``delta = 0``) records the keys/values of the slots before
+  the first delta slot ``cut`` at every block (``prefix_kv``; causal attention: ``delta`` cannot change
+  them). Each step then runs only slots ``cut..seq`` through the HF decoder layers, whose attention
+  gets the cached keys/values through a duck-typed cache (``_KV``, HF's ``cache.update`` hook), and
+  ``lm_head`` runs only on slots ``read..seq`` (the slots the objective reads). Same objective as the
+  full path up to float rounding.
 
 Not here: cross-layer Jacobian projection, generation, padding (examples share one length).
 """
@@ -103,7 +111,8 @@ class TorchSAE:
     W_dec: Tensor
     b_dec: Tensor
     threshold: Tensor | None = None
-    activation: str = "relu"  # "relu" | "jumprelu"
+    activation: str = "relu"  # "relu" | "jumprelu" | "topk"
+    k: int = 0  # topk only
     apply_b_dec_to_input: bool = False
 
     @classmethod
@@ -112,17 +121,24 @@ class TorchSAE:
         import numpy as np
 
         t = lambda a: None if a is None else torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731
-        if sae.activation not in ("relu", "jumprelu"):
-            raise ValueError(f"TorchSAE supports relu/jumprelu, got {sae.activation!r}.")
+        if sae.activation not in ("relu", "jumprelu", "topk"):
+            raise ValueError(f"TorchSAE supports relu/jumprelu/topk, got {sae.activation!r}.")
         return cls(W_enc=t(sae.W_enc), b_enc=t(sae.b_enc), W_dec=t(sae.W_dec), b_dec=t(sae.b_dec),
-                   threshold=t(sae.threshold), activation=sae.activation,
+                   threshold=t(sae.threshold), activation=sae.activation, k=int(getattr(sae, "k", 0) or 0),
                    apply_b_dec_to_input=sae.apply_b_dec_to_input)
 
     def encode_features(self, x: Tensor, features: Tensor) -> Tensor:
-        """Latents of the selected features only: ``[..., d_in] -> [..., k]`` (float32)."""
+        """Latents of the selected features only: ``[..., d_in] -> [..., k]`` (float32).
+
+        relu/jumprelu read only the selected encoder columns; top-k needs every pre-activation to
+        rank them (``relu(pre) * (pre >= k-th largest)``, as ``jaxrecover.sae.activate``)."""
         x = x.float()
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
+        if self.activation == "topk":
+            pre = x @ self.W_enc + self.b_enc
+            kth = torch.topk(pre, self.k, dim=-1).values[..., -1:]
+            return (torch.relu(pre) * (pre >= kth).to(pre.dtype))[..., features]
         pre = x @ self.W_enc[:, features] + self.b_enc[features]
         z = torch.relu(pre)
         if self.activation == "jumprelu":
@@ -398,32 +414,122 @@ def _masks(model: Any, x: Tensor, position_ids: Tensor) -> dict[str, Any]:
     return masks
 
 
-def run_from(model: Any, resid: Tensor, layer: int, hooks: dict[SiteKey, Hook] | None = None) -> Tensor:
-    """Logits ``[batch, seq, vocab]`` from the residual entering block ``layer``; ``hooks`` at layers
-    ``>= layer`` apply.
+class _KV:
+    """A duck-typed Hugging Face cache for ONE pass through the decoder layers (HF attention calls
+    ``cache.update(k, v, layer_idx, ...)`` after RoPE and attends to what it returns).
+
+    - ``_KV()`` records: ``update`` stores each layer's (post-RoPE) keys and values and returns them
+      unchanged (the pass is an ordinary full pass).
+    - ``_KV(prefix)`` serves: ``update`` returns ``cat(prefix[layer], new)`` along the sequence, so the
+      suffix queries attend to the cached prefix keys/values and to the suffix itself. Nothing is
+      appended to ``prefix``: every step starts from the same cache.
+    """
+
+    def __init__(self, prefix: dict[int, tuple[Tensor, Tensor]] | None = None) -> None:
+        self.prefix = prefix
+        self.store: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.prefix is None:
+            self.store[layer_idx] = (key, value)
+            return key, value
+        pk, pv = self.prefix[layer_idx]
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+
+
+def _cache_kwarg(layer_module: Any) -> str:
+    """The decoder layer's keyword for the cache (``cache`` in transformers >= 5.x, else ``past_key_values``
+    or ``past_key_value``)."""
+    import inspect
+
+    params = inspect.signature(layer_module.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    return "past_key_values"
+
+
+def _suffix_masks(model: Any, start: int, seq: int, dtype: torch.dtype, device: Any) -> dict[str, Tensor]:
+    """Additive masks ``[1, 1, seq - start, seq]`` for queries at slots ``start..seq`` against keys at
+    every slot: causal (key <= query) and, for Gemma-2 sliding layers, ``query - key < window``."""
+    q = torch.arange(start, seq, device=device)[:, None]
+    k = torch.arange(seq, device=device)[None, :]
+    neg = torch.finfo(dtype).min
+    add = lambda ok: torch.where(ok, 0.0, neg).to(dtype)[None, None]  # noqa: E731
+    masks = {"full_attention": add(k <= q)}
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and "sliding_attention" in (getattr(model.config, "layer_types", None) or ()):
+        masks["sliding_attention"] = add((k <= q) & (q - k < window))
+    return masks
+
+
+def run_from(
+    model: Any,
+    resid: Tensor,
+    layer: int,
+    hooks: dict[SiteKey, Hook] | None = None,
+    *,
+    start: int = 0,
+    read: int | None = None,
+    kv: _KV | None = None,
+    logits: bool = True,
+) -> Tensor:
+    """Logits from the residual entering block ``layer``; ``hooks`` at layers ``>= layer`` apply.
 
     Mirrors the decoder loop of ``LlamaModel`` / ``Gemma2Model`` (masks, rotary embeddings, final
     norm, ``lm_head``, Gemma-2 final soft-cap) for blocks ``layer..`` only.
+
+    Sequence-axis caching (``start > 0``): ``resid`` holds only slots ``start..seq`` and ``kv`` serves
+    the keys/values of slots ``< start`` at every block from ``layer`` on (``prefix_kv``); the hooks
+    see suffix slots only (``add_delta`` slots must be shifted by ``start``). ``read``: unembed slots
+    ``read..seq`` only (``read >= start``; default ``start``), so the logits are
+    ``[batch, seq - read, vocab]``. ``logits=False`` returns the final residual instead (no norm, no
+    ``lm_head``). ``kv=_KV()`` with ``start=0`` records every block's keys/values.
     """
     cfg = model.config
     hooks = hooks or {}
-    position_ids = torch.arange(resid.shape[1], device=resid.device)[None]
-    masks = _masks(model, resid, position_ids)
+    n_new = resid.shape[1]
+    seq = start + n_new
+    position_ids = torch.arange(start, seq, device=resid.device)[None]
+    if start == 0:
+        masks = _masks(model, resid, position_ids)
+    else:
+        if kv is None or kv.prefix is None:
+            raise ValueError("run_from(start > 0) needs kv=_KV(prefix) with the keys/values of slots < start.")
+        masks = _suffix_masks(model, start, seq, resid.dtype, resid.device)
     position_embeddings = model.model.rotary_emb(resid, position_ids)
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    extra = {} if kv is None else {_cache_kwarg(_layers(model)[layer]): kv}
     x = resid
     for i in range(layer, cfg.num_hidden_layers):
         if (i, "resid_pre") in hooks:
             x = hooks[(i, "resid_pre")](x)
         x = _layers(model)[i](x, attention_mask=masks[types[i]], position_embeddings=position_embeddings,
-                              position_ids=position_ids)
+                              position_ids=position_ids, **extra)
         if (i, "resid_post") in hooks:
             x = hooks[(i, "resid_post")](x)
-    logits = model.lm_head(model.model.norm(x))
+    if not logits:
+        return x
+    read = start if read is None else read
+    if read < start:
+        raise ValueError(f"run_from: read={read} < start={start}.")
+    if read > start:
+        x = x[:, read - start :]
+    out = model.lm_head(model.model.norm(x))
     softcap = getattr(cfg, "final_logit_softcapping", None)
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+        out = torch.tanh(out / softcap) * softcap
+    return out
+
+
+@torch.no_grad()
+def prefix_kv(model: Any, resid: Tensor, layer: int, hooks: dict[SiteKey, Hook], cut: int) -> dict[int, tuple[Tensor, Tensor]]:
+    """Keys/values of slots ``< cut`` at every block from ``layer`` on, from ONE pass over the whole
+    sequence with ``hooks`` (the clamps; ``delta = 0``). Causal attention: slots before the first
+    delta slot never see ``delta``, so these are the same at every step. Computed once per solve."""
+    rec = _KV()
+    run_from(model, resid, layer, hooks, kv=rec, logits=False)
+    return {i: (k[:, :, :cut].contiguous(), v[:, :, :cut].contiguous()) for i, (k, v) in rec.store.items()}
 
 
 def add_delta(delta: Tensor, slots: Tensor) -> Hook:
@@ -500,8 +606,8 @@ def _adam(cfg: TorchRecoveryConfig, delta: Tensor) -> torch.optim.Optimizer:
     return torch.optim.Adam([delta], lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, foreach=False)
 
 
-def _evaluate(cfg: TorchRecoveryConfig, logits: Tensor, ex: TorchExamples) -> tuple[Tensor, Tensor]:
-    return objective_values(cfg.objective, logits, ex.target), success_values(cfg.objective, logits, ex.target)
+def _evaluate(cfg: TorchRecoveryConfig, logits: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    return objective_values(cfg.objective, logits, target), success_values(cfg.objective, logits, target)
 
 
 def recover_per_example(model: Any, clamps: Any, examples: TorchExamples, cfg: TorchRecoveryConfig) -> TorchRecovery:
@@ -530,25 +636,75 @@ def recover_per_example(model: Any, clamps: Any, examples: TorchExamples, cfg: T
                 losses.append(loss.detach())
                 _step_update(cfg, delta, opt, P)
             with torch.no_grad():
-                final, ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex)
+                final, ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex.target)
         zero = torch.zeros_like(delta)
         with torch.no_grad(), site_hooks(model, _hooks_with(clamps, site, zero, ex.delta_slots)):
-            clamped, clamped_ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex)
+            clamped, clamped_ok = _evaluate(cfg, model(input_ids=ex.tokens).logits, ex.target)
         history = torch.stack(losses) if losses else torch.zeros(0, device=delta.device)
         out.append((delta.detach()[0], history, final[0], clamped[0], ok[0], clamped_ok[0]))
     deltas, losses, finals, clampeds, oks, clamped_oks = (torch.stack(t) for t in zip(*out, strict=True))
     return TorchRecovery(deltas, losses, finals, clampeds, oks, clamped_oks)
 
 
-def make_batched_logits(model: Any, clamps: dict[SiteKey, TorchClamp], cfg: TorchRecoveryConfig) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """``(resid, delta, slots) -> logits [batch, seq, vocab]`` through blocks ``layer..`` only.
+@dataclasses.dataclass(frozen=True)
+class TorchWindow:
+    """Slot window of a cached step (same meaning as ``jaxrecover.recovery.Window``): run slots
+    ``cut..seq`` against cached keys/values of the slots before ``cut``; unembed slots ``read..seq``.
+    ``TorchWindow()`` is the full path."""
 
-    This is the function ``recover_batched`` differentiates (and may hand to ``torch.compile``).
+    cut: int = 0
+    read: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cut <= self.read:
+            raise ValueError(f"TorchWindow needs 0 <= cut <= read, got cut={self.cut}, read={self.read}.")
+
+
+def plan_window(examples: TorchExamples, objective: str) -> TorchWindow:
+    """The largest exact window for a batch: ``cut`` = first delta slot; ``read`` = first slot whose
+    logits the objective reads (continuation: first slot with a positive weight; logit_diff / choice:
+    the smallest target slot); ``cut = min(cut, read)``."""
+    slots = examples.delta_slots
+    used = slots[slots >= 0]
+    cut = int(used.min()) if used.numel() else 0
+    t, seq = examples.target, examples.tokens.shape[1]
+    if objective == "continuation_logprob":
+        hit = (t["weights"] > 0).any(0)
+        read = int(hit.to(torch.int64).argmax()) if bool(hit.any()) else seq
+    else:
+        read = int(t["slot"].min())
+    return TorchWindow(cut=min(cut, read), read=read)
+
+
+def window_target(objective: str, target: dict[str, Tensor], read: int) -> dict[str, Tensor]:
+    """``target`` re-indexed for logits of slots ``read..seq``."""
+    if read == 0:
+        return target
+    if objective == "continuation_logprob":
+        return {**target, "ids": target["ids"][:, read:], "weights": target["weights"][:, read:]}
+    return {**target, "slot": target["slot"] - read}
+
+
+def make_batched_logits(model: Any, clamps: dict[SiteKey, TorchClamp], cfg: TorchRecoveryConfig,
+                        window: TorchWindow | None = None,
+                        kv: dict[int, tuple[Tensor, Tensor]] | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``(resid, delta, slots) -> logits`` through blocks ``layer..`` only.
+
+    Full path (``window`` None or ``TorchWindow()``): ``resid [batch, seq, d]``, logits
+    ``[batch, seq, vocab]``. Cached path: ``resid`` is the suffix ``[batch, seq - cut, d]``, ``slots``
+    are shifted by ``-cut``, ``kv`` holds the prefix keys/values (``prefix_kv``), and the logits are
+    those of slots ``read..seq``. This is the function ``recover_batched`` differentiates (and may
+    hand to ``torch.compile``).
     """
     site = (cfg.layer, cfg.point)
+    win = window or TorchWindow()
+    if win.cut > 0 and kv is None:
+        raise ValueError("make_batched_logits: a window with cut > 0 needs the prefix keys/values (kv).")
 
     def logits_fn(resid: Tensor, delta: Tensor, slots: Tensor) -> Tensor:
-        return run_from(model, resid, cfg.layer, _hooks_with(clamps, site, delta, slots))
+        cache = _KV(kv) if win.cut > 0 else None
+        return run_from(model, resid, cfg.layer, _hooks_with(clamps, site, delta, slots), start=win.cut,
+                        read=win.read, kv=cache)
 
     return logits_fn
 
@@ -561,6 +717,8 @@ def recover_batched(
     *,
     compile: bool = False,
     resid: Tensor | None = None,
+    cache: bool = False,
+    window: TorchWindow | None = None,
 ) -> TorchRecovery:
     """All examples at once; the prefix below the delta site is computed once.
 
@@ -568,25 +726,39 @@ def recover_batched(
         model, clamps, examples, cfg: as ``recover_per_example``.
         compile: wrap the suffix forward in ``torch.compile`` (inductor; needs a C++ compiler on CPU).
         resid: the residual entering block ``cfg.layer`` (``run_to``), if already computed.
+        cache: sequence-axis caching and read-slot unembedding, the JAX engine's algorithm: the keys and
+            values of the slots before the first delta slot are computed ONCE (``prefix_kv``, every
+            block from the delta layer on), each step runs only slots ``cut..seq`` against them, and
+            ``lm_head`` runs only on the slots the objective reads. Same objective as the full path
+            (causal attention). ``window`` overrides the planned window (``plan_window``).
     """
     clamps, site, P = _prepare(clamps, cfg)
     if resid is None:
         resid = run_to(model, examples.tokens, cfg.layer, dict(clamps))
-    logits_fn = make_batched_logits(model, clamps, cfg)
+    b, rows = examples.delta_slots.shape
+    d = resid.shape[-1]
+    win = window if window is not None else (plan_window(examples, cfg.objective) if cache else TorchWindow())
+    slots, x, kv = examples.delta_slots, resid, None
+    if win.cut > 0:
+        zero = torch.zeros(b, rows, d, device=resid.device)
+        kv = prefix_kv(model, resid, cfg.layer, _hooks_with(clamps, site, zero, slots), win.cut)
+        x = resid[:, win.cut :]
+        slots = torch.where(slots >= 0, slots - win.cut, slots)
+    target = window_target(cfg.objective, examples.target, win.read)
+    logits_fn = make_batched_logits(model, clamps, cfg, win, kv)
     if compile:
         logits_fn = torch.compile(logits_fn, dynamic=False)
-    b, rows = examples.delta_slots.shape
-    delta = torch.zeros(b, rows, resid.shape[-1], device=resid.device, requires_grad=True)
+    delta = torch.zeros(b, rows, d, device=resid.device, requires_grad=True)
     opt = _adam(cfg, delta)
     history = []
     for _ in range(cfg.steps):
         opt.zero_grad(set_to_none=True)
-        per_example = -objective_values(cfg.objective, logits_fn(resid, delta, examples.delta_slots), examples.target)
+        per_example = -objective_values(cfg.objective, logits_fn(x, delta, slots), target)
         per_example.sum().backward()  # examples are independent: each gets its own gradient
         history.append(per_example.detach())
         _step_update(cfg, delta, opt, P)
     with torch.no_grad():
-        final, ok = _evaluate(cfg, logits_fn(resid, delta, examples.delta_slots), examples)
-        clamped, clamped_ok = _evaluate(cfg, logits_fn(resid, torch.zeros_like(delta), examples.delta_slots), examples)
+        final, ok = _evaluate(cfg, logits_fn(x, delta, slots), target)
+        clamped, clamped_ok = _evaluate(cfg, logits_fn(x, torch.zeros_like(delta), slots), target)
     losses = torch.stack(history, dim=1) if history else torch.zeros(b, 0, device=delta.device)
     return TorchRecovery(delta.detach(), losses, final, clamped, ok, clamped_ok)
