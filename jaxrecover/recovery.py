@@ -280,8 +280,8 @@ class Solver:
     def advance(self, model, ex, clamps, ctx, state, n: int, window: Window = FULL):
         return advance(self, model, ex, clamps, ctx, state, n, window)
 
-    def finish(self, model, ex, clamps, ctx, state):
-        return finish(self, model, ex, clamps, ctx, state)
+    def finish(self, model, ex, clamps, ctx, state, window: Window = FULL):
+        return finish(self, model, ex, clamps, ctx, state, window)
 
     def solve(self, model, ex, clamps, window: Window = FULL):
         return solve(self, model, ex, clamps, window)
@@ -467,13 +467,14 @@ def _forward(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, del
     return jax.vmap(one)(ctx.prefix, ex.valid, ctx.kv_k, ctx.kv_v, ctx.readout_resid)
 
 
-def _base_readout(problem: RecoveryProblem, model, ex: Example) -> Readout:
-    """The unclamped model (no hooks at all)."""
+def _base_readout(problem: RecoveryProblem, model, ex: Example, read: int = 0) -> Readout:
+    """The unclamped model (no hooks at all); logits from slot ``read`` on."""
 
     def one(tokens, valid):
         x = embed(model, tokens, valid)
         if problem.readout == "logits":
-            return Readout(logits=unembed(model, run_layers(model, x, 0, model.cfg.n_layers, info=seq_info(valid)).x))
+            h = run_layers(model, x, 0, model.cfg.n_layers, info=seq_info(valid)).x
+            return Readout(logits=unembed(model, h[read:]))
         rs = problem.readout_site
         out = run_layers(model, x, 0, rs.layer + 1, info=seq_info(valid), capture=(rs,))
         return Readout(resid=out.captured[rs])
@@ -558,7 +559,7 @@ def init(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window:
         z = tuple(encode_features(clamps[s].sae, at_site[s], clamps[s].features) for s in measure)
         h_def = hooks[site](cap[site], info.slots) if site in clamps else cap[site]
         if problem.readout == "logits":
-            read, resid0 = Readout(logits=unembed(model, out.x)), None
+            read, resid0 = Readout(logits=unembed(model, out.x[window.read :])), None
         else:
             resid0 = hooks.get(problem.readout_site, _identity)(cap[problem.readout_site], info.slots)
             read = Readout(resid=resid0)
@@ -573,12 +574,13 @@ def init(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window:
         basis = proj.encoder_null_projector(cl.sae, cl.features, method=c.projector, ridge=c.ridge).basis
     else:
         basis = jnp.zeros((d, 1), jnp.float32)
-    base = _base_readout(problem, model, ex)
+    base = _base_readout(problem, model, ex, window.read if problem.readout == "logits" else 0)
+    target = _target(solver, ex, window)
     ctx = Context(
         prefix=prefix, kv_k=k if window.cut else None, kv_v=v if window.cut else None, readout_resid=resid0,
         z_ref=z_ref, mask=ex.measure_mask[None, :] & ex.valid, h_def_rows=h_def_rows.astype(jnp.float32), basis=basis,
-        base_objective=solver.objective(base, ex.target), base_success=solver.success(base, ex.target),
-        clamped_objective=solver.objective(out0, ex.target), clamped_success=solver.success(out0, ex.target),
+        base_objective=solver.objective(base, target), base_success=solver.success(base, target),
+        clamped_objective=solver.objective(out0, target), clamped_success=solver.success(out0, target),
     )
     state = SolverState(
         step=jnp.zeros((), jnp.int32), delta=zero, opt_state=_tx(solver, basis).init(zero), done=jnp.zeros((), bool),
@@ -698,18 +700,21 @@ def advance(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], ctx:
     return jax.lax.scan(lambda s, _: step(solver, model, ex, clamps, ctx, s, window), state, None, length=n)
 
 
-def finish(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], ctx: Context, state: SolverState) -> RecoveryResult:
-    """Evaluate the final delta on the full path, apply the selection rule, and measure the selected
-    delta (every metric is computed here once, never inside the step loop)."""
+def finish(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], ctx: Context, state: SolverState,
+           window: Window = FULL) -> RecoveryResult:
+    """Evaluate the final delta (on the step's window: the slots before ``cut`` read back their
+    reference features exactly), apply the selection rule, and measure the selected delta (every
+    metric is computed here once, never inside the step loop)."""
     problem, cfg = solver.problem, solver.cfg
     model = _in_dtype(model, cfg.compute_dtype)
     clamps = _check(problem, clamps)
     measure = problem.measure_sites
-    full = dataclasses.replace(ctx, kv_k=None, kv_v=None)
+    target = _target(solver, ex, window)
 
     def evaluate(dl):
-        out, phi = _forward(solver, model, ex, clamps, full, dl, FULL)
-        return solver.objective(out, ex.target), solver.success(out, ex.target), phi
+        out, phi = _forward(solver, model, ex, clamps, ctx, dl, window)
+        phi = tuple(jnp.concatenate([r[:, : window.cut], z], axis=1) for r, z in zip(ctx.z_ref, phi, strict=True))
+        return solver.objective(out, target), solver.success(out, target), phi
 
     t = state.step
     obj, ok, phi = evaluate(state.delta)
@@ -736,4 +741,4 @@ def solve(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window
     """``finish . advance(cfg.steps) . init``, with the per-step trace."""
     ctx, state = init(solver, model, ex, clamps, window)
     state, trace = advance(solver, model, ex, clamps, ctx, state, solver.cfg.steps, window)
-    return dataclasses.replace(finish(solver, model, ex, clamps, ctx, state), trace=trace)
+    return dataclasses.replace(finish(solver, model, ex, clamps, ctx, state, window), trace=trace)
