@@ -673,7 +673,8 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         ]
         for i, a in enumerate(results["probes"], 1):
             traj = " ".join(f"({t[0]}, {t[1]:.2f}, {t[2]:.0f}, {t[3]:.2f})" for t in a["trajectory_step_ev_l0_dead"])
-            kind = "stopped run" if "STOPPED" in a["command"] else "probe"
+            kind = ("stopped run" if "STOPPED" in a["command"] else
+                    "unevaluated run" if "--stage train" in a["command"] else "probe")
             lines.append(f"| p{i} | {kind} | {a['l0_coeff']:g} | {a['bandwidth']:g} | {a['threshold_init_l0']:g} | "
                          f"{a['threshold_lr_mult']:g} | {a.get('preact_coeff', 0.0):g} | {a['lr']:.1e} | {a['rows']:,} | "
                          f"{a['steps']} | {traj} | "
