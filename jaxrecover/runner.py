@@ -151,6 +151,42 @@ def _write_atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- resumable driver
 
 
+def _run_key(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any]) -> str:
+    """sha256 over everything a run's results depend on: the model's and clamps' arrays (SAE weights,
+    features, values), the examples, the solver's settings and the package version."""
+    import hashlib
+
+    from jaxrecover import __version__
+
+    def name(fn: Any) -> str:  # stable across processes (a function's repr holds its address)
+        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+    h = hashlib.sha256(f"{__version__}|{solver.problem}|{solver.cfg}|{name(solver.objective)}|{name(solver.success)}".encode())
+    for tree in (model, examples, {str(k): v for k, v in clamps.items()}):
+        for leaf in jax.tree.leaves(tree):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fresh_unless_same(out: Path, run_id: str, rec_dir: Path, key: str) -> None:
+    """Resume only a run made from the same inputs; otherwise drop its records and checkpoints (and
+    say so) so that old and new results never mix."""
+    import shutil
+    import sys
+
+    key_file = out / f"{run_id}_key.txt"
+    old = key_file.read_text().strip() if key_file.exists() else None
+    if old is not None and old != key:
+        print(f"jaxrecover: {out}/{run_id} was made from other inputs (model, SAE, examples or settings); "
+              "starting fresh", file=sys.stderr)
+        shutil.rmtree(rec_dir, ignore_errors=True)
+        shutil.rmtree(out / "checkpoints" / run_id, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(key_file, key)
+
+
 @dataclasses.dataclass
 class BatchRun:
     """One finished batch of ``run_recovery``: its records and (host) selected deltas."""
@@ -188,6 +224,7 @@ def run_recovery(
     cfg = solver.cfg
     out = Path(out_dir)
     rec_dir = out / "records" / run_id
+    _fresh_unless_same(out, run_id, rec_dir, _run_key(solver, model, examples, clamps))
     rec_dir.mkdir(parents=True, exist_ok=True)
     n_total = _n(examples)
     bs = batch_size_for(n_total, batch_size)

@@ -1,5 +1,6 @@
 """Orbax checkpoint round trip and kill/resume of ``run_recovery`` (identical results)."""
 
+import dataclasses
 import json
 
 import jax
@@ -68,3 +69,16 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
     recs = [json.loads(line) for line in a.splitlines()]
     assert [r["index"] for r in recs] == [0, 1, 2]
     assert json.loads((tmp_path / "b" / "r_summary.json").read_text())["all"]["n"] == 3
+
+
+def test_resume_with_other_inputs_starts_fresh(tmp_path, capsys):
+    solver, model, ex, clamps = _problem()
+    assert runner.run_recovery(solver, model, ex, clamps, tmp_path, run_id="r", batch_size=4, progress=False,
+                               stop_after_chunks=1) is None
+    (site, clamp), = clamps.items()
+    other = {site: dataclasses.replace(clamp, values=clamp.values + 0.5)}  # same shapes, other defence
+    runner.run_recovery(solver, model, ex, other, tmp_path, run_id="r", batch_size=4, progress=False)
+    assert "starting fresh" in capsys.readouterr().err
+    fresh = runner.run_recovery(solver, model, ex, other, tmp_path / "ref", run_id="r", batch_size=4, progress=False)
+    assert (tmp_path / "r.jsonl").read_text() == (tmp_path / "ref" / "r.jsonl").read_text()
+    assert fresh["all"]["n"] == 3

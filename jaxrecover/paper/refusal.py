@@ -59,7 +59,7 @@ PAPER = {  # AdvBench, 24 strict-valid (Fig. 5 / Table 3 / Table 10)
     "soft_suffix": {"nonref": "24/24", "base_like": "20/24", "strict": "19/24", "drift": 0.815, "floor": 0.702},
 }
 PAPER_REPLAY = {
-    "full": "23/24", "residual": "23/24", "other_features": "2/24", "topn_features": "1/24",
+    "full": "23/24", "residual": "23/24", "other_features": "2/24", "topk_features": "1/24",
     "clamped_features": "0/24", "topk_knockout": "21/24",
 }
 
@@ -387,7 +387,7 @@ def decompose(sae, S: np.ndarray, h_def: jax.Array, delta: jax.Array, k: int) ->
     thresh = jax.lax.top_k(jnp.abs(other_dz), k)[0][..., -1:]
     top = jnp.where(jnp.abs(other_dz) >= thresh, other_dz, 0.0) @ W
     residual = delta - (clamped + other)
-    return {"full": delta, "residual": residual, "other_features": other, "topn_features": top,
+    return {"full": delta, "residual": residual, "other_features": other, "topk_features": top,
             "clamped_features": clamped, "topk_knockout": delta - top}
 
 
