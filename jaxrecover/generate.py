@@ -32,9 +32,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxrecover._pytree import pytree_dataclass
-from jaxrecover.config import TransformerConfig
 from jaxrecover.sites import Site
-from jaxrecover.transformer import KV, Hook, SeqInfo, Transformer, embed, forward, run_layers, seq_info, unembed
+from jaxrecover.transformer import KV, Hook, SeqInfo, Transformer, check_sites, embed, forward, run_layers, seq_info, unembed
 from jaxrecover.types import Tokens, Valid
 
 # hooks keyed by Site or by "blocks.{L}.hook_{point}" string (Site.parse accepts both)
@@ -43,7 +42,6 @@ AnyHooks = Mapping[Site | str, Hook]
 _Tokens = Int[Array | np.ndarray, "batch seq"]
 _Valid = Bool[Array | np.ndarray, "batch seq"]
 
-_MSG_HOOK_LAYER = "Hook at {site} is outside the model: it has {n_layers} blocks (layers 0..{last})."
 _MSG_BATCH = "generate: tokens and valid must be [batch, seq] with the same shape, got {t} and {v}."
 _MSG_NEW = "generate: max_new_tokens must be >= 1, got {n}."
 
@@ -90,17 +88,6 @@ def bucket_length(n: int, multiple: int = 16) -> int:
 
 
 # ----------------------------------------------------------------------------- per-example core
-
-
-def _layer_hooks(cfg: TransformerConfig, hooks: AnyHooks | None) -> dict[int, dict[str, Hook]]:
-    """``{Site: fn}`` -> ``{layer: {point: fn}}``; a hook past the last block is an error."""
-    per_layer: dict[int, dict[str, Hook]] = {}
-    for name, fn in (hooks or {}).items():
-        site = Site.parse(name)
-        if site.layer >= cfg.n_layers:
-            raise ValueError(_MSG_HOOK_LAYER.format(site=site, n_layers=cfg.n_layers, last=cfg.n_layers - 1))
-        per_layer.setdefault(site.layer, {})[site.point] = fn
-    return per_layer
 
 
 def _embed_at(model: Transformer, tokens: Int[Array, " q"], positions: Int[Array, " q"]) -> Float[Array, "q d_model"]:
@@ -322,7 +309,7 @@ def _call(
     if max_new_tokens < 1:
         raise ValueError(_MSG_NEW.format(n=max_new_tokens))
     hooks = _normalize_hooks(hooks)
-    _layer_hooks(model.cfg, hooks)  # fail here, not inside the trace
+    check_sites(model.cfg, hooks, "Hook")  # fail here, not inside the trace
     if isinstance(hooks_in_axes, Mapping):
         hooks_in_axes = _normalize_hooks(hooks_in_axes)
     # the in_axes prefix becomes a static argument: flatten it into hashable leaves + treedef

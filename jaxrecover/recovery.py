@@ -87,7 +87,6 @@ _MSG_RANGE = "RecoveryConfig.{name}={value!r}: {why}."
 class Unconstrained:
     """No projection (the paper's "no projection" ablation and baseline)."""
 
-    name = "none"
     needs_phi = False
 
 
@@ -100,7 +99,6 @@ class EncoderNull:
     projector: str = "pinv"
     ridge: float = 1e-4
     reproject: bool = True
-    name = "encoder"
     needs_phi = False
 
 
@@ -113,7 +111,6 @@ class JacobianNull:
     method: str = "exact"
     probes: int = 8
     drift_probe: bool = True
-    name = "jacobian"
     needs_phi = True
 
 

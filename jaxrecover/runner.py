@@ -61,9 +61,7 @@ def _compiled(solver: R.Solver, what: str, window: R.Window, n: int, axes_key: t
     if what == "advance":
         fn = lambda m, e, c, x, s: R.advance(solver, m, e, c, x, s, n, window)  # noqa: E731
         return jax.jit(jax.vmap(fn, in_axes=(None, 0, ca, 0, 0)))
-    if what == "finish":
-        return jax.jit(jax.vmap(lambda m, e, c, x, s: R.finish(solver, m, e, c, x, s, window), in_axes=(None, 0, ca, 0, 0)))
-    return jax.jit(jax.vmap(lambda m, e, c: R.solve(solver, m, e, c, window), in_axes=(None, 0, ca)))
+    return jax.jit(jax.vmap(lambda m, e, c, x, s: R.finish(solver, m, e, c, x, s, window), in_axes=(None, 0, ca, 0, 0)))
 
 
 def compiled(solver: R.Solver, what: str, window: R.Window, n: int = 0, clamp_axes: Any = None) -> Any:

@@ -360,7 +360,8 @@ class Pass:
     v: Float[Array, "n q n_kv_heads d_head"]
 
 
-def _check_sites(cfg: TransformerConfig, sites: Iterable[Site], what: str) -> None:
+def check_sites(cfg: TransformerConfig, sites: Iterable[Site], what: str) -> None:
+    """Every site inside the model (a hook past the last block would otherwise be skipped)."""
     for s in sites:
         if s.layer >= cfg.n_layers:
             raise ValueError(_MSG_SITE_OUTSIDE.format(what=what, site=s, n=cfg.n_layers, last=cfg.n_layers - 1))
@@ -389,8 +390,8 @@ def run_layers(
         raise ValueError(f"run_layers: need 0 <= start <= stop <= n_layers={cfg.n_layers}, got {start}, {stop}.")
     hooks = {Site.parse(s): f for s, f in (hooks or {}).items()}
     capture = tuple(Site.parse(s) for s in capture)
-    _check_sites(cfg, hooks, "Hook")
-    _check_sites(cfg, capture, "Capture")
+    check_sites(cfg, hooks, "Hook")
+    check_sites(cfg, capture, "Capture")
     local = layer_is_local(cfg)
 
     def layer_kv(i: int | Array) -> KV | None:  # the cache is stacked over blocks start..

@@ -439,8 +439,7 @@ def main(cfg: Config) -> dict[str, Any]:
     d_sae = min(s.d_sae for s in saes.values())
     if cfg.n_features > d_sae * len(saes):
         raise SystemExit(f"--n-features {cfg.n_features}: the SAEs have {d_sae} features each ({len(saes)} SAE(s)).")
-    res = evaluate(prepare(cfg, saes=saes, out=out))
-    return finish(out, res.pop("summary"), res["records"], t_start)
+    return run(None, None, saes, cfg, out, t_start)  # prepare loads the model
 
 
 @dataclasses.dataclass
@@ -495,7 +494,8 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, saes: dict | None =
 
 
 def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) -> dict[str, Any]:
-    """The whole setting on a loaded model: prepare, evaluate every method, write the files."""
+    """The whole setting: prepare (loading the model when ``model`` is None), evaluate every method,
+    write the files."""
     t_start = t_start or time.time()
     res = evaluate(prepare(cfg, model, tok, saes, out))
     return finish(out, res.pop("summary"), res["records"], t_start)
