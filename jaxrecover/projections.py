@@ -18,11 +18,20 @@ Contract:
   encoder-null space leaves the ``S`` pre-activations (hence relu/jumprelu latents) exactly unchanged.
   This does NOT hold for top-k SAEs (the ranking depends on every latent).
 - ``jacobian_basis`` builds an orthonormal basis of (a sketch of) the row space of
-  ``J = dPhi/d delta``; ``project_off`` removes it from a gradient. Exact = every row of J (one VJP per
-  entry of Phi, batched with ``vmap``) followed by an SVD with a rank cutoff (equivalent to QR of
-  ``J^T`` but robust to the zero rows that masked positions produce). Sketch = the authors' code:
-  ``probes`` random unit vectors in Phi-space (plus the unit drift direction when nonzero), their
-  VJPs, Gram-Schmidt with drop tolerance 1e-7.
+  ``J = dPhi/d delta``; ``project_off`` removes it from a gradient.
+
+  ================  ==================================================================================
+  ``"exact"``       every row of J (``jacobian_rows``: one VJP per entry of Phi, ``chunk`` VJPs at a
+                    time under ``lax.map``), then the SVD of ``J^T`` with a rank cutoff (QR of ``J^T``
+                    made robust to the zero rows that masked positions and inactive latents give).
+                    The paper's ``I - J^T (J J^T)^+ J``, exact up to rounding. Memory: ``chunk`` VJP
+                    working sets at once plus ``J`` itself (``m x p`` floats, ``m`` = entries of Phi,
+                    ``p`` = entries of delta); compute: ``m`` VJPs, so give it a ``vjp_fn`` of Phi
+                    ALONE (the blocks up to the last measured site), not of the whole objective.
+  ``"sketch"``      the authors' code: ``probes`` random unit vectors in Phi-space (plus the unit drift
+                    direction when nonzero), their VJPs, Gram-Schmidt with drop tolerance 1e-7.
+  ================  ==================================================================================
+
 - ``clip_l2`` is the code's rescale ``delta * eps / (||delta|| + 1e-8)`` when ``||delta|| > eps``
   (Frobenius over all rows, the paper; or per row).
 - ``projected_updates(fn)`` is an optax transform applying ``fn`` to the incoming gradient (put it
@@ -44,6 +53,7 @@ from jaxrecover.sae import SAE
 
 PROJECTOR_METHODS = ("pinv", "ridge")
 JACOBIAN_METHODS = ("exact", "sketch")
+JACOBIAN_CHUNK = 32  # VJPs per lax.map iteration of the exact Jacobian (memory ~ chunk, not ~ rows)
 BUDGET_PER = ("example", "position")
 GS_DROP_TOL = 1e-7  # authors' Gram-Schmidt drop tolerance
 CLIP_EPS = 1e-8  # authors' clipping denominator guard
@@ -112,6 +122,34 @@ def _gram_schmidt(vectors: Float[Array, "n p"], tol: float) -> Float[Array, "n p
     return basis
 
 
+def jacobian_rows(vjp_fn: Callable[[Any], Any], phi: Any, *, chunk: int = JACOBIAN_CHUNK) -> Array:
+    """Every row of ``J = dPhi/d delta``: row ``i`` is ``vjp_fn(e_i)`` (``e_i`` the one-hot cotangent
+    of the ``i``-th entry of ``ravel_pytree(phi)``), ``chunk`` VJPs at a time.
+
+    ``lax.map(..., batch_size=chunk)`` vmaps the VJP over ``chunk`` cotangents per iteration and
+    scans over the chunks (the remainder runs as one smaller batch), so the working set is ``chunk``
+    backward passes whatever the number of rows; only the output ``[m, p]`` grows with ``m``. The
+    one-hot cotangents are built inside the map (no ``[m, m]`` identity).
+
+    Args:
+        vjp_fn: ``cotangent_phi -> d(<cotangent, Phi>)/d delta`` (pytree of ``phi`` in, any pytree out).
+        phi: ``Phi`` (any pytree of arrays; only its structure, shapes and dtype are used).
+        chunk: VJPs per iteration (``>= 1``; capped at the number of rows).
+
+    Returns:
+        ``J`` as ``[m, p]``: ``m`` = entries of ``phi``, ``p`` = entries of ``vjp_fn``'s output.
+    """
+    if chunk < 1:
+        raise ValueError(f"jacobian_rows: chunk={chunk!r} must be >= 1.")
+    flat_phi, unravel = ravel_pytree(phi)
+    m = flat_phi.shape[0]
+
+    def row(i: Array) -> Array:
+        return _flat(vjp_fn(unravel(jax.nn.one_hot(i, m, dtype=flat_phi.dtype))))
+
+    return jax.lax.map(row, jnp.arange(m, dtype=jnp.int32), batch_size=min(chunk, m))
+
+
 def jacobian_basis(
     vjp_fn: Callable[[Any], Any],
     phi: Any,
@@ -123,6 +161,7 @@ def jacobian_basis(
     drift_probe: bool = True,
     tol: float = GS_DROP_TOL,
     rcond: float = 1e-6,
+    chunk: int = JACOBIAN_CHUNK,
 ) -> Array:
     """Orthonormal rows spanning (a sketch of) the row space of ``J = dPhi/d delta``.
 
@@ -136,6 +175,8 @@ def jacobian_basis(
         phi_ref: reference ``Phi`` (delta = 0) for the drift probe ``(Phi - Phi_ref)/||.||``.
         drift_probe: add the drift probe when ``||Phi - Phi_ref|| > 1e-8``.
         tol: Gram-Schmidt drop tolerance (code: 1e-7).
+        rcond: ``"exact"``: singular values ``<= rcond * s_max`` are treated as zero.
+        chunk: ``"exact"``: VJPs per iteration (see ``jacobian_rows``); the result does not depend on it.
 
     Returns:
         ``[n_basis, delta.size]``: orthonormal rows (flattened like ``delta.reshape(-1)``); unused
@@ -144,7 +185,7 @@ def jacobian_basis(
     flat_phi, unravel = ravel_pytree(phi)
     m = flat_phi.shape[0]
     if method == "exact":
-        J = jax.vmap(lambda e: _flat(vjp_fn(unravel(e))))(jnp.eye(m, dtype=flat_phi.dtype))  # [m, p]
+        J = jacobian_rows(vjp_fn, phi, chunk=chunk)  # [m, p]
         U, s, _ = jnp.linalg.svd(J.T, full_matrices=False)  # [p, min(p, m)]
         keep = (s > rcond * jnp.max(s)) & (s > 0)
         rows = (U * keep.astype(U.dtype)[None, :]).T
@@ -183,6 +224,7 @@ def jacobian_null_project(
     phi_ref: Any = None,
     drift_probe: bool = True,
     tol: float = GS_DROP_TOL,
+    chunk: int = JACOBIAN_CHUNK,
 ) -> Float[Array, "rows d"]:
     """Project ``g`` off the row space of ``J = dPhi/d delta`` at ``delta`` (``P_J g``).
 
@@ -192,7 +234,7 @@ def jacobian_null_project(
     phi, vjp = jax.vjp(phi_fn, delta)
     basis = jacobian_basis(
         lambda c: vjp(c)[0], phi, method=method, key=key, probes=probes, phi_ref=phi_ref,
-        drift_probe=drift_probe, tol=tol,
+        drift_probe=drift_probe, tol=tol, chunk=chunk,
     )
     return project_off(basis, g)
 

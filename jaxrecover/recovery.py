@@ -106,11 +106,18 @@ class EncoderNull:
 class JacobianNull:
     """Cross layer: project the gradient off the row space of ``J = dPhi/d delta`` at ``delta_t``
     (``method="exact"``: every row, paper; ``"sketch"``: ``probes`` random rows + the drift direction,
-    authors' code)."""
+    authors' code).
+
+    Both differentiate a pass that stops at the last measured site (``Phi`` alone, not the objective).
+    ``"exact"`` takes one VJP per measured entry (``n_var x (seq - cut) x sum_k`` of them; masked
+    entries get zero rows), ``chunk`` at a time (``projections.jacobian_rows``): its memory is
+    ``chunk`` backward passes of those blocks plus ``J`` itself, per example under ``vmap``. The
+    result does not depend on ``chunk``."""
 
     method: str = "exact"
     probes: int = 8
     drift_probe: bool = True
+    chunk: int = proj.JACOBIAN_CHUNK
     needs_phi = True
 
 
@@ -125,7 +132,7 @@ class RecoveryConfig:
     """Static solver settings (hashable). Defaults follow the paper; see the module table.
 
     ``constraint`` is a strategy object or its name (then ``projector``, ``ridge``,
-    ``reproject_delta``, ``jacobian``, ``probes``, ``drift_probe`` configure it); ``optimizer`` is an
+    ``reproject_delta``, ``jacobian``, ``probes``, ``drift_probe``, ``jacobian_chunk`` configure it); ``optimizer`` is an
     ``optax.GradientTransformation`` or ``"adam"`` / ``"sgd"`` with ``lr``. ``prefix_cache=False``
     forces the full recompute path. ``compute_dtype="bfloat16"`` runs the transformer in bf16 (losses,
     projections and norms stay float32).
@@ -143,6 +150,7 @@ class RecoveryConfig:
     jacobian: str = "exact"
     probes: int = 8
     drift_probe: bool = True
+    jacobian_chunk: int = proj.JACOBIAN_CHUNK  # exact Jacobian: VJPs per lax.map iteration (memory knob)
     drift_penalty: float = 0.0
     drift_loss: str = "relative_mse"
     correction_steps: int = 0
@@ -182,6 +190,7 @@ class RecoveryConfig:
             ("lr", np.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("budget", not np.isnan(self.budget) and self.budget >= 0, "must be a number >= 0"),
             ("probes", self.probes > 0, "must be > 0"),
+            ("jacobian_chunk", isinstance(self.jacobian_chunk, int) and self.jacobian_chunk > 0, "must be an int > 0"),
             ("drift_penalty", np.isfinite(self.drift_penalty) and self.drift_penalty >= 0, "must be finite and >= 0"),
             ("correction_steps", self.correction_steps >= 0, "must be >= 0"),
         ):
@@ -198,7 +207,7 @@ class RecoveryConfig:
         if self.constraint == "encoder":
             return EncoderNull(self.projector, self.ridge, self.reproject_delta)
         if self.constraint == "jacobian":
-            return JacobianNull(self.jacobian, self.probes, self.drift_probe)
+            return JacobianNull(self.jacobian, self.probes, self.drift_probe, self.jacobian_chunk)
         return Unconstrained()
 
     @property
@@ -603,8 +612,9 @@ def _consider(cfg: RecoveryConfig, state: SolverState, delta, obj, drift, t, now
     )
 
 
-def _project_grad(solver: Solver, g, vjp, obj, phi, ctx: Context, key, window: Window):
-    """The constraint's projection of the loss gradient at ``delta_t``."""
+def _project_grad(solver: Solver, g, phi_vjp: Callable, phi, ctx: Context, key, window: Window):
+    """The constraint's projection of the loss gradient at ``delta_t``; ``phi_vjp`` is the VJP of
+    ``delta -> Phi`` alone (a pass that stops at the last measured site)."""
     c, cut = solver.cfg.constraint_obj, window.cut
     if isinstance(c, EncoderNull):
         return proj.apply(proj.EncoderNullProjector(ctx.basis), g)
@@ -618,16 +628,16 @@ def _project_grad(solver: Solver, g, vjp, obj, phi, ctx: Context, key, window: W
         mref = tuple(jnp.where(m, r, 0.0) for r in ctx.z_ref)
 
         def vjp_fn(cot):
-            return vjp((jnp.zeros_like(obj), tuple(jnp.where(m, x, 0.0)[:, cut:] for x in cot)))[0]
+            return phi_vjp(tuple(jnp.where(m, x, 0.0)[:, cut:] for x in cot))[0]
     else:
         ms = m[:, cut:]
         mphi, mref = tuple(jnp.where(ms, z, 0.0) for z in phi), None
 
         def vjp_fn(cot):  # masked entries get zero cotangents: they never constrain delta
-            return vjp((jnp.zeros_like(obj), tuple(jnp.where(ms, x, 0.0) for x in cot)))[0]
+            return phi_vjp(tuple(jnp.where(ms, x, 0.0) for x in cot))[0]
 
     basis = proj.jacobian_basis(vjp_fn, mphi, method=c.method, key=key, probes=c.probes, phi_ref=mref,
-                                drift_probe=c.drift_probe)
+                                drift_probe=c.drift_probe, chunk=c.chunk)
     return proj.project_off(basis, g)
 
 
@@ -648,7 +658,13 @@ def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: 
 
     (obj, phi), vjp, ok = jax.vjp(f, delta, has_aux=True)
     g = vjp((-jnp.ones_like(obj), jax.tree.map(jnp.zeros_like, phi)))[0]  # gradient of the loss = -objective
-    g = _project_grad(solver, g, vjp, obj, phi, ctx, jax.random.fold_in(state.key, t), window)
+    if isinstance(cfg.constraint_obj, JacobianNull):
+        # J's rows are VJPs of Phi ALONE: differentiating the whole objective pass (all blocks and
+        # the unembedding, with a zero cotangent on the objective) would cost a full backward per row
+        _, phi_vjp = jax.vjp(lambda dl: _forward(solver, model, ex, clamps, ctx, dl, window, readout=False)[1], delta)
+        g = _project_grad(solver, g, phi_vjp, phi, ctx, jax.random.fold_in(state.key, t), window)
+    else:
+        g = _project_grad(solver, g, None, phi, ctx, state.key, window)
     if cfg.drift_penalty:
         dphi = jax.grad(lambda p: _drift_loss(cfg.drift_loss, p, ctx.z_ref, ctx.mask, window.cut))(phi)
         g = g + cfg.drift_penalty * vjp((jnp.zeros_like(obj), dphi))[0]
