@@ -21,13 +21,14 @@ Contract:
   ``J = dPhi/d delta``; ``project_off`` removes it from a gradient.
 
   ================  ==================================================================================
-  ``"exact"``       every row of J (``jacobian_rows``: one VJP per entry of Phi, ``chunk`` VJPs at a
-                    time under ``lax.map``), then the SVD of ``J^T`` with a rank cutoff (QR of ``J^T``
-                    made robust to the zero rows that masked positions and inactive latents give).
-                    The paper's ``I - J^T (J J^T)^+ J``, exact up to rounding. Memory: ``chunk`` VJP
-                    working sets at once plus ``J`` itself (``m x p`` floats, ``m`` = entries of Phi,
-                    ``p`` = entries of delta); compute: ``m`` VJPs, so give it a ``vjp_fn`` of Phi
-                    ALONE (the blocks up to the last measured site), not of the whole objective.
+  ``"exact"``       every row of J, ``chunk`` VJPs at a time, orthonormalised block by block as
+                    they come (``exact_jacobian_basis``: block Gram-Schmidt through small Gram
+                    matrices, deflated twice per block); rows known to be zero (masked entries,
+                    latents at 0) are skipped. The paper's ``I - J^T (J J^T)^+ J`` up to rounding.
+                    Memory: ``chunk`` VJP working sets plus the basis (``(m + chunk) x p`` floats,
+                    ``m`` = entries of Phi, ``p`` = entries of delta); compute: one VJP per active
+                    row, so give it a ``vjp_fn`` of Phi ALONE (the blocks up to the last measured
+                    site), not of the whole objective. ``jacobian_rows`` gives J itself.
   ``"sketch"``      the authors' code: ``probes`` random unit vectors in Phi-space (plus the unit drift
                     direction when nonzero), their VJPs, Gram-Schmidt with drop tolerance 1e-7.
   ================  ==================================================================================
@@ -150,6 +151,93 @@ def jacobian_rows(vjp_fn: Callable[[Any], Any], phi: Any, *, chunk: int = JACOBI
     return jax.lax.map(row, jnp.arange(m, dtype=jnp.int32), batch_size=min(chunk, m))
 
 
+ORTH_TAU = 1e-6  # per deflation round: Gram eigenvalues below this x the largest wait for the next round
+ORTH_ROUNDS = 2  # rounds per chunk: resolves singular values down to ~ORTH_TAU ** (ROUNDS / 2) of the chunk's
+
+
+def _deflate(C: Array, Q: Array) -> Array:
+    """``C`` minus its components along the (orthonormal or zero) rows of ``Q``."""
+    return C - (C @ Q.T) @ Q
+
+
+def _gram_rows(C: Array, tau: float, floor2: Array | float) -> Array:
+    """Orthogonal rows spanning the part of ``C``'s row space whose Gram eigenvalues exceed
+    ``max(tau * lambda_max, floor2)``, scaled to unit norm (``diag(lambda)^-1/2 V^T C``); zero rows
+    for the rest. In float32 the rows are orthonormal only to ``eps / tau``: callers normalise twice."""
+    lam, V = jnp.linalg.eigh(C @ C.T)  # ascending; C is [chunk, p], chunk small
+    keep = lam > jnp.maximum(tau * lam[-1], floor2)
+    inv = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
+    return (V * inv[None, :]).T @ C
+
+
+def exact_jacobian_basis(
+    vjp_fn: Callable[[Any], Any],
+    phi: Any,
+    *,
+    active: Any = None,
+    chunk: int = JACOBIAN_CHUNK,
+    rcond: float = 1e-6,
+) -> Array:
+    """Orthonormal rows spanning the row space of ``J = dPhi/d delta`` (every row, exact up to
+    rounding), built ``chunk`` rows at a time without forming ``J``.
+
+    Rows are visited active-first: ``active`` (pytree of bools like ``phi``; default all) marks
+    the entries whose row may be nonzero, and a ``lax.while_loop`` stops after the last chunk that
+    holds one, so the cost is ``ceil(n_active / chunk)`` batches of ``chunk`` VJPs (under ``vmap``:
+    the largest ``n_active`` of the batch). Inactive rows are TREATED AS ZERO: pass only entries
+    whose row is exactly zero (a masked entry; a ReLU / JumpReLU / TopK latent that is 0, whose
+    derivative JAX defines as 0).
+
+    Each chunk of rows is orthogonalised against the basis so far and orthonormalised through its
+    small ``[chunk, chunk]`` Gram matrix (block Gram-Schmidt; only matmuls and a small ``eigh``:
+    XLA's CPU QR/SVD of a ``p x m`` matrix is 10-50x slower than the matmuls). A Gram matrix squares
+    the condition number, so each chunk is deflated ``ORTH_ROUNDS`` times (directions whose Gram
+    eigenvalue is below ``ORTH_TAU`` x the largest are picked up by the next round) and every new
+    block is re-orthogonalised and re-normalised once. Directions with singular value
+    ``<= rcond * (largest row norm so far)`` are dropped: ``|J_i . project_off(basis, g)|`` is then
+    ``<~ rcond * |J| |g|`` plus rounding.
+
+    Memory: ``chunk`` VJP working sets plus the basis, ``[m + chunk, p]`` floats (``m`` = entries of
+    ``phi``, ``p`` = entries of ``delta``).
+
+    Returns:
+        ``[m + chunk, p]``: orthonormal rows, then zero rows.
+    """
+    if chunk < 1:
+        raise ValueError(f"exact_jacobian_basis: chunk={chunk!r} must be >= 1.")
+    flat_phi, unravel = ravel_pytree(phi)
+    m, dtype = flat_phi.shape[0], flat_phi.dtype
+    c = min(chunk, m)
+    n_chunks = -(-m // c)
+    act = jnp.ones((m,), bool) if active is None else _flat(active).astype(bool)
+    order = jnp.argsort(jnp.logical_not(act), stable=True).astype(jnp.int32)  # active rows first
+    order = jnp.concatenate([order, jnp.full((n_chunks * c - m,), m, jnp.int32)])  # index m = no row
+    weight = jnp.concatenate([act.astype(dtype), jnp.zeros((1,), dtype)])
+    n_active = jnp.sum(act, dtype=jnp.int32)
+    p = jax.eval_shape(lambda e: _flat(vjp_fn(unravel(e))), flat_phi).shape[0]
+    n_q = m + c  # rank <= m; the slack keeps every dynamic_update_slice in bounds
+
+    def row(i: Array) -> Array:
+        return _flat(vjp_fn(unravel(jax.nn.one_hot(i, m, dtype=dtype) * weight[i])))
+
+    def body(carry):
+        k, r, Q, scale2 = carry
+        C = jax.vmap(row)(jax.lax.dynamic_slice(order, (k * c,), (c,)))  # [c, p]
+        scale2 = jnp.maximum(scale2, jnp.max(jnp.sum(jnp.square(C), axis=1)))
+        for _ in range(ORTH_ROUNDS):
+            C = _deflate(C, Q)
+            B = _gram_rows(C, ORTH_TAU, jnp.square(rcond) * scale2)
+            B = _gram_rows(_deflate(B, Q), 0.0, 0.25)  # rows are ~unit or ~0 here: re-orthonormalise
+            new = jnp.sum(B * B, axis=1) > 0.5
+            B = B[jnp.argsort(jnp.logical_not(new), stable=True)]  # kept rows first, zeros after
+            Q = jax.lax.dynamic_update_slice(Q, B, (r, jnp.zeros((), jnp.int32)))
+            r = jnp.minimum(r + jnp.sum(new, dtype=jnp.int32), n_q - c)
+        return k + 1, r, Q, scale2
+
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((n_q, p), dtype), jnp.zeros((), dtype))
+    return jax.lax.while_loop(lambda cr: cr[0] * c < n_active, body, init)[2]
+
+
 def jacobian_basis(
     vjp_fn: Callable[[Any], Any],
     phi: Any,
@@ -162,6 +250,7 @@ def jacobian_basis(
     tol: float = GS_DROP_TOL,
     rcond: float = 1e-6,
     chunk: int = JACOBIAN_CHUNK,
+    active: Any = None,
 ) -> Array:
     """Orthonormal rows spanning (a sketch of) the row space of ``J = dPhi/d delta``.
 
@@ -169,14 +258,15 @@ def jacobian_basis(
         vjp_fn: ``cotangent_phi -> d(<cotangent, Phi>)/d delta`` (e.g. from ``jax.vjp``), where the
             cotangent has the pytree structure of ``phi``. Extra outputs may be zeroed by the caller.
         phi: ``Phi`` at the current ``delta`` (any pytree of arrays).
-        method: ``"exact"`` (every row of J, SVD rank cutoff ``rcond * s_max``) or ``"sketch"``.
+        method: ``"exact"`` (every row of J: ``exact_jacobian_basis``) or ``"sketch"``.
         key: PRNG key for the sketch's Gaussian probes (seed it per step).
         probes: number of random unit probes (code: 8).
         phi_ref: reference ``Phi`` (delta = 0) for the drift probe ``(Phi - Phi_ref)/||.||``.
         drift_probe: add the drift probe when ``||Phi - Phi_ref|| > 1e-8``.
         tol: Gram-Schmidt drop tolerance (code: 1e-7).
-        rcond: ``"exact"``: singular values ``<= rcond * s_max`` are treated as zero.
-        chunk: ``"exact"``: VJPs per iteration (see ``jacobian_rows``); the result does not depend on it.
+        rcond: ``"exact"``: directions with singular value ``<= rcond * max row norm`` are dropped.
+        chunk: ``"exact"``: rows (VJPs) per iteration; the span does not depend on it.
+        active: ``"exact"``: entries whose row can be nonzero (see ``exact_jacobian_basis``).
 
     Returns:
         ``[n_basis, delta.size]``: orthonormal rows (flattened like ``delta.reshape(-1)``); unused
@@ -185,10 +275,7 @@ def jacobian_basis(
     flat_phi, unravel = ravel_pytree(phi)
     m = flat_phi.shape[0]
     if method == "exact":
-        J = jacobian_rows(vjp_fn, phi, chunk=chunk)  # [m, p]
-        U, s, _ = jnp.linalg.svd(J.T, full_matrices=False)  # [p, min(p, m)]
-        keep = (s > rcond * jnp.max(s)) & (s > 0)
-        rows = (U * keep.astype(U.dtype)[None, :]).T
+        rows = exact_jacobian_basis(vjp_fn, phi, active=active, chunk=chunk, rcond=rcond)
     elif method == "sketch":
         if key is None:
             raise ValueError("jacobian_basis(method='sketch') needs a PRNG key.")
@@ -225,6 +312,7 @@ def jacobian_null_project(
     drift_probe: bool = True,
     tol: float = GS_DROP_TOL,
     chunk: int = JACOBIAN_CHUNK,
+    active: Any = None,
 ) -> Float[Array, "rows d"]:
     """Project ``g`` off the row space of ``J = dPhi/d delta`` at ``delta`` (``P_J g``).
 
@@ -234,7 +322,7 @@ def jacobian_null_project(
     phi, vjp = jax.vjp(phi_fn, delta)
     basis = jacobian_basis(
         lambda c: vjp(c)[0], phi, method=method, key=key, probes=probes, phi_ref=phi_ref,
-        drift_probe=drift_probe, tol=tol, chunk=chunk,
+        drift_probe=drift_probe, tol=tol, chunk=chunk, active=active,
     )
     return project_off(basis, g)
 

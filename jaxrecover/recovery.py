@@ -109,10 +109,12 @@ class JacobianNull:
     authors' code).
 
     Both differentiate a pass that stops at the last measured site (``Phi`` alone, not the objective).
-    ``"exact"`` takes one VJP per measured entry (``n_var x (seq - cut) x sum_k`` of them; masked
-    entries get zero rows), ``chunk`` at a time (``projections.jacobian_rows``): its memory is
-    ``chunk`` backward passes of those blocks plus ``J`` itself, per example under ``vmap``. The
-    result does not depend on ``chunk``."""
+    ``"exact"`` takes one VJP per measured entry whose latent is nonzero (at most ``n_var x (seq -
+    cut) x sum_k``; masked entries and latents at 0 have zero rows and are skipped), ``chunk`` at a
+    time, orthonormalised as they come (``projections.exact_jacobian_basis``): its memory is
+    ``chunk`` backward passes of those blocks plus the basis (about the size of ``J``), per example
+    under ``vmap``, and its time is ``ceil(n_active / chunk)`` chunks (the largest ``n_active`` of a
+    vmapped batch). The projection does not depend on ``chunk``."""
 
     method: str = "exact"
     probes: int = 8
@@ -629,15 +631,20 @@ def _project_grad(solver: Solver, g, phi_vjp: Callable, phi, ctx: Context, key, 
 
         def vjp_fn(cot):
             return phi_vjp(tuple(jnp.where(m, x, 0.0)[:, cut:] for x in cot))[0]
+        active = None
     else:
         ms = m[:, cut:]
         mphi, mref = tuple(jnp.where(ms, z, 0.0) for z in phi), None
+        # rows that are exactly zero are skipped: masked entries, and latents at 0 (ReLU, JumpReLU and
+        # TopK latents have derivative 0 wherever they are 0); ``phi`` comes from the same pass as
+        # ``phi_vjp``, so a latent and its row agree on being zero
+        active = tuple(ms & (z != 0) for z in phi)
 
         def vjp_fn(cot):  # masked entries get zero cotangents: they never constrain delta
             return phi_vjp(tuple(jnp.where(ms, x, 0.0) for x in cot))[0]
 
     basis = proj.jacobian_basis(vjp_fn, mphi, method=c.method, key=key, probes=c.probes, phi_ref=mref,
-                                drift_probe=c.drift_probe, chunk=c.chunk)
+                                drift_probe=c.drift_probe, chunk=c.chunk, active=active)
     return proj.project_off(basis, g)
 
 
@@ -661,8 +668,8 @@ def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: 
     if isinstance(cfg.constraint_obj, JacobianNull):
         # J's rows are VJPs of Phi ALONE: differentiating the whole objective pass (all blocks and
         # the unembedding, with a zero cotangent on the objective) would cost a full backward per row
-        _, phi_vjp = jax.vjp(lambda dl: _forward(solver, model, ex, clamps, ctx, dl, window, readout=False)[1], delta)
-        g = _project_grad(solver, g, phi_vjp, phi, ctx, jax.random.fold_in(state.key, t), window)
+        phi_j, phi_vjp = jax.vjp(lambda dl: _forward(solver, model, ex, clamps, ctx, dl, window, readout=False)[1], delta)
+        g = _project_grad(solver, g, phi_vjp, phi_j, ctx, jax.random.fold_in(state.key, t), window)
     else:
         g = _project_grad(solver, g, None, phi, ctx, state.key, window)
     if cfg.drift_penalty:
