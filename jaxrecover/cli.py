@@ -23,6 +23,11 @@ examples:
   jaxrecover info --model-dir /path/to/hf-folder    # config summary of a checkpoint
   jaxrecover inspect --sae PATH --features 1,2 --out look.html   # treescope page of model + clamp
 
+several processes (one command per process; same command, its own --process-id):
+  jaxrecover --coordinator HOST:PORT --num-processes N --process-id I run refusal
+  (or env JAXRECOVER_COORDINATOR, JAXRECOVER_NUM_PROCESSES, JAXRECOVER_PROCESS_ID; on a Cloud TPU
+  slice no option is needed: JAX detects it; --init-timeout S bounds the wait for the others)
+
 Rerunning the same command into the same --out resumes where a killed run stopped.
 Results: <out>/results.jsonl (per example), summary.json, table.md, *.csv and *.png.
 Errors print one line; add --debug for the traceback.
@@ -98,6 +103,7 @@ def cmd_run(argv: list[str]) -> int:
         cfg = module.Config(**args)  # each Config validates its values in __post_init__
     except (TypeError, ValueError) as e:
         parser.error(str(e))
+    start_distributed(_LAUNCH_OPTIONS)  # after the values are checked, before the setting touches a device
     module.main(cfg)
     return 0
 
@@ -138,14 +144,64 @@ def cmd_inspect(argv: list[str]) -> int:
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "info": cmd_info, "inspect": cmd_inspect}
 
+_LAUNCH_OPTIONS: dict[str, str] = {}  # what main took out of argv, for cmd_run
+
+# launch options, accepted anywhere on the line (like --debug); they start jax.distributed
+_LAUNCH = {"--coordinator": "coordinator", "--num-processes": "num_processes", "--process-id": "process_id",
+           "--init-timeout": "timeout_s", "--distributed": "auto"}
+
+
+def split_launch_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``({name: value}, rest)``: the launch options taken out of ``argv`` (``--opt V`` or ``--opt=V``)."""
+    found, rest, i = {}, [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in _LAUNCH:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"jaxrecover: {flag} needs a value.")
+                value, i = argv[i + 1], i + 1
+            found[_LAUNCH[flag]] = value
+        else:
+            rest.append(argv[i])
+        i += 1
+    return found, rest
+
+
+def start_distributed(options: dict[str, str]) -> None:
+    """``distributed.initialize`` from launch options and the environment, before any setting runs;
+    bad values and failed joins are one-line errors (exit code 2)."""
+    from jaxrecover import distributed  # noqa: PLC0415
+
+    def num(name: str) -> int | None:
+        if name not in options:
+            return None
+        try:
+            return int(options[name])
+        except ValueError:
+            raise SystemExit(f"jaxrecover: --{name.replace('_', '-')} {options[name]!r}: expected an integer.") from None
+
+    auto = options.get("auto")
+    if auto not in (None, "auto", "off"):
+        raise SystemExit(f"jaxrecover: --distributed {auto!r}: expected auto or off.")
+    try:
+        distributed.initialize(options.get("coordinator"), num("num_processes"), num("process_id"),
+                               timeout_s=num("timeout_s"), auto=None if auto is None else auto == "auto")
+    except (ValueError, RuntimeError) as e:
+        print(str(e), file=sys.stderr)
+        raise SystemExit(2) from None
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    launch, argv = split_launch_options(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\ncommands: run NAME [options] | list | info | inspect\n\n" + _EPILOG)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    _LAUNCH_OPTIONS.clear()
+    _LAUNCH_OPTIONS.update(launch)
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (KeyboardInterrupt, SystemExit):

@@ -15,6 +15,11 @@ Contract:
 - ``generate`` is one ``jit`` per shape bucket (batch, prompt length, ``max_new_tokens``) and static
   options; decode steps run inside ``lax.scan``. Hooks are traced arguments, so new delta or clamp
   values reuse the compiled program; a new hook *structure* (sites, types) recompiles.
+- With several devices (or processes: ``jax.devices()`` is global after ``distributed.initialize``)
+  the batch is padded to a multiple of the device count (repeating the last row), split over the
+  devices with per-row hook arrays split alike and shared hooks and the model replicated, and the
+  result is gathered back to a full host copy in every process (rows are independent, so no device
+  talks to another until that gather).
 - ``generate_uncached`` recomputes the full buffer each step with ``transformer.forward``: slow and
   obviously correct, the reference in tests.
 
@@ -32,6 +37,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxrecover._pytree import pytree_dataclass
+from jaxrecover.sharding import map_batched, pad_batch, replicate, shard_batch, to_host
 from jaxrecover.sites import Site
 from jaxrecover.transformer import KV, Hook, SeqInfo, Transformer, check_sites, embed, forward, run_layers, seq_info, unembed
 from jaxrecover.types import Tokens, Valid
@@ -317,7 +323,14 @@ def _call(
     greedy = float(temperature) == 0.0
     if pad_id is None:
         pad_id = eos_id if eos_id is not None else 0
-    return fn(
+    batch, n_dev = tokens.shape[0], len(jax.devices())
+    if n_dev > 1:  # data parallel over the rows (see the module docstring)
+        size = -(-batch // n_dev) * n_dev
+        place = lambda t: shard_batch(pad_batch(t, size)[0])  # noqa: E731
+        tokens, valid = place(tokens), place(valid)
+        hooks = map_batched(hooks, hooks_in_axes, place, replicate)
+        model = replicate(model)
+    out = fn(
         model,
         tokens,
         valid,
@@ -332,6 +345,9 @@ def _call(
         hooks_axes=(tuple(leaves), treedef),
         return_logits=return_logits,
     )
+    if n_dev > 1:  # a full copy in every process, padding rows dropped
+        out = jax.tree.map(lambda a: jnp.asarray(a[:batch]), to_host(out))
+    return out
 
 
 def generate(

@@ -5,6 +5,9 @@ half-written result next to a complete one. The temporary name is unique per pro
 (``.<name>.<pid>.<random>.tmp``), so concurrent runs writing into one folder never share one; the
 file is created with mode 0o666 minus the umask, like any ``open(path, "w")`` (``mkstemp`` would
 give 0600 whatever the umask).
+
+In a multi-process run (``distributed``) only process 0 writes: every writer here returns without
+touching the disk in the other processes, which hold the same results.
 """
 
 import csv
@@ -19,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxrecover.distributed import is_writer
+
 
 def temp_name(path: Path) -> Path:
     """A sibling of ``path`` no other process or call will pick: pid plus 64 random bits."""
@@ -26,6 +31,8 @@ def temp_name(path: Path) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    if not is_writer():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     # 0o666 through os.open: the kernel applies the umask, as for any ordinary new file

@@ -9,6 +9,14 @@ and turn results into records. The solver itself (``recovery``) is written for o
   kill resumes and gives identical results. A progress bar moves every chunk.
 - ``result_records``: per-example JSON-able dicts with a ``status`` of ``"recovered"``,
   ``"not_recovered"`` or ``"non_finite"`` (a non-finite loss, gradient or delta: never a recovery).
+
+Several processes (``distributed.initialize``): the example axis is split over every process's
+devices (``jax.devices()`` is global), each process passes the same full host batch, and results are
+gathered back to every process (``sharding.to_host``), so records, deltas and anything computed from
+them are the same in every process and in every layout. Only process 0 writes files (records, run
+key, summaries); the orbax checkpoints are written by all processes together, into a folder every
+process sees (checked). Which batches are finished is process 0's decision, shared with the others,
+so all processes always run the same compiled steps.
 """
 
 import dataclasses
@@ -24,9 +32,10 @@ import jax
 import numpy as np
 
 from jaxrecover import checkpoint as ckpt
+from jaxrecover import distributed as D
 from jaxrecover import metrics as M
 from jaxrecover import recovery as R
-from jaxrecover.sharding import pad_batch, shard_batch
+from jaxrecover.sharding import map_batched, pad_batch, replicate, shard_batch, to_host
 from jaxrecover.sites import Site
 
 
@@ -35,10 +44,32 @@ def _n(tree: Any) -> int:
 
 
 def _place(tree: Any, size: int) -> Any:
-    """Pad the leading axis to ``size`` (repeating the last example) and shard it over devices."""
+    """Pad the leading axis to ``size`` (repeating the last example) and shard it over all (global)
+    devices; ``size`` must be a multiple of the device count (``batch_size_for`` gives one)."""
     n_dev = len(jax.devices())
     padded, _ = pad_batch(tree, size) if _n(tree) != size else (tree, size)
     return shard_batch(padded) if n_dev > 1 else padded
+
+
+_REPLICATED: list[Any] = []  # [(source, replicated copy)]: the model is placed once, not per call
+
+
+def _shared(tree: Any) -> Any:
+    """A tree every example uses (model, shared clamps) as a full copy on every global device: a
+    no-op in one process; in several, the last model placed is reused while it is the same object."""
+    if jax.process_count() == 1:
+        return tree
+    for src, placed in _REPLICATED:
+        if src is tree:
+            return placed
+    placed = replicate(tree)
+    _REPLICATED[:] = [(tree, placed)]
+    return placed
+
+
+def _place_clamps(clamps: Any, clamp_axes: Any, size: int) -> Any:
+    """Per-example clamp arrays padded and sharded like the examples; shared ones replicated."""
+    return map_batched(clamps, clamp_axes, lambda c: _place(c, size), replicate)
 
 
 def batch_size_for(n: int, batch_size: int) -> int:
@@ -82,12 +113,11 @@ def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mappi
     window = R.plan_window(solver, examples) if window is None else window
     size = batch_size_for(n, n)
     ex = _place(examples, size)
-    if clamp_axes is not None:
-        clamps = jax.tree.map(lambda axis, c: c if axis is None else _place(c, size), clamp_axes, clamps,
-                              is_leaf=lambda x: x is None)
+    model = _shared(model)
+    clamps = _place_clamps(clamps, clamp_axes, size)
     ctx, state = compiled(solver, "init", window, 0, clamp_axes)(model, ex, clamps)
     steps, traces, done = solver.cfg.steps, [], 0
-    bar = tqdm(total=steps * n, desc=desc, disable=not progress, leave=False, unit="ex-step")
+    bar = tqdm(total=steps * n, desc=desc, disable=not (progress and D.is_writer()), leave=False, unit="ex-step")
     while done < steps:
         k = min(solver.cfg.steps_per_chunk if progress else steps, steps - done)
         state, trace = compiled(solver, "advance", window, k, clamp_axes)(model, ex, clamps, ctx, state)
@@ -97,6 +127,8 @@ def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mappi
         bar.update(k * n)
     bar.close()
     res = compiled(solver, "finish", window, 0, clamp_axes)(model, ex, clamps, ctx, state)
+    if jax.process_count() > 1:  # split over processes: gather a full copy into every process
+        res, traces = jax.tree.map(jax.numpy.asarray, to_host((res, traces)))
     trace = jax.tree.map(lambda *t: np.concatenate(t, axis=1), *traces) if traces else None
     return jax.tree.map(lambda a: a[:n], dataclasses.replace(res, trace=trace))
 
@@ -141,6 +173,8 @@ def result_records(res: R.RecoveryResult, start: int = 0, n: int | None = None) 
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    if not D.is_writer():  # one process writes; the others hold the same results
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -175,14 +209,40 @@ def _fresh_unless_same(out: Path, run_id: str, rec_dir: Path, key: str) -> None:
     import sys
 
     key_file = out / f"{run_id}_key.txt"
-    old = key_file.read_text().strip() if key_file.exists() else None
-    if old is not None and old != key:
-        print(f"jaxrecover: {out}/{run_id} was made from other inputs (model, SAE, examples or settings); "
-              "starting fresh", file=sys.stderr)
-        shutil.rmtree(rec_dir, ignore_errors=True)
-        shutil.rmtree(out / "checkpoints" / run_id, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(key_file, key)
+    if D.is_writer():  # process 0 decides and cleans; the others wait for it (same folder, checked)
+        old = key_file.read_text().strip() if key_file.exists() else None
+        if old is not None and old != key:
+            print(f"jaxrecover: {out}/{run_id} was made from other inputs (model, SAE, examples or settings); "
+                  "starting fresh", file=sys.stderr)
+            shutil.rmtree(rec_dir, ignore_errors=True)
+            shutil.rmtree(out / "checkpoints" / run_id, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(key_file, key)
+    D.barrier("run-key")
+
+
+def _open_manager(root: Path, run_id: str) -> Any:
+    """``checkpoint.open_manager``, made safe for several processes: orbax has every process compute
+    the temporary folder's name and wait for process 0 to create it, so the name must be the same in
+    all of them; ``checkpoint.UniqueTemporaryPath`` draws it per process (pid + random bits).
+    Here process 0 draws the suffix once per manager and shares it; only process 0 removes leftovers
+    of killed saves (a pid means nothing on another host)."""
+    if not D.is_multiprocess():
+        return ckpt.open_manager(root, run_id)
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    directory = Path(root).absolute() / run_id
+    if D.is_writer():
+        ckpt.remove_stale_temporaries(directory)
+    tag = D.shared_token(f"ckpt/{run_id}")  # "<pid of process 0>-<hex>", the form remove_stale_temporaries reads
+
+    class SharedTemporaryPath(ckpt.UniqueTemporaryPath):
+        @classmethod
+        def from_final(cls, final_path: Any, **kwargs: Any) -> "SharedTemporaryPath":
+            return cls(final_path.parent / f"{final_path.name}{ckpt.TMP_SUFFIX}-{tag}", final_path, **kwargs)
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, temporary_path_class=SharedTemporaryPath)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 @dataclasses.dataclass
@@ -222,22 +282,26 @@ def run_recovery(
     cfg = solver.cfg
     out = Path(out_dir)
     rec_dir = out / "records" / run_id
+    D.check_shared_dir(out)
     _fresh_unless_same(out, run_id, rec_dir, _run_key(solver, model, examples, clamps))
-    rec_dir.mkdir(parents=True, exist_ok=True)
+    if D.is_writer():
+        rec_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier("records-dir")
+    model, clamps = _shared(model), _place_clamps(clamps, None, 0)
     n_total = _n(examples)
     bs = batch_size_for(n_total, batch_size)
     window = R.plan_window(solver, examples) if window is None else window
     chunks_run = 0
-    bar = tqdm(total=n_total * cfg.steps, disable=not progress, desc=run_id, unit="ex-step")
+    bar = tqdm(total=n_total * cfg.steps, disable=not (progress and D.is_writer()), desc=run_id, unit="ex-step")
     for b, start in enumerate(range(0, n_total, bs)):
         rec_file = rec_dir / f"batch{b:05d}.jsonl"
         n_real = min(bs, n_total - start)
-        if rec_file.exists():
+        if D.broadcast_flag(rec_file.exists(), f"{run_id}/done{b}"):  # every process skips the same batches
             bar.update(n_real * cfg.steps)
             continue
         batch = _place(jax.tree.map(lambda a: a[start : start + n_real], examples), bs)
         ctx, state = compiled(solver, "init", window)(model, batch, clamps)
-        mngr = ckpt.open_manager(out / "checkpoints", f"{run_id}/batch{b:05d}")
+        mngr = _open_manager(out / "checkpoints", f"{run_id}/batch{b:05d}")
         restored = ckpt.restore_state(mngr, state)
         done_steps = 0
         if restored is not None:
@@ -257,17 +321,20 @@ def run_recovery(
                 mngr.close()
                 bar.close()
                 return None
-        res = compiled(solver, "finish", window)(model, batch, clamps, ctx, state)
-        np.save(rec_dir / f"batch{b:05d}_delta.npy", np.asarray(res.delta)[:n_real])
+        res = to_host(compiled(solver, "finish", window)(model, batch, clamps, ctx, state))
+        if D.is_writer():
+            np.save(rec_dir / f"batch{b:05d}_delta.npy", np.asarray(res.delta)[:n_real])
         _write_atomic(rec_file, "".join(json.dumps(r) + "\n" for r in result_records(res, start, n_real)))
         mngr.close()
     bar.close()
+    D.barrier("records-written")  # the others read what process 0 wrote
     records, deltas = [], []
     for f in sorted(rec_dir.glob("batch*.jsonl")):
         records.extend(json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line)
         deltas.append(np.load(f.with_name(f.stem + "_delta.npy")))
     records.sort(key=lambda r: r["index"])
-    np.save(out / f"{run_id}_deltas.npy", np.concatenate(deltas) if deltas else np.zeros((0,)))
+    if D.is_writer():
+        np.save(out / f"{run_id}_deltas.npy", np.concatenate(deltas) if deltas else np.zeros((0,)))
     _write_atomic(out / f"{run_id}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     summary = {
         "run_id": run_id,

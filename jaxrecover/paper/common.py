@@ -138,6 +138,11 @@ def out_dir(path: str, name: str) -> Path:
 
 def check_writable(out: Path) -> None:
     """Fail before any expensive stage when results could not be written to ``out``."""
+    from jaxrecover import distributed  # several processes: one shared folder, process 0 writes
+
+    distributed.check_shared_dir(out)
+    if not distributed.is_writer():
+        return
     probe = out / f".write-probe-{os.getpid()}"
     try:
         probe.write_text("")

@@ -1,0 +1,228 @@
+"""Several processes, one run: results do not depend on the layout (1 process x 1 device, 1 x 4,
+2 processes x 2 devices), and bad launches fail within seconds.
+
+Each layout runs in its own subprocess(es) (the device count is fixed when JAX starts, and the
+distributed runtime can start once per process): ``python tests/test_distributed.py worker ...``.
+The two processes of the 2 x 2 layout talk over 127.0.0.1 only, on a free port.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+N_EX, SEQ, D = 6, 5, 16  # 6 examples: padded to 8 on 4 devices, not padded on 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(n_dev: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXRECOVER_")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env
+
+
+def _launch(args: list[str], n_dev: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args], cwd=ROOT, env=_env(n_dev),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            text, _ = p.communicate()
+            text += "\n<killed: timeout>"
+        out.append((p.returncode, text))
+    return out
+
+
+# ----------------------------------------------------------------------------- worker (subprocess)
+
+
+def _problem():
+    """A tiny llama, one clamp, 6 examples; the same arrays in every process (numpy seeds)."""
+    import jax.numpy as jnp
+
+    from jaxrecover import objectives as O
+    from jaxrecover import recovery as R
+    from jaxrecover.interventions import Clamp
+    from jaxrecover.sae import SAE
+    from jaxrecover.sites import Site
+    from jaxrecover.testing import random_transformer, tiny_config
+
+    import jax
+
+    site = Site(1, "resid_pre")
+    cfg = tiny_config("llama", d_model=D, n_heads=2, n_kv_heads=1, d_head=8, d_mlp=32)
+    model = random_transformer(jax.random.key(0), cfg)
+    rng = np.random.default_rng(1)
+    sae = SAE(W_enc=jnp.asarray(rng.standard_normal((D, 24), np.float32) / D**0.5), b_enc=0.3 * jnp.ones(24),
+              W_dec=jnp.asarray(rng.standard_normal((24, D), np.float32)), b_dec=jnp.zeros(D))
+    clamp = Clamp(sae, jnp.array([0, 3], jnp.int32), jnp.zeros(2))
+    toks = rng.integers(0, cfg.d_vocab, (N_EX, 1, SEQ)).astype(np.int32)
+    ids = rng.integers(0, cfg.d_vocab, (N_EX, 1, SEQ)).astype(np.int32)
+    ex = R.Example(tokens=toks, valid=np.ones((N_EX, 1, SEQ), bool),
+                   delta_slots=np.tile(np.array([[SEQ - 2, SEQ - 1]], np.int32), (N_EX, 1)),
+                   measure_mask=np.ones((N_EX, SEQ), bool),
+                   target=O.Continuation(ids=ids, weights=np.ones((N_EX, 1, SEQ), np.float32)))
+    rc = R.RecoveryConfig(steps=6, steps_per_chunk=2, lr=0.1, budget=4.0)
+    solver = R.make_solver(R.RecoveryProblem(site, (site,)), rc, O.continuation_logprob, O.continuation_success)
+    return solver, model, ex, {site: clamp}
+
+
+def worker(out: str, layout: str, port: int, pid: int) -> None:
+    """Run one layout's share and save what this process holds to ``{out}/{layout}_{pid}.npz``."""
+    from jaxrecover import distributed
+
+    n_proc = int(layout.split("x")[0])
+    if n_proc > 1:
+        distributed.initialize(f"127.0.0.1:{port}", n_proc, pid, timeout_s=30)
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrecover import runner
+    from jaxrecover.generate import generate
+    from jaxrecover.interventions import AddDelta, Clamp, compose
+
+    assert len(jax.devices()) == {"1x1": 1, "1x4": 4, "2x2": 4}[layout], jax.devices()
+    solver, model, ex, clamps = _problem()
+    t0 = time.time()
+    res = runner.solve_batch(solver, model, ex, clamps, progress=True)  # in chunks: the driver's programs
+    t_solve = time.time() - t0
+    # generation under clamp + the recovered deltas (one row each), greedy, sharded over the rows
+    (site, clamp), = clamps.items()
+    hooks = {site: compose(clamp, AddDelta(res.delta, ex.delta_slots))}
+    axes = {site: compose(Clamp(None, None, None), AddDelta(0, 0))}
+    gen = generate(model, ex.tokens[:, 0], ex.valid[:, 0], max_new_tokens=3, hooks=hooks, hooks_in_axes=axes,
+                   return_logits=True)
+    # resumable driver (one batch of solve_batch's shape: no new compile), killed after one chunk,
+    # resumed from the checkpoint all processes wrote, finished; a third call finds it all done
+    run_dir = Path(out) / f"run_{layout}"
+    kw = dict(run_id="r", batch_size=N_EX, progress=False)
+    assert runner.run_recovery(solver, model, ex, clamps, run_dir, stop_after_chunks=1, **kw) is None
+    summary = runner.run_recovery(solver, model, ex, clamps, run_dir, **kw)
+    assert runner.run_recovery(solver, model, ex, clamps, run_dir, **kw) == summary
+    np.savez(Path(out) / f"{layout}_{pid}.npz", objective=np.asarray(res.objective), delta=np.asarray(res.delta),
+             success=np.asarray(res.success), clamped=np.asarray(res.clamped_objective),
+             trace=np.asarray(res.trace["objective"]), drift=np.asarray(res.metrics["drift_rel"]),
+             gen_tokens=np.asarray(gen.tokens), gen_logits=np.asarray(gen.logits),
+             n_recovered=np.asarray(summary["all"]["n"]), t_solve=np.asarray(t_solve))
+    print(f"worker {layout}/{pid}: ok", flush=True)
+
+
+def handshake_worker(port: int, pid: int, version: str) -> None:
+    """Join a 2-process run claiming ``version``: the handshake must refuse a mixed pair."""
+    import jaxrecover
+    from jaxrecover import distributed
+
+    jaxrecover.__version__ = version
+    distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=20)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("layouts")
+    port = _free_port()
+    t0 = time.time()
+    procs = [_launch(["worker", str(out), "1x1", "0", "0"], 1), _launch(["worker", str(out), "1x4", "0", "0"], 4),
+             _launch(["worker", str(out), "2x2", str(port), "0"], 2), _launch(["worker", str(out), "2x2", str(port), "1"], 2)]
+    results = _finish(procs, timeout=300)
+    for rc, text in results:
+        assert rc == 0, text[-4000:]
+    print(f"layouts: {time.time() - t0:.1f} s")
+    return out
+
+
+def _load(out: Path, name: str) -> dict[str, np.ndarray]:
+    with np.load(out / f"{name}.npz") as f:
+        return dict(f)
+
+
+def test_results_do_not_depend_on_the_layout(layouts):
+    ref = _load(layouts, "1x1_0")
+    for name in ("1x4_0", "2x2_0", "2x2_1"):
+        got = _load(layouts, name)
+        np.testing.assert_array_equal(got["success"], ref["success"], err_msg=name)
+        np.testing.assert_array_equal(got["gen_tokens"], ref["gen_tokens"], err_msg=name)
+        for key in ("objective", "clamped", "delta", "trace", "drift", "gen_logits"):
+            # fp32, 1e-6 relative to the array's scale (a delta entry near 0 has no meaningful relative error)
+            scale = max(1.0, float(np.abs(ref[key]).max()))
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-6 * scale, err_msg=f"{name}: {key}")
+
+
+def test_killed_multiprocess_run_resumes_to_the_same_records(layouts):
+    files = {lay: (layouts / f"run_{lay}" / "r.jsonl").read_text() for lay in ("1x1", "1x4", "2x2")}
+    recs = {lay: [json.loads(line) for line in text.splitlines()] for lay, text in files.items()}
+    assert [r["index"] for r in recs["2x2"]] == list(range(N_EX))
+    for lay in ("1x4", "2x2"):
+        for a, b in zip(recs[lay], recs["1x1"], strict=True):
+            assert a["status"] == b["status"] and a["recovered"] == b["recovered"]
+            assert a["final_objective"] == pytest.approx(b["final_objective"], rel=1e-6, abs=1e-6)
+    # process 1 wrote nothing of its own: one records file per batch, no stray temporaries
+    names = sorted(p.name for p in (layouts / "run_2x2" / "records" / "r").iterdir())
+    assert names == ["batch00000.jsonl", "batch00000_delta.npy"], names
+    assert not list((layouts / "run_2x2").rglob("*.tmp"))
+
+
+def test_options_are_checked_before_anything_starts(monkeypatch):
+    from jaxrecover import distributed
+
+    for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="give all three"):
+        distributed.initialize(num_processes=2, auto=False)
+    with pytest.raises(ValueError, match="outside"):
+        distributed.initialize("127.0.0.1:1", 2, 2, auto=False)
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "two")
+    with pytest.raises(ValueError, match="not an integer"):
+        distributed.initialize("127.0.0.1:1", None, 0, auto=False)
+    monkeypatch.delenv(distributed.ENV_NUM_PROCESSES)
+    assert distributed.initialize(auto=False) is False and distributed.is_writer()
+
+
+@pytest.mark.parametrize("case", ["too_few_processes", "unreachable_coordinator"])
+def test_bad_launch_fails_within_seconds(case, tmp_path):
+    port = _free_port()  # nobody listens there in the second case
+    pid = "0" if case == "too_few_processes" else "1"  # process 0 serves the coordinator itself
+    cmd = [sys.executable, "-m", "jaxrecover.cli", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+           "--process-id", pid, "--init-timeout", "3", "run", "refusal", "--out", str(tmp_path)]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)
+    took = time.time() - t0
+    assert p.returncode == 2, p.stderr[-2000:]
+    expect = "missing process ids: [1]" if case == "too_few_processes" else "could not reach the coordinator"
+    assert expect in p.stderr and "within 3 s" in p.stderr, p.stderr[-2000:]
+    assert took < 30, took
+
+
+def test_mixed_versions_are_refused():
+    port = _free_port()
+    procs = [_launch(["handshake", str(port), "0", "0.2.0"], 1), _launch(["handshake", str(port), "1", "9.9.9"], 1)]
+    for rc, text in _finish(procs, timeout=120):
+        assert rc != 0 and "runs jaxrecover 9.9.9" in text, text[-3000:]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "worker":
+        worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1] == "handshake":
+        handshake_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
