@@ -65,7 +65,7 @@ def _check(out: Path, name: str, mode_keys=("none", "encoder")):
     return summary, rows
 
 
-def test_ioi_small(patched, tmp_path):
+def test_ioi_small(patched, tmp_path, monkeypatch):
     ioi = _load("ioi")
     cfg = ioi.Config(out=str(tmp_path), n_prompts=6, n_features=8, steps=3, max_flips=3, suffix_len=2,
                      budget=2.0, require_flip=False)
@@ -75,6 +75,19 @@ def test_ioi_small(patched, tmp_path):
     enc = [r for r in rows if r["mode"] == "encoder"]
     # the encoder-null delta leaves the clamped (relu) features' pre-activations unchanged
     assert max(r["drift_abs"] for r in enc) < 1e-3
+    # a rerun reads every finished solve back from <out>/checkpoints: solving again is an error
+    from jaxrecover import runner
+
+    def no_solve(*a, **k):
+        raise AssertionError("a resumed run must not solve again")
+
+    monkeypatch.setattr(runner, "solve_batch", no_solve)
+    ioi.main(cfg)
+    _, rows2 = _check(tmp_path, "ioi")
+    def same(r):  # wall time differs between the run and its resume
+        return {k: v for k, v in r.items() if k != "seconds"}
+
+    assert [same(r) for r in rows2] == [same(r) for r in rows]
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
     for m, s in summary["methods"].items():
         assert all(r["delta_norm"] <= s["budget"] * (1 + 1e-4) for r in rows if r["method"] == m)
     assert {t["component"] for t in summary["attribution"]["table"]} >= {"residual", "clamped_features", "topk_knockout"}
-    # a rerun resumes every method from <out>/ckpt and reproduces the records: solving again is an error
+    # a rerun resumes every method from <out>/checkpoints and reproduces the records: solving again is an error
     def no_solve(*a, **k):
         raise AssertionError("a resumed run must not solve again")
 

@@ -174,7 +174,7 @@ def _shared_example(prep: Prepared, idx: np.ndarray) -> R.Example:
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True) -> dict[str, Any]:
+             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
     """Valid flips for K = ``n_features``, then recovery per constraint (both when None)."""
     cfg = prep.cfg
     k = n_features or cfg.n_features
@@ -223,11 +223,11 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         if cfg.shared_delta:
             shared = R.make_solver(problem, rcfg.replace(constraint=m), O.logit_diff, O.logit_diff_success)
             run = S.run_solver(shared, prep.model, _shared_example(prep, used), clamps,
-                               desc=f"ioi {m} shared", progress=progress)
+                               desc=f"ioi {m} shared", progress=progress, store=store)
             deltas = jnp.broadcast_to(run.result.delta, (len(used),) + run.result.delta.shape[1:])
             run = dataclasses.replace(S.evaluate_deltas(solver, prep.model, ex, clamps, deltas), seconds=run.seconds)
         else:
-            run = S.run_solver(solver, prep.model, ex, clamps, desc=f"ioi {m} K={k}", progress=progress)
+            run = S.run_solver(solver, prep.model, ex, clamps, desc=f"ioi {m} K={k}", progress=progress, store=store)
         if m == "none":
             none_run = run
         _collect(out, m, run, base_rec)
@@ -242,7 +242,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
         solver = R.make_solver(sproblem, rcfg, O.logit_diff, O.logit_diff_success)
         run = S.run_solver(solver, prep.model, _examples(prep, used, cfg.suffix_len), clamps,
-                           desc="ioi soft suffix", progress=progress)
+                           desc="ioi soft suffix", progress=progress, store=store)
         _collect(out, "soft_suffix", run, base_rec)
     return out
 

@@ -32,7 +32,6 @@ Responsible release: completions are not written unless ``--save-text true``.
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import field
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 
 from jaxrecover.paper import common as C
 from jaxrecover.paper import suite as S
+from jaxrecover import checkpoint as ckpt
 from jaxrecover import datasets, features, judges, report
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
@@ -473,19 +473,17 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, saes: dict | None =
     harmless = [it.prompt for it in datasets.load_harmless()][: cfg.n_harmless]
     p_harm, p_safe = C.chat(tok, harmful), C.chat(tok, harmless)
     model_fp = C.tree_fingerprint(model)
-    cache = out / "base_cache.json"
-    key = {"model": model_fp, "prompts": hashlib.sha1("\n".join(harmful).encode()).hexdigest()[:16],
-           "max_new_tokens": cfg.max_new_tokens, "version": __version__}
-    cached = json.loads(cache.read_text()) if cache.exists() else None
-    if cached is not None and cached.get("key") == key:
-        base_texts, base_ids = cached["texts"], cached["ids"]
+    key = hashlib.sha1(json.dumps({
+        "model": model_fp, "prompts": hashlib.sha1("\n".join(harmful).encode()).hexdigest()[:16],
+        "max_new_tokens": cfg.max_new_tokens, "version": __version__}, sort_keys=True).encode()).hexdigest()[:12]
+    cached = ckpt.load_result(out / "checkpoints", f"base_{key}")
+    if cached is not None:
+        base_texts, base_ids = cached[1]["texts"], cached[1]["ids"]
         C.say(f"base answers: cached ({len(base_texts)})")
     else:
-        if cached is not None:
-            C.say("base answers: the cache was made with another model, prompt set or version; recomputing")
         with C.stage("base answers"):
             base_texts, base_ids = C.generate_texts(model, tok, p_harm, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, pad_to=8, desc="base")
-        report.write_json(cache, {"key": key, "texts": base_texts, "ids": base_ids})
+        ckpt.save_result(out / "checkpoints", f"base_{key}", {}, {"texts": base_texts, "ids": base_ids})
     site = sorted(saes)[0]
     return Prepared(cfg, model, tok, site, saes, ",".join(map(str, C.sae_paths(cfg.sae, cfg.layers))),
                     out, harmful, p_harm, p_safe, base_texts, base_ids,
@@ -502,7 +500,7 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True) -> dict[str, Any]:
+             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
     """Features for K = ``n_features``, the clamp, strict-valid flips, and recovery with each method
     (only ``constraint`` when given, as the sweeps do), each regenerated and judged; attribution of the
     first delta-site method. ``res["modes"][method]`` summarises it (``recovered`` = non-refusal)."""
@@ -558,28 +556,27 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     bids = [base_ids[i] for i in flips]
     btx = [base_texts[i] for i in flips]
     keep: dict[str, Any] = {}
-    # each finished method is saved under <out>/ckpt, keyed by the config and the flips: a killed run
-    # resumes at the first unfinished method and gives the same results
-    ck = out / "ckpt"
-    ck.mkdir(exist_ok=True)
+    # each finished method is saved under <out>/checkpoints (checkpoint.save_result, the one resume
+    # scheme), keyed by the config and the flips: a killed run resumes at the first unfinished method
+    # and gives the same results
+    ck = out / "checkpoints" if store is None else store
     run_key = hashlib.sha1(json.dumps({
         **dataclasses.asdict(cfg), "out": "", "save_text": False, "flips": flips, "version": __version__,
         "model": model_fp, "saes": C.tree_fingerprint(saes),
         "features": summary["features"], "clamp_values": summary["clamp_values"],
     }, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    stale = [f.name for f in ck.glob("*_*.json") if not f.name.startswith(run_key)]
+    stale = [f.name for f in ck.glob("*_*") if f.is_dir() and not f.name.startswith((run_key, "base_"))]
     if stale:
         C.say(f"resume: {len(stale)} checkpoint(s) in {ck} belong to another model/SAE/config; starting fresh")
     for method in cfg.methods:
-        done = ck / f"{run_key}_{method}.json"
-        if done.exists():
-            saved = json.loads(done.read_text())
-            arrays = np.load(ck / f"{run_key}_{method}.npz")
-            rows, info, dsite = saved["rows"], saved["info"], Site.parse(saved["dsite"])
+        saved = ckpt.load_result(ck, f"{run_key}_{method}")
+        if saved is not None:
+            arrays, meta = saved
+            rows, info, dsite = meta["rows"], meta["info"], Site.parse(meta["dsite"])
             deltas, slots = arrays["deltas"], arrays["slots"]
             batch = build_batch(tok, pf, bids, cfg, suffix=cfg.suffix_len if method == "soft_suffix" else 0)
             prompts = (batch.tokens[:, : info["P"]], batch.valid[:, : info["P"]])
-            C.say(f"recovery: {method} (resumed from {done.name})")
+            C.say(f"recovery: {method} (resumed from {ck / f'{run_key}_{method}'})")
         else:
             with C.stage(f"{method}: solve"):
                 recs, deltas, slots, dsite, prompts, info, batch = recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bids, pf, discouraged, site)
@@ -593,10 +590,8 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
                 if cfg.save_text:
                     row["text"] = texts[i]
                 rows.append(row)
-            tmp = ck / f".{run_key}_{method}.{os.getpid()}.npz"
-            np.savez(tmp, deltas=deltas, slots=slots)
-            os.replace(tmp, ck / f"{run_key}_{method}.npz")
-            report.write_json(done, {"rows": rows, "info": info, "dsite": str(dsite)})
+            ckpt.save_result(ck, f"{run_key}_{method}", {"deltas": np.asarray(deltas), "slots": np.asarray(slots)},
+                             {"rows": rows, "info": info, "dsite": str(dsite)})
         records.extend(rows)
         keep[method] = (deltas, slots, dsite, prompts, info["P"], batch)
         summary["methods"][method] = {**info, **method_summary(rows)}

@@ -115,14 +115,34 @@ def run_solver(
     clamp_axes: Any = None,
     desc: str = "recover",
     progress: bool = True,
+    store: Path | None = None,
 ) -> Run:
-    """All examples at once (``runner.solve_batch``: windowed steps, chunked under a progress bar)."""
+    """All examples at once (``runner.solve_batch``: windowed steps, chunked under a progress bar).
+
+    With ``store`` (a folder), the finished result is saved there by ``checkpoint.save_result``, keyed
+    by a content hash of the solver, model, examples and clamps; a rerun with the same inputs reads
+    it back instead of solving (the experiments' one resume scheme)."""
+    from jaxrecover import checkpoint as ckpt
     from jaxrecover.paper.common import stage
 
     t0 = time.time()
+    key = None
+    if store is not None:
+        import hashlib
+
+        axes = hashlib.sha1(str(runner._axes_key(clamp_axes)).encode()).hexdigest()[:8]
+        key = f"solve_{runner._run_key(solver, model, examples, clamps)}_{axes}"
+        saved = ckpt.load_result(store, key)
+        if saved is not None:
+            say(f"solve: {desc} (resumed from {store / key})")
+            res = R.RecoveryResult(**{f.name: saved[0].get(f.name) for f in dataclasses.fields(R.RecoveryResult)})
+            return Run(res, runner.result_records(res), time.time() - t0)
     with stage(f"solve: {desc}"):
         res = runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes, progress=progress, desc=desc)
     res = jax.device_get(res)
+    if key is not None:
+        ckpt.save_result(store, key, {f.name: getattr(res, f.name) for f in dataclasses.fields(res)
+                                      if getattr(res, f.name) is not None}, {"desc": desc})
     return Run(res, runner.result_records(res), time.time() - t0)
 
 
@@ -291,7 +311,7 @@ def run_setting(setting: Setting, cfg: Any) -> dict[str, Any]:
         raise SystemExit(f"--n-features {cfg.n_features}: the SAE {sae[2]} has {sae[1].d_sae} features.")
     with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
         prep = setting.prepare(cfg, sae=sae)
-    res = setting.evaluate(prep)
+    res = setting.evaluate(prep, store=out / "checkpoints")
     records = res.pop("records")
     summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
                "prepare_seconds": prep.seconds, "wall_seconds": time.time() - t0, **res}

@@ -77,8 +77,9 @@ def _sub_config(cfg: Config, mod: Any) -> Any:
     return mod.Config(**{k: v for k, v in over.items() if k in names})
 
 
-def run_sweep(cfg: Config, mod: Any, prepared: Any = None) -> dict[str, Any]:
-    """Evaluate every grid point for every constraint; returns points + records."""
+def run_sweep(cfg: Config, mod: Any, prepared: Any = None, store: Path | None = None) -> dict[str, Any]:
+    """Evaluate every grid point for every constraint (finished solves resumable from ``store``);
+    returns points + records."""
     prep = prepared if prepared is not None else mod.prepare(_sub_config(cfg, mod))
     grid = list(cfg.ks) if cfg.kind == "k" else list(cfg.budgets)
     points, records = [], []
@@ -86,7 +87,7 @@ def run_sweep(cfg: Config, mod: Any, prepared: Any = None) -> dict[str, Any]:
         for c in cfg.constraints:
             kw = {"n_features": int(x)} if cfg.kind == "k" else {"budget": float(x)}
             t0 = time.time()
-            res = mod.evaluate(prep, constraint=c, **kw)
+            res = mod.evaluate(prep, constraint=c, store=store, **kw)
             ms = res["modes"].get(c, {})
             ms = ms.get("all_flips", ms)  # tpp-style nesting
             points.append({"x": x, "constraint": c, "n_valid_flips": res.get("n_valid_flips", 0),
@@ -103,7 +104,7 @@ def main(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     mod = _load(cfg.setting)  # Config already refused unknown settings and kinds
     out = S.default_out(cfg.out, f"sweeps/{cfg.setting}_{cfg.kind}")
-    res = run_sweep(cfg, mod)
+    res = run_sweep(cfg, mod, store=out / "checkpoints")
     xs = res["grid"]
     label = "K (clamped features)" if cfg.kind == "k" else "budget ||delta||_F"
     rows, csv_rows = [], []

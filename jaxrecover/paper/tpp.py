@@ -137,7 +137,7 @@ def select_features(prep: Prepared, c: int, k: int) -> Any:
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True) -> dict[str, Any]:
+             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
     cfg = prep.cfg
     k = n_features or cfg.n_features
     site = prep.site
@@ -203,7 +203,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     for m in [constraint] if constraint else ["none", "encoder"]:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), O.probe_logit, O.probe_success)
         run = S.run_solver(solver, prep.model, examples, {site: clamp}, clamp_axes=axes,
-                           desc=f"tpp {m} K={k}", progress=progress)
+                           desc=f"tpp {m} K={k}", progress=progress, store=store)
         recs = [{**b, **r, "mode": m, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
         for r in recs:
             r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))

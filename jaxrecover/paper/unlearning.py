@@ -250,7 +250,7 @@ def make_clamp(prep: Prepared, k: int) -> Clamp:
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True) -> dict[str, Any]:
+             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
     """Valid flips for K = ``n_features`` among the base-correct permutations, then recovery."""
     cfg = prep.cfg
     k = n_features or cfg.n_features
@@ -288,7 +288,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     none_run = None
     for m in [constraint] if constraint else ["none", "encoder"]:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), objective, success)
-        run = S.run_solver(solver, prep.model, ex, clamps, desc=f"unlearning {m} K={k}", progress=progress)
+        run = S.run_solver(solver, prep.model, ex, clamps, desc=f"unlearning {m} K={k}", progress=progress, store=store)
         none_run = run if m == "none" else none_run
         _collect(out, m, run, base_rec)
     if cfg.attribution and none_run is not None and constraint is None:
@@ -303,7 +303,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
         solver = R.make_solver(sproblem, rcfg, objective, success)
         _collect(out, "soft_suffix", S.run_solver(solver, prep.model, sex, clamps,
-                                                  desc="unlearning soft suffix", progress=progress), base_rec)
+                                                  desc="unlearning soft suffix", progress=progress, store=store), base_rec)
     return out
 
 
