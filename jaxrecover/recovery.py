@@ -614,7 +614,7 @@ def _consider(cfg: RecoveryConfig, state: SolverState, delta, obj, drift, t, now
     )
 
 
-def _project_grad(solver: Solver, g, phi_vjp: Callable, phi, ctx: Context, key, window: Window):
+def _project_grad(solver: Solver, g, phi_vjp: Callable | None, phi, ctx: Context, key, window: Window):
     """The constraint's projection of the loss gradient at ``delta_t``; ``phi_vjp`` is the VJP of
     ``delta -> Phi`` alone (a pass that stops at the last measured site)."""
     c, cut = solver.cfg.constraint_obj, window.cut
@@ -762,3 +762,25 @@ def solve(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window
     ctx, state = init(solver, model, ex, clamps, window)
     state, trace = advance(solver, model, ex, clamps, ctx, state, solver.cfg.steps, window)
     return dataclasses.replace(finish(solver, model, ex, clamps, ctx, state, window), trace=trace)
+
+
+def random_direction(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], delta: jax.Array,
+                     key: jax.Array) -> jax.Array:
+    """A control for a recovered ``delta``: a Gaussian direction mapped through the SAME constraint
+    (encoder-null projector; Jacobian-null projection at ``delta = 0``; none), on the same rows, scaled
+    to ``||delta||``. Replayed under the clamp it tells whether recovery needs the optimised direction
+    or any perturbation of that size in that subspace."""
+    ctx, _ = init(solver, model, ex, clamps)
+    rows = (ex.delta_slots >= 0)[:, None]
+    g = jnp.where(rows, jax.random.normal(key, delta.shape, jnp.float32), 0.0)
+    if isinstance(solver.cfg.constraint_obj, JacobianNull):
+        m = _in_dtype(model, solver.cfg.compute_dtype)
+        cl = _check(solver.problem, clamps)
+        zero = jnp.zeros_like(g)
+        phi, phi_vjp = jax.vjp(lambda dl: _forward(solver, m, ex, cl, ctx, dl, FULL, readout=False)[1], zero)
+        g = _project_grad(solver, g, phi_vjp, phi, ctx, key, FULL)
+    else:
+        g = _project_grad(solver, g, None, None, ctx, key, FULL)
+    g = jnp.where(rows, g, 0.0)
+    norm = jnp.sqrt(jnp.sum(jnp.square(delta.astype(jnp.float32))))
+    return g * (norm / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(g))), 1e-30))

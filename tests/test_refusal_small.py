@@ -31,7 +31,13 @@ def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
     summary = refusal.run(model, tok, saes, cfg, out)
     for f in ("results.jsonl", "summary.json", "table.md", "methods.csv", "recovery.png"):
         assert (out / f).is_file(), f
-    assert set(summary["methods"]) == {"jacobian", "encoder", "none", "soft_suffix"}
+    assert set(summary["methods"]) == {"jacobian", "none_cross", "encoder", "none", "soft_suffix"}
+    # like-for-like twins share a delta site; each method carries its random-direction control
+    ms = summary["methods"]
+    assert ms["jacobian"]["delta_site"] == ms["none_cross"]["delta_site"] != ms["encoder"]["delta_site"] == ms["none"]["delta_site"]
+    for m in ("jacobian", "encoder", "none"):
+        rc = ms[m]["random_control"]
+        assert rc["random"]["n"] == rc["seeds"] * rc["n_recovered"]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {"non_refusal", "base_like", "drift_rel", "delta_norm"} <= set(rows[0])
     assert all("text" not in r for r in rows)  # completions are not written by default

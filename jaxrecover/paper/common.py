@@ -63,10 +63,11 @@ class RunConfig:
     budget: float = dataclasses.field(default=20.0, metadata={"help": "L2 budget on ||delta||_F"})
     suffix_len: int = dataclasses.field(default=8, metadata={"help": "soft-suffix length (tokens)"})
     attribution: bool = dataclasses.field(default=True, metadata={"help": "decompose the delta and replay each part under the clamp (paper App. J)"})
+    random_control: int = dataclasses.field(default=3, metadata={"help": "random-direction control: per recovered delta, this many random deltas of the same norm in the same constraint subspace, replayed under the clamp (0 = off)"})
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
-        for name, lo in (("n_features", 1), ("max_flips", 0), ("steps", 0), ("suffix_len", 1)):
+        for name, lo in (("n_features", 1), ("max_flips", 0), ("steps", 0), ("suffix_len", 1), ("random_control", 0)):
             check_range(name, getattr(self, name), lo)
         check_range("lr", self.lr, 0.0, strict_lo=True)
         check_range("budget", self.budget, 0.0)

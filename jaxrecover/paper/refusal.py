@@ -55,7 +55,8 @@ from jaxrecover.transformer import capture, run_blocks, run_to, unembed
 
 PAPER = {  # AdvBench, 24 strict-valid (Fig. 5 / Table 3 / Table 10)
     "jacobian": {"nonref": "23/24", "base_like": "15/24", "strict": "12/24", "drift": 0.131, "floor": 0.127},
-    "none": {"nonref": "21/24", "base_like": "14/24", "strict": "11/24", "drift": 0.161, "floor": 0.158},
+    # the paper's "no projection" is the cross-layer runner without the projection: our none_cross
+    "none_cross": {"nonref": "21/24", "base_like": "14/24", "strict": "11/24", "drift": 0.161, "floor": 0.158},
     "soft_suffix": {"nonref": "24/24", "base_like": "20/24", "strict": "19/24", "drift": 0.815, "floor": 0.702},
 }
 PAPER_REPLAY = {
@@ -77,8 +78,8 @@ class Config(C.RunConfig):
     max_new_tokens: int = field(default=40, metadata={"help": "generated tokens per answer (paper 128)"})
     answer_tokens: int = field(default=16, metadata={"help": "teacher-forced base-answer tokens (paper 48)"})
     max_flips: int = field(default=24, metadata={"help": "recover at most this many strict-valid flips (paper: 24)"})
-    methods: tuple[str, ...] = field(default=("jacobian", "encoder", "none", "soft_suffix"), metadata={"help": "recovery methods"})
-    cross_layer_gap: int = field(default=3, metadata={"help": "jacobian: delta at resid_post of (first clamp layer - gap); 0 = at the first clamp site"})
+    methods: tuple[str, ...] = field(default=("jacobian", "none_cross", "encoder", "none", "soft_suffix"), metadata={"help": "recovery methods; pairs at one delta site, budget, steps and lr: jacobian / none_cross (cross layer, the paper's 'no projection' ablation) and encoder / none (single layer)"})
+    cross_layer_gap: int = field(default=3, metadata={"help": "jacobian, none_cross: delta at resid_post of (first clamp layer - gap); 0 = at the first clamp site"})
     steps: int = field(default=30, metadata={"help": "optimisation steps (paper stage 2: 120)"})
     lr: float = field(default=0.05, metadata={"help": "Adam learning rate (paper stage 2: 0.05)"})
     budget: float = field(default=0.0, metadata={"help": "L2 budget on ||delta||_F; 0 = budget_rel * median ||h_def|| per row * sqrt(rows)"})
@@ -101,7 +102,7 @@ class Config(C.RunConfig):
 
         C.check_choice("feature_method", self.feature_method, ("refusal_text", "steering"))
         C.check_choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
-        C.check_choice("methods", self.methods, ("jacobian", "encoder", "none", "soft_suffix"))
+        C.check_choice("methods", self.methods, ("jacobian", "none_cross", "encoder", "none", "soft_suffix"))
         C.check_choice("jacobian", self.jacobian, ("exact", "sketch"))
         C.check_choice("decode_delta", self.decode_delta, ("slots", "prompt_only"))
         if not (self.dataset == "builtin" or self.dataset.startswith(("advbench:", "harmbench:"))):
@@ -409,11 +410,12 @@ def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_id
         P = batch.prompt_len
         slots = np.arange(P - 1, P - 1 + cfg.answer_tokens, dtype=np.int32)
         dsite = site
-        if method == "jacobian" and cfg.cross_layer_gap > 0:  # cross-layer: perturb below the clamp
+        if method in ("jacobian", "none_cross") and cfg.cross_layer_gap > 0:  # cross-layer: perturb below the clamp
             dsite = Site(max(0, site.layer - cfg.cross_layer_gap), "resid_post")
         ex = examples_for(batch, discouraged, slots)
         budget = cfg.budget or cfg.budget_rel * float(np.median(row_norms_at(model, clamps, dsite, ex))) * np.sqrt(len(slots))
-        rc = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=budget, constraint=method, jacobian=cfg.jacobian,
+        constraint = "none" if method == "none_cross" else method
+        rc = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=budget, constraint=constraint, jacobian=cfg.jacobian,
                               probes=cfg.probes, drift_penalty=cfg.drift_penalty, seed=cfg.seed)
     problem = R.RecoveryProblem(delta_site=dsite, clamp_sites=tuple(clamps))
     solver = R.make_solver(problem, rc, O.refusal_stage2, O.continuation_success)
@@ -422,8 +424,12 @@ def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_id
     jax.block_until_ready(res.delta)
     wall = time.time() - t0
     recs = runner.result_records(res)
+    info = {"wall_s": wall, "budget": budget, "P": P, "delta_site": str(dsite)}
+    if cfg.random_control:
+        with C.stage(f"{method}: random-direction control"):
+            info["random_control"] = S.random_control(solver, model, ex, clamps, jax.device_get(res), seeds=cfg.random_control, seed=cfg.seed)
     prompt_tok = (batch.tokens[:, :P], batch.valid[:, :P])  # the exact slots the deltas were fit on
-    return recs, np.asarray(res.delta), slots, dsite, prompt_tok, {"wall_s": wall, "budget": budget, "P": P}, batch
+    return recs, np.asarray(res.delta), slots, dsite, prompt_tok, info, batch
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -667,6 +673,8 @@ def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_
             "method": m, "non-refusal": s["non_refusal"]["cell"], "base-like": s["base_like"]["cell"],
             "strict base-like": s["strict_base_like"]["cell"], "drift (rel)": s["drift_rel"]["cell"],
             "floor viol.": s["floor_violation"]["cell"], "||delta||": s["delta_norm"]["cell"],
+            "delta site": s.get("delta_site", "--"),
+            "random dir. (same norm)": (s.get("random_control") or {}).get("random", {}).get("cell", "--"),
             "paper non-ref": p.get("nonref", "--"), "paper base-like": p.get("base_like", "--"), "paper drift": p.get("drift", "--"),
         })
     report.write_csv(out / "methods.csv", rows) if rows else None
@@ -675,6 +683,13 @@ def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_
                   f"{summary['clamp_refusals']}, strict-valid {summary['strict_valid']}, recovered on {summary['recovered_on']}; "
                   f"features {summary['features']}; wall {summary['wall_s']:.0f} s\n"),
         ("Recovery (Wilson / bootstrap 95% CIs; paper = AdvBench, Gemma-2-2B-it)", report.markdown_table(rows)),
+        ("Random-direction control", "For each method, every delta that met the solver's own success "
+                  "criterion (greedy decoding reproduces every teacher-forced base-answer token) is replaced by "
+                  f"{summary['config'].get('random_control', 0)} random deltas of the same norm in the same constraint "
+                  "subspace (encoder-null, Jacobian-null at delta = 0, or unconstrained) and judged by the same "
+                  "criterion under the clamp: the column gives k/n pooled over seeds (Wilson 95%). Pairs at one "
+                  "delta site, budget, steps and lr: jacobian / none_cross (cross layer) and encoder / none "
+                  "(single layer).\n"),
         ("Where the time went (wall s)", report.markdown_table([{"stage": k, "seconds": f"{v:.1f}"} for k, v in summary["stage_s"].items()])),
     ]
     if "attribution" in summary:

@@ -169,6 +169,44 @@ def evaluate_deltas(
     return Run(res, runner.result_records(res), time.time() - t0)
 
 
+def random_control(
+    solver: R.Solver,
+    model: Any,
+    examples: R.Example,
+    clamps: Mapping[Site, Any],
+    result: Any,
+    *,
+    seeds: int = 3,
+    seed: int = 0,
+    clamp_axes: Any = None,
+) -> dict[str, Any]:
+    """For every recovered delta, ``seeds`` random deltas of the same norm in the same constraint
+    subspace (``recovery.random_direction``), replayed under the clamp and judged by the solver's own
+    success criterion. Returns the random deltas' success count over the recovered examples
+    (Wilson 95%), pooled over seeds, plus per-example random success fractions."""
+    from jaxrecover.paper.common import rates
+
+    ok = np.asarray(result.success, bool) & ~np.asarray(result.non_finite, bool)
+    idx = np.flatnonzero(ok)
+    if idx.size == 0 or seeds < 1:
+        return {"seeds": seeds, "n_recovered": 0, "random": rates([], "w")}
+    ex, deltas = take(examples, idx), jnp.asarray(np.asarray(result.delta)[idx])
+    cl = clamps if clamp_axes is None else take(clamps, idx)
+
+    def one(model, ex, cl, delta, key):
+        rd = R.random_direction(solver, model, ex, cl, delta, key)
+        ctx, state = solver.init(model, ex, cl)
+        state = dataclasses.replace(state, delta=rd, step=jnp.zeros((), jnp.int32))
+        res = solver.finish(model, ex, cl, ctx, state)
+        return res.success & ~res.non_finite, res.objective
+
+    fn = jax.jit(jax.vmap(one, in_axes=(None, 0, clamp_axes, 0, 0)))
+    keys = jax.random.split(jax.random.key(seed), (seeds, idx.size))
+    wins = np.stack([np.asarray(fn(model, ex, cl, deltas, keys[s])[0]) for s in range(seeds)])  # [seeds, n]
+    return {"seeds": seeds, "n_recovered": int(idx.size), "random": rates([{"w": w} for w in wins.ravel()], "w"),
+            "per_example": {int(i): float(f) for i, f in zip(idx, wins.mean(0))}}
+
+
 def replay_components(sae: SAE, features: Any, h_def_rows: Any, delta: Any) -> dict[str, Any]:
     """Decompose ``delta [n, rows, d]`` at the delta site (paper App. J): ``dz = E(h_def + delta) -
     E(h_def)``; ``clamped = dz_S @ W_dec[S]``, ``features = dz @ W_dec``, ``residual = delta - features``."""
