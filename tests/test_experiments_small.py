@@ -75,6 +75,8 @@ def test_ioi_small(patched, tmp_path, monkeypatch):
     enc = [r for r in rows if r["mode"] == "encoder"]
     # the encoder-null delta leaves the clamped (relu) features' pre-activations unchanged
     assert max(r["drift_abs"] for r in enc) < 1e-3
+    rc = summary["modes"]["encoder"]["random_control"]  # random deltas of the same norm, 3 seeds each
+    assert rc["random"]["n"] == 3 * rc["n_recovered"]
     # a rerun reads every finished solve back from <out>/checkpoints: solving again is an error
     from jaxrecover import runner
 

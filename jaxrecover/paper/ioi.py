@@ -231,6 +231,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         if m == "none":
             none_run = run
         _collect(out, m, run, base_rec)
+        out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
     if cfg.attribution and none_run is not None and constraint is None:
         solver = R.make_solver(problem, rcfg, O.logit_diff, O.logit_diff_success)
         ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
@@ -269,6 +270,7 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         ("decode drift L2", "decode_drift", "mean"),
         ("reactivated fraction", "react_frac", "mean"),
         ("zero-reactivation recovery", "zero_reactivation", "count"),
+        ("random direction, same norm (replayed)", "random_dir", "rate"),
         ("||delta||", "delta_norm", "mean"),
         ("||delta|| / ||h_def||", "delta_rel", "mean"),
     ]

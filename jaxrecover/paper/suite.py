@@ -191,7 +191,9 @@ def random_control(
     if idx.size == 0 or seeds < 1:
         return {"seeds": seeds, "n_recovered": 0, "random": rates([], "w")}
     ex, deltas = take(examples, idx), jnp.asarray(np.asarray(result.delta)[idx])
-    cl = clamps if clamp_axes is None else take(clamps, idx)
+    # per-example clamp leaves (axis 0 in ``clamp_axes``) follow the examples; shared ones stay
+    cl = clamps if clamp_axes is None else jax.tree.map(
+        lambda ax, sub: sub if ax is None else take(sub, idx), clamp_axes, dict(clamps), is_leaf=lambda x: x is None)
 
     def one(model, ex, cl, delta, key):
         rd = R.random_direction(solver, model, ex, cl, delta, key)
@@ -205,6 +207,17 @@ def random_control(
     wins = np.stack([np.asarray(fn(model, ex, cl, deltas, keys[s])[0]) for s in range(seeds)])  # [seeds, n]
     return {"seeds": seeds, "n_recovered": int(idx.size), "random": rates([{"w": w} for w in wins.ravel()], "w"),
             "per_example": {int(i): float(f) for i, f in zip(idx, wins.mean(0))}}
+
+
+def with_random_control(summary: dict[str, Any], cfg: Any, solver: R.Solver, model: Any, examples: R.Example,
+                        clamps: Mapping[Site, Any], run: Run, *, clamp_axes: Any = None) -> dict[str, Any]:
+    """``summary`` plus ``random_control`` (``random_control``) and its pooled rate as ``random_dir``
+    (a table cell), when ``cfg.random_control`` > 0."""
+    if not getattr(cfg, "random_control", 0):
+        return summary
+    rc = random_control(solver, model, examples, clamps, run.result, seeds=cfg.random_control, seed=cfg.seed,
+                        clamp_axes=clamp_axes)
+    return {**summary, "random_control": rc, "random_dir": rc["random"]}
 
 
 def replay_components(sae: SAE, features: Any, h_def_rows: Any, delta: Any) -> dict[str, Any]:

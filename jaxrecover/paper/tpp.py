@@ -208,8 +208,10 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         for r in recs:
             r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))
         out["records"].extend(recs)
-        out["modes"][m] = {"all_flips": S.mode_summary(recs), "seconds": run.seconds,
-                           "per_class": {lab: S.mode_summary([r for r in recs if r["label"] == lab]) for lab in prep.labels}}
+        out["modes"][m] = S.with_random_control(
+            {"all_flips": S.mode_summary(recs), "seconds": run.seconds,
+             "per_class": {lab: S.mode_summary([r for r in recs if r["label"] == lab]) for lab in prep.labels}},
+            cfg, solver, prep.model, examples, {site: clamp}, run, clamp_axes=axes)
         # target means (unweighted over classes with flips), the paper's Table 2 aggregation
         pcs = [s for s in out["modes"][m]["per_class"].values() if s["n"]]
         out["modes"][m]["target_mean"] = {
@@ -244,6 +246,7 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         mean_row[f"react {m}"] = tm.get("react_frac")
         mean_row[f"drift {m}"] = tm.get("drift_abs")
         mean_row[f"zero-react {m}"] = tm.get("zero_reactivation")
+        mean_row[f"random dir. {m}"] = (res["modes"][m].get("random_dir") or {}).get("cell", "--")
         paper_row[f"rec {m}"] = PAPER[m]["recovered"]
         paper_row[f"react {m}"] = PAPER[m]["react_frac"]
         paper_row[f"drift {m}"] = PAPER[m]["drift_abs"]

@@ -291,6 +291,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         run = S.run_solver(solver, prep.model, ex, clamps, desc=f"unlearning {m} K={k}", progress=progress, store=store)
         none_run = run if m == "none" else none_run
         _collect(out, m, run, base_rec)
+        out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
     if cfg.attribution and none_run is not None and constraint is None:
         solver = R.make_solver(problem, rcfg, objective, success)
         ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
@@ -326,6 +327,7 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                              ("flips with drift > 1e-3", "drift_gt_1e-3", "count"), ("decode drift", "decode_drift", "mean"),
                              ("reactivated fraction", "react_frac", "mean"),
                              ("zero-reactivation recovery", "zero_reactivation", "count"),
+                             ("random direction, same norm (replayed)", "random_dir", "rate"),
                              ("final objective (correct-choice log-prob)", "final_objective", "mean"),
                              ("||delta||", "delta_norm", "mean"), ("||delta|| / ||h_def||", "delta_rel", "mean")):
         row: dict[str, Any] = {"metric": label}
