@@ -9,6 +9,7 @@ executes files from the current folder.
 ``unlearning``            SAE unlearning on bio MCQs (answer log-prob)
 ``tpp``                   targeted probe perturbation (linear probe readout)
 ``sweeps``                K and budget sweeps for every setting (ioi, unlearning, tpp, refusal)
+``all``                   every setting at its defaults, then one REPORT.md with a verdict per claim
 ========================  ==================================================================
 """
 
@@ -17,7 +18,7 @@ from types import ModuleType
 
 SETTINGS = {
     name: f"jaxrecover.paper.{name}"
-    for name in ("refusal", "ioi", "unlearning", "tpp", "sweeps")
+    for name in ("refusal", "ioi", "unlearning", "tpp", "sweeps", "all")
 }
 
 

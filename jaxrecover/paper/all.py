@@ -1,0 +1,214 @@
+"""Every setting at its defaults, then ONE report: ``REPORT.md`` with each setting's table next to the
+paper's numbers, its plot, and a verdict per claim of the paper (reproduces / does not / cannot tell).
+
+``jaxrecover run all`` runs ``refusal``, ``ioi``, ``unlearning`` and ``tpp`` into ``<out>/<setting>``
+(a folder that already holds a finished ``summary.json`` is kept unless ``--rerun true``; each setting
+resumes its own finished solves), then writes ``<out>/REPORT.md``. ``--report-only true`` only
+(re)writes the report from the folders that exist.
+
+Verdict rules: see ``RULES`` (printed in the report).
+"""
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from jaxrecover import report
+from jaxrecover.paper import common as C
+
+F_ = dataclasses.field
+SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
+RULES = (
+    "A rate claim reproduces when our rate is at least 80% of the paper's and the lower end of our Wilson 95% "
+    "interval is at least half the paper's rate; it does not when the upper end is below 80% of the paper's; "
+    "otherwise it cannot be told (too few examples). An ordering claim (A below B) reproduces when A's "
+    "bootstrap 95% interval lies below B's, does not when it lies above, and cannot be told when they overlap "
+    "or one side was not run. 'size' rows compare sample sizes only."
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    out: str = F_(default="", metadata={"help": "results root ('' = results/ in the current folder); each setting writes <out>/<setting>"})
+    settings: tuple[str, ...] = F_(default=SETTINGS, metadata={"help": "settings to run, comma-separated"})
+    rerun: bool = F_(default=False, metadata={"help": "rerun a setting whose folder already has a summary.json"})
+    report_only: bool = F_(default=False, metadata={"help": "only (re)write REPORT.md from the existing folders"})
+
+    def __post_init__(self) -> None:
+        C.check_choice("settings", self.settings, SETTINGS)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _frac(cell: Any) -> tuple[int, int] | None:
+    """``(k, n)`` from a rate dict or a 'k/n ...' cell."""
+    if isinstance(cell, dict):
+        return (cell["k"], cell["n"]) if "k" in cell else None
+    m = re.match(r"\s*(\d+)/(\d+)", str(cell))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def rate_verdict(ours: dict | str | None, paper: float) -> str:
+    """Ours vs the paper's rate (see the module docstring)."""
+    from jaxrecover.metrics import wilson_interval
+
+    kn = _frac(ours) if ours is not None else None
+    if not kn or not kn[1]:
+        return "cannot tell (not run)"
+    k, n = kn
+    lo, hi = wilson_interval(k, n)
+    if k / n >= 0.8 * paper and lo >= 0.5 * paper:
+        return "reproduces"
+    return "does not" if hi < 0.8 * paper else "cannot tell"
+
+
+def order_verdict(low: dict | None, high: dict | None) -> str:
+    """Whether ``low`` lies below ``high`` (bootstrap intervals, see the module docstring)."""
+    if not low or not high or low.get("mean") is None or high.get("mean") is None:
+        return "cannot tell (not run)"
+    if low["hi"] < high["lo"]:
+        return "reproduces"
+    if low["lo"] > high["hi"]:
+        return "does not"
+    return "cannot tell (intervals overlap)"
+
+
+def _paper_rate(text: str) -> float:
+    k, n = _frac(text)
+    return k / n
+
+
+def _cell(x: Any) -> str:
+    if isinstance(x, dict):
+        return x.get("cell") or (f"{x['mean']:.3g} [{x['lo']:.3g}, {x['hi']:.3g}]" if x.get("mean") is not None else "--")
+    return "--" if x is None else str(x)
+
+
+def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per claim of the paper that these settings test, with our number and a verdict."""
+    from jaxrecover.paper import ioi, refusal, tpp, unlearning
+
+    rows: list[dict[str, str]] = []
+
+    def add(setting: str, claim: str, paper: str, ours: str, verdict: str) -> None:
+        rows.append({"setting": setting, "claim": claim, "paper": paper, "ours": ours, "verdict": verdict})
+
+    r = results.get("refusal")
+    if r:
+        m = r["methods"]
+        jac = m.get("jacobian", {})
+        add("refusal", "Jacobian-projected recovery restores non-refusal on most strict-valid flips",
+            refusal.PAPER["jacobian"]["nonref"], _cell(jac.get("non_refusal")),
+            rate_verdict(jac.get("non_refusal"), _paper_rate(refusal.PAPER["jacobian"]["nonref"])))
+        add("refusal", "the Jacobian projection keeps the clamped features closer than the same attack without it "
+            "(relative drift, jacobian < none_cross)", f"{refusal.PAPER['jacobian']['drift']} < {refusal.PAPER['none_cross']['drift']}",
+            f"{_cell(jac.get('drift_rel'))} vs {_cell(m.get('none_cross', {}).get('drift_rel'))}",
+            order_verdict(jac.get("drift_rel"), m.get("none_cross", {}).get("drift_rel")))
+        enc = m.get("encoder", {}).get("drift_rel")
+        add("refusal", "single-layer encoder-null recovery leaves the clamped features unchanged (drift 0)", "0",
+            _cell(enc), "cannot tell (not run)" if not enc else
+            ("reproduces" if enc["hi"] <= 1e-6 else "does not (TopK SAE: the projection fixes the clamped "
+                                                     "pre-activations, not the top-k selection)"))
+        table = {t["component"]: t for t in (r.get("attribution") or {}).get("table", [])}
+        if table:
+            cl, res_ = table.get("clamped_features", {}), table.get("residual", {})
+            add("refusal", "the clamped-feature part of delta alone does not recover (replay)", refusal.PAPER_REPLAY["clamped_features"],
+                _cell(cl.get("non_refusal")), "reproduces" if (_frac(cl.get("non_refusal")) or (1, 1))[0] <= 0.1 * max(1, (_frac(cl.get("non_refusal")) or (1, 1))[1]) else "does not")
+            add("refusal", "the SAE-residual part of delta alone recovers (replay)", refusal.PAPER_REPLAY["residual"],
+                _cell(res_.get("non_refusal")), rate_verdict(res_.get("non_refusal"), _paper_rate(refusal.PAPER_REPLAY["residual"])))
+    i = results.get("ioi")
+    if i:
+        for mode in ("none", "encoder"):
+            s = i["modes"].get(mode, {})
+            add("ioi", f"{mode}: recovery of the name-mover preference (logit diff > 0)", ioi.PAPER[mode]["recovered"],
+                _cell(s.get("recovered")), rate_verdict(s.get("recovered"), _paper_rate(ioi.PAPER[mode]["recovered"])))
+        add("ioi", "encoder-null drift below unconstrained drift (abs L2)",
+            f"{ioi.PAPER['encoder']['drift_abs']} < {ioi.PAPER['none']['drift_abs']}",
+            f"{_cell(i['modes'].get('encoder', {}).get('drift_abs'))} vs {_cell(i['modes'].get('none', {}).get('drift_abs'))}",
+            order_verdict(i["modes"].get("encoder", {}).get("drift_abs"), i["modes"].get("none", {}).get("drift_abs")))
+        add("ioi", "valid flips (clean > 0, clamped <= 0)", ioi.PAPER["valid_flips"],
+            f"{i.get('n_valid_flips')}/{i.get('n_prompts')}; recovered on {i.get('n_recovered_on')}", "size")
+    u = results.get("unlearning")
+    if u:
+        for mode in ("encoder", "none"):
+            s = u["modes"].get(mode, {})
+            add("unlearning", f"{mode}: recovery of the unlearned answer", unlearning.PAPER[mode]["recovered"],
+                _cell(s.get("recovered")), rate_verdict(s.get("recovered"), _paper_rate(unlearning.PAPER[mode]["recovered"])))
+        add("unlearning", "valid flips / distinct questions", unlearning.PAPER["valid_flips"],
+            f"{u.get('n_valid_flips')} ({sum(1 for v in (u.get('flips_per_question') or {}).values() if v)} questions); "
+            f"recovered on {u.get('n_recovered_on')}", "size")
+    t = results.get("tpp")
+    if t:
+        for mode in ("encoder", "none"):
+            tm = t["modes"].get(mode, {}).get("target_mean", {})
+            for key, label in (("recovered", "recovery"), ("zero_reactivation", "zero-reactivation recovery")):
+                ours, paper = tm.get(key), tpp.PAPER[mode][key]
+                verdict = "cannot tell (not run)" if ours is None else ("reproduces" if ours >= 0.8 * paper else "does not")
+                add("tpp", f"{mode}: {label} (target mean over classes)", f"{paper:.3f}",
+                    "--" if ours is None else f"{ours:.3f}", verdict)
+    return rows
+
+
+def controls(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """The random-direction control of every method that has one."""
+    rows = []
+    for name, res in results.items():
+        modes = res.get("methods") or res.get("modes") or {}
+        for mode, s in modes.items():
+            rc = s.get("random_control") if isinstance(s, dict) else None
+            if rc:
+                rows.append({"setting": name, "method": mode, "recovered deltas": str(rc["n_recovered"]),
+                             "seeds": str(rc["seeds"]), "random direction, same norm (replayed)": _cell(rc["random"])})
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(root: Path) -> Path:
+    """``root/REPORT.md`` from the settings' folders under ``root``."""
+    results = {n: json.loads((root / n / "summary.json").read_text()) for n in SETTINGS if (root / n / "summary.json").is_file()}
+    if not results:
+        raise SystemExit(f"{root}: no setting folder with a summary.json; run `jaxrecover run all` first.")
+    sections = [
+        ("What this is", "Every setting of the paper run on the embedded default (SmolLM2-135M-Instruct with the "
+                         "project's SAEs), each next to the paper's numbers (Gemma-2-2B / Gemma Scope). Rates: Wilson "
+                         "95%; means: bootstrap 95%. " + RULES + "\n"),
+        ("Claims", report.markdown_table(claims(results))),
+        ("Random-direction control", report.markdown_table(controls(results)) if controls(results) else "(not run)\n"),
+    ]
+    for name, res in results.items():
+        cfg = res.get("config", {})
+        changed = {k: v for k, v in cfg.items() if k not in ("out", "model_dir", "sae")}
+        body = (root / name / "table.md").read_text() if (root / name / "table.md").is_file() else ""
+        body = body.split("\n", 1)[1] if body.startswith("# ") else body  # drop its title
+        pngs = sorted(p.name for p in (root / name).glob("*.png"))
+        body = body.replace("\n## ", "\n#### ") + "".join(f"\n![{name} {p}]({name}/{p})\n" for p in pngs)
+        wall = res.get("wall_s", res.get("wall_seconds"))
+        sections.append((f"{name}", f"Settings: `{json.dumps(changed, default=str)}`; wall {wall or 0:.0f} s.\n\n{body}"))
+    out = root / "REPORT.md"
+    report.write_markdown(out, "jaxrecover: the paper's findings on the embedded default", sections)
+    return out
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    from jaxrecover.paper import load
+
+    root = C.out_dir(cfg.out or "results", "")
+    t0 = time.time()
+    if not cfg.report_only:
+        for name in cfg.settings:
+            folder = root / name
+            if (folder / "summary.json").is_file() and not cfg.rerun:
+                C.say(f"all: {name}: {folder}/summary.json exists; kept (--rerun true to run it again)")
+                continue
+            mod = load(name)
+            C.say(f"all: running {name} into {folder}")
+            mod.main(mod.Config(out=str(folder)))
+    path = write_report(root)
+    C.say(f"all: wrote {path} in {time.time() - t0:.0f} s")
+    return {"report": str(path)}
