@@ -7,6 +7,7 @@ Experiments are modules of ``jaxrecover.paper`` (installed with the package). Ea
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -26,7 +27,8 @@ examples:
 several processes (one command per process; same command, its own --process-id):
   jaxrecover --coordinator HOST:PORT --num-processes N --process-id I run refusal
   (or env JAXRECOVER_COORDINATOR, JAXRECOVER_NUM_PROCESSES, JAXRECOVER_PROCESS_ID; on a Cloud TPU
-  slice no option is needed: JAX detects it; --init-timeout S bounds the wait for the others)
+  slice no option is needed: JAX detects it; --init-timeout S bounds the wait for the others;
+  --per-device-batch K runs K examples per device per call: bitwise the same results in any layout)
 
 Rerunning the same command into the same --out resumes where a killed run stopped.
 Results: <out>/results.jsonl (per example), summary.json, table.md, *.csv and *.png.
@@ -148,7 +150,7 @@ _LAUNCH_OPTIONS: dict[str, str] = {}  # what main took out of argv, for cmd_run
 
 # launch options, accepted anywhere on the line (like --debug); they start jax.distributed
 _LAUNCH = {"--coordinator": "coordinator", "--num-processes": "num_processes", "--process-id": "process_id",
-           "--init-timeout": "timeout_s", "--distributed": "auto"}
+           "--init-timeout": "timeout_s", "--distributed": "auto", "--per-device-batch": "per_device_batch"}
 
 
 def split_launch_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -184,6 +186,13 @@ def start_distributed(options: dict[str, str]) -> None:
     auto = options.get("auto")
     if auto not in (None, "auto", "off"):
         raise SystemExit(f"jaxrecover: --distributed {auto!r}: expected auto or off.")
+    per_device = num("per_device_batch") or int(os.environ.get("JAXRECOVER_PER_DEVICE_BATCH") or 0)
+    if per_device < 0:
+        raise SystemExit(f"jaxrecover: --per-device-batch {per_device}: must be >= 1.")
+    if per_device:
+        from jaxrecover import runner  # noqa: PLC0415
+
+        runner.PER_DEVICE_BATCH = per_device
     try:
         distributed.initialize(options.get("coordinator"), num("num_processes"), num("process_id"),
                                timeout_s=num("timeout_s"), auto=None if auto is None else auto == "auto")

@@ -72,10 +72,25 @@ def _place_clamps(clamps: Any, clamp_axes: Any, size: int) -> Any:
     return map_batched(clamps, clamp_axes, lambda c: _place(c, size), replicate)
 
 
-def batch_size_for(n: int, batch_size: int) -> int:
-    """``min(batch_size, n)`` rounded up to a multiple of the device count."""
+# Examples per device per compiled call; None: all examples at once. XLA's fp32 matrix products sum
+# in an order that depends on their shapes, so the per-device batch size (not the layout) decides
+# the last bits of every result: with a fixed value, 1 x 1, 1 x 4 and 2 x 2 devices give bitwise
+# equal results (README "Scale-out"). Set by ``jaxrecover --per-device-batch K`` or the argument.
+PER_DEVICE_BATCH: int | None = None
+
+
+def batch_size_for(n: int, batch_size: int, per_device_batch: int | None = None) -> int:
+    """``min(batch_size, n)`` rounded up to a multiple of the device count; with
+    ``per_device_batch`` (default ``PER_DEVICE_BATCH``) exactly that many per device."""
     n_dev = len(jax.devices())
+    k = PER_DEVICE_BATCH if per_device_batch is None else per_device_batch
+    if k:
+        return k * n_dev
     return -(-min(batch_size, n) // n_dev) * n_dev
+
+
+def _rows(tree: Any, start: int, stop: int) -> Any:
+    return jax.tree.map(lambda a: a[start:stop], tree)
 
 
 def _axes_key(clamp_axes: Any) -> tuple:
@@ -103,15 +118,24 @@ def compiled(solver: R.Solver, what: str, window: R.Window, n: int = 0, clamp_ax
 
 def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any],
                 window: R.Window | None = None, *, clamp_axes: Any = None, progress: bool = False,
-                desc: str = "recover") -> R.RecoveryResult:
+                desc: str = "recover", per_device_batch: int | None = None) -> R.RecoveryResult:
     """All examples at once (``vmap``; sharded and padded when several devices), window planned from
     the data unless given. With ``progress`` the steps run in chunks of ``cfg.steps_per_chunk`` under
-    a progress bar (same result: the chunks only split the scan); the trace is returned either way."""
+    a progress bar (same result: the chunks only split the scan); the trace is returned either way.
+    With ``per_device_batch`` (default ``PER_DEVICE_BATCH``) the examples run in calls of exactly that
+    many per device (the last one padded), which makes the results independent of the layout."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     n = _n(examples)
     window = R.plan_window(solver, examples) if window is None else window
-    size = batch_size_for(n, n)
+    size = batch_size_for(n, n, per_device_batch)
+    if n > size:  # fixed per-device batch: one call per group, same window, concatenated
+        parts = [solve_batch(solver, model, _rows(examples, i, i + size),
+                             map_batched(clamps, clamp_axes, lambda c: _rows(c, i, i + size), lambda c: c),  # noqa: B023
+                             window, clamp_axes=clamp_axes, progress=progress, desc=f"{desc} {i // size + 1}/{-(-n // size)}",
+                             per_device_batch=per_device_batch)
+                 for i in range(0, n, size)]
+        return jax.tree.map(lambda *xs: jax.numpy.concatenate(xs), *parts)
     ex = _place(examples, size)
     model = _shared(model)
     clamps = _place_clamps(clamps, clamp_axes, size)
@@ -266,6 +290,7 @@ def run_recovery(
     meta: Mapping[str, Any] | None = None,
     stop_after_chunks: int | None = None,
     window: R.Window | None = None,
+    per_device_batch: int | None = None,
 ) -> dict[str, Any] | None:
     """Run ``solver`` over stacked ``examples`` in batches, checkpointing, and write results.
 
@@ -275,7 +300,8 @@ def run_recovery(
     its records are written atomically when done; a rerun after a kill at any point skips finished
     batches, restores the latest checkpoint of the current one and continues, giving identical
     results (the solver is deterministic and chunk boundaries do not move). ``stop_after_chunks``
-    simulates a kill (returns None after that many chunks).
+    simulates a kill (returns None after that many chunks). ``per_device_batch`` (default
+    ``PER_DEVICE_BATCH``) replaces ``batch_size`` by that many examples per device.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415 - only needed for long runs
 
@@ -289,7 +315,7 @@ def run_recovery(
     D.barrier("records-dir")
     model, clamps = _shared(model), _place_clamps(clamps, None, 0)
     n_total = _n(examples)
-    bs = batch_size_for(n_total, batch_size)
+    bs = batch_size_for(n_total, batch_size, per_device_batch)
     window = R.plan_window(solver, examples) if window is None else window
     chunks_run = 0
     bar = tqdm(total=n_total * cfg.steps, disable=not (progress and D.is_writer()), desc=run_id, unit="ex-step")
