@@ -214,7 +214,8 @@ def exact_jacobian_basis(
     order = jnp.concatenate([order, jnp.full((n_chunks * c - m,), m, jnp.int32)])  # index m = no row
     weight = jnp.concatenate([act.astype(dtype), jnp.zeros((1,), dtype)])
     n_active = jnp.sum(act, dtype=jnp.int32)
-    p = jax.eval_shape(lambda e: _flat(vjp_fn(unravel(e))), flat_phi).shape[0]
+    out = jax.eval_shape(lambda e: _flat(vjp_fn(unravel(e))), flat_phi)
+    p, qdtype = out.shape[0], out.dtype  # the basis lives in delta's dtype (Phi may be narrower)
     n_q = m + c  # rank <= m; the slack keeps every dynamic_update_slice in bounds
 
     def row(i: Array) -> Array:
@@ -234,7 +235,7 @@ def exact_jacobian_basis(
             r = jnp.minimum(r + jnp.sum(new, dtype=jnp.int32), n_q - c)
         return k + 1, r, Q, scale2
 
-    init = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((n_q, p), dtype), jnp.zeros((), dtype))
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((n_q, p), qdtype), jnp.zeros((), qdtype))
     return jax.lax.while_loop(lambda cr: cr[0] * c < n_active, body, init)[2]
 
 
