@@ -308,8 +308,8 @@ def broadcast_flag(value: bool, name: str) -> bool:
     """Process 0's ``value`` in every process (so all take the same branch; no-op in one process)."""
     if not is_multiprocess():
         return value
-    client, key = _client(), f"jaxrecover/flag/{name}/{_state.setdefault('flags', 0) + 1}"
-    _state["flags"] += 1
+    _state["flags"] = _state.get("flags", 0) + 1  # keys are write-once: one per use
+    client, key = _client(), f"jaxrecover/flag/{name}/{_state['flags']}"
     if is_writer():
         client.key_value_set(key, "1" if value else "0")
     return client.blocking_key_value_get(key, int(max(_state["timeout_s"], 600) * 1000)) == "1"

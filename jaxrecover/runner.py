@@ -73,9 +73,9 @@ def _place_clamps(clamps: Any, clamp_axes: Any, size: int) -> Any:
 
 
 # Examples per device per compiled call; None: all examples at once. XLA's fp32 matrix products sum
-# in an order that depends on their shapes, so the per-device batch size (not the layout) decides
-# the last bits of every result: with a fixed value, 1 x 1, 1 x 4 and 2 x 2 devices give bitwise
-# equal results (README "Scale-out"). Set by ``jaxrecover --per-device-batch K`` or the argument.
+# in an order that depends on their shapes, so on real models the per-device batch size (more than
+# the layout) decides the last bits of every result, which the steps then grow: with a fixed value
+# the layouts agree (SmolLM2: bitwise; README "Scale-out"). Set by ``jaxrecover --per-device-batch K``.
 PER_DEVICE_BATCH: int | None = None
 
 
@@ -123,7 +123,7 @@ def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mappi
     the data unless given. With ``progress`` the steps run in chunks of ``cfg.steps_per_chunk`` under
     a progress bar (same result: the chunks only split the scan); the trace is returned either way.
     With ``per_device_batch`` (default ``PER_DEVICE_BATCH``) the examples run in calls of exactly that
-    many per device (the last one padded), which makes the results independent of the layout."""
+    many per device (the last one padded): the same shapes on every device in every layout."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     n = _n(examples)
@@ -309,13 +309,15 @@ def run_recovery(
     out = Path(out_dir)
     rec_dir = out / "records" / run_id
     D.check_shared_dir(out)
-    _fresh_unless_same(out, run_id, rec_dir, _run_key(solver, model, examples, clamps))
+    n_total = _n(examples)
+    bs = batch_size_for(n_total, batch_size, per_device_batch)
+    # the batch size is part of the key: a resume in another layout (device count) or with another
+    # batch size would read records files that cover other examples
+    _fresh_unless_same(out, run_id, rec_dir, f"{_run_key(solver, model, examples, clamps)}-bs{bs}")
     if D.is_writer():
         rec_dir.mkdir(parents=True, exist_ok=True)
     D.barrier("records-dir")
     model, clamps = _shared(model), _place_clamps(clamps, None, 0)
-    n_total = _n(examples)
-    bs = batch_size_for(n_total, batch_size, per_device_batch)
     window = R.plan_window(solver, examples) if window is None else window
     chunks_run = 0
     bar = tqdm(total=n_total * cfg.steps, disable=not (progress and D.is_writer()), desc=run_id, unit="ex-step")

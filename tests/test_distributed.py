@@ -160,7 +160,8 @@ def _load(out: Path, name: str) -> dict[str, np.ndarray]:
         return dict(f)
 
 
-# 4 subprocesses, each compiling the solver and generation: TIME_PLACEHOLDER, so outside the default
+# 4 subprocesses, each compiling the solver and generation: 137-168 s wall on the shared 2-core
+# machine (load average ~12; ~95 s CPU in all), so outside the default
 # run: pytest -m slow tests/test_distributed.py
 @pytest.mark.slow
 def test_results_do_not_depend_on_the_layout(layouts):
