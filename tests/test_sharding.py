@@ -47,3 +47,18 @@ def test_explicit_mesh_subset():
     mesh = batch_mesh(jax.devices()[:2])
     y = shard_batch(jnp.zeros((6, 2)), mesh)
     assert len(y.sharding.device_set) == 2
+
+
+def test_to_host_and_map_batched():
+    from jaxrecover.sharding import map_batched, to_host
+
+    x = shard_batch(jnp.arange(8.0).reshape(4, 2))
+    host = to_host({"x": x, "none": None})
+    assert isinstance(host["x"], np.ndarray) and host["none"] is None
+    np.testing.assert_array_equal(host["x"], np.arange(8.0).reshape(4, 2))
+    # an in_axes prefix: 0 maps the subtree through `batched`, None through `shared`
+    tree = {"a": (jnp.ones(3), jnp.ones(3)), "b": jnp.ones(2)}
+    out = map_batched(tree, {"a": 0, "b": None}, lambda t: jax.tree.map(lambda v: v * 2, t), lambda t: t)
+    np.testing.assert_array_equal(out["a"][1], 2 * np.ones(3))
+    np.testing.assert_array_equal(out["b"], np.ones(2))
+    assert map_batched(tree, None, lambda t: 0, lambda t: "shared") == "shared"
