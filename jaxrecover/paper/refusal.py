@@ -84,7 +84,7 @@ class Config(C.RunConfig):
     lr: float = field(default=0.05, metadata={"help": "Adam learning rate (paper stage 2: 0.05)"})
     budget: float = field(default=0.0, metadata={"help": "L2 budget on ||delta||_F; 0 = budget_rel * median ||h_def|| per row * sqrt(rows)"})
     budget_rel: float = field(default=0.5, metadata={"help": "budget relative to the defended residual norm when --budget 0"})
-    jacobian: str = field(default="sketch", metadata={"help": "exact (paper) | sketch (authors' code: probes + drift probe)"})
+    jacobian: str = field(default="exact", metadata={"help": "exact (paper: every row of dPhi/d delta, chunked VJPs in bounded memory) | sketch (authors' code: probes + drift probe)"})
     probes: int = field(default=4, metadata={"help": "random probes for the sketch (code: 8)"})
     drift_penalty: float = field(default=0.0, metadata={"help": "lambda_act (paper 0; authors' refusal code 200)"})
     suffix_len: int = field(default=8, metadata={"help": "soft-suffix length (paper 16)"})
