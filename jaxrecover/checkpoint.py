@@ -54,11 +54,28 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
 
 def open_manager(root: str | os.PathLike, run_id: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """A ``CheckpointManager`` for ``{root}/{run_id}`` (created if missing); leftovers of killed
-    saves are removed first."""
+    saves are removed first.
+
+    Several processes (``jax.distributed``): orbax has every process compute the temporary folder's
+    name and wait for process 0 to create it, so the name must agree; process 0 draws the suffix once
+    per manager and shares it (``distributed.shared_token``), and only process 0 removes leftovers (a
+    pid means nothing on another host)."""
+    from jaxrecover import distributed as D
+
     directory = Path(root).absolute() / run_id
-    remove_stale_temporaries(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           temporary_path_class=UniqueTemporaryPath)
+    temporary = UniqueTemporaryPath
+    if D.is_multiprocess():
+        tag = D.shared_token(f"ckpt/{run_id}")  # "<pid of process 0>-<hex>", the form remove_stale_temporaries reads
+
+        class SharedTemporaryPath(UniqueTemporaryPath):
+            @classmethod
+            def from_final(cls, final_path: Any, **kwargs: Any) -> "SharedTemporaryPath":
+                return cls(final_path.parent / f"{final_path.name}{TMP_SUFFIX}-{tag}", final_path, **kwargs)
+
+        temporary = SharedTemporaryPath
+    if D.is_writer():
+        remove_stale_temporaries(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, temporary_path_class=temporary)
     return ocp.CheckpointManager(directory, options=options)
 
 

@@ -245,30 +245,6 @@ def _fresh_unless_same(out: Path, run_id: str, rec_dir: Path, key: str) -> None:
     D.barrier("run-key")
 
 
-def _open_manager(root: Path, run_id: str) -> Any:
-    """``checkpoint.open_manager``, made safe for several processes: orbax has every process compute
-    the temporary folder's name and wait for process 0 to create it, so the name must be the same in
-    all of them; ``checkpoint.UniqueTemporaryPath`` draws it per process (pid + random bits).
-    Here process 0 draws the suffix once per manager and shares it; only process 0 removes leftovers
-    of killed saves (a pid means nothing on another host)."""
-    if not D.is_multiprocess():
-        return ckpt.open_manager(root, run_id)
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    directory = Path(root).absolute() / run_id
-    if D.is_writer():
-        ckpt.remove_stale_temporaries(directory)
-    tag = D.shared_token(f"ckpt/{run_id}")  # "<pid of process 0>-<hex>", the form remove_stale_temporaries reads
-
-    class SharedTemporaryPath(ckpt.UniqueTemporaryPath):
-        @classmethod
-        def from_final(cls, final_path: Any, **kwargs: Any) -> "SharedTemporaryPath":
-            return cls(final_path.parent / f"{final_path.name}{ckpt.TMP_SUFFIX}-{tag}", final_path, **kwargs)
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, temporary_path_class=SharedTemporaryPath)
-    return ocp.CheckpointManager(directory, options=options)
-
-
 @dataclasses.dataclass
 class BatchRun:
     """One finished batch of ``run_recovery``: its records and (host) selected deltas."""
@@ -329,7 +305,7 @@ def run_recovery(
             continue
         batch = _place(jax.tree.map(lambda a: a[start : start + n_real], examples), bs)
         ctx, state = compiled(solver, "init", window)(model, batch, clamps)
-        mngr = _open_manager(out / "checkpoints", f"{run_id}/batch{b:05d}")
+        mngr = ckpt.open_manager(out / "checkpoints", f"{run_id}/batch{b:05d}")
         restored = ckpt.restore_state(mngr, state)
         done_steps = 0
         if restored is not None:
