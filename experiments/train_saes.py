@@ -53,7 +53,10 @@ class Config:
     activation: str = "topk"  # "topk" | "jumprelu"
     k: int = 64  # topk only
     l0_coeff: float = 1e-3  # jumprelu only (see jaxrecover.train_sae.TrainConfig)
-    bandwidth: float = 1e-3  # jumprelu only
+    # jumprelu only, in normalised units (E||x||^2 = d_model), where pre-activations are ~sqrt(d_model) = 24x larger
+    # than for unit-mean-squared-norm inputs: 1e-3 here left the L0 term inert (l0_coeff 1.5e-4 and 2.5e-4 gave the
+    # same L0 to 3 digits, see the JumpReLU card); the JumpReLU release used 0.025
+    bandwidth: float = 1e-3
     threshold_init: float = 1e-3  # jumprelu only
     threshold_init_l0: float = 0.0  # jumprelu only: > 0 initialises thresholds from the data to this L0
     threshold_lr_mult: float = 1.0  # jumprelu only: scales the thresholds' Adam step
@@ -69,6 +72,7 @@ class Config:
     train_chunks: int = 6400
     eval_chunks: int = 128
     eval_use: int = 128  # held-out chunks actually evaluated (a prefix of eval_chunks.npy)
+    use_chunks: int = 0  # train stage: > 0 trains on the first use_chunks harvested chunks only (0: all harvested)
     epochs: float = 3.0
     batch_size: int = 2048
     lr: float | None = None  # None: TrainConfig's width-scaled default
@@ -210,7 +214,11 @@ def run_tag(cfg: Config) -> str:
         return f"k{cfg.k}"  # the TopK release's folder names
     return (f"jr_c{cfg.l0_coeff:g}_bw{cfg.bandwidth:g}_t{cfg.threshold_init:g}_l{cfg.threshold_init_l0:g}"
             f"_m{cfg.threshold_lr_mult:g}_lr{cfg.lr or 0:g}_e{cfg.epochs:g}_b{cfg.batch_size}_d{cfg.decay_frac:g}"
-            + (f"_ax{cfg.jump_aux_k}" if cfg.jump_aux_k else "") + (f"_pa{cfg.preact_coeff:g}" if cfg.preact_coeff else ""))
+            + (f"_ax{cfg.jump_aux_k}" if cfg.jump_aux_k else "") + (f"_pa{cfg.preact_coeff:g}" if cfg.preact_coeff else "")
+            # fields added later: named only when not at their default, so older tags stay valid
+            + (f"_w{cfg.d_sae}" if cfg.d_sae != Config.d_sae else "")
+            + (f"_dt{cfg.dead_tokens}" if cfg.dead_tokens != Config.dead_tokens else "")
+            + (f"_u{cfg.use_chunks}" if cfg.use_chunks else ""))
 
 
 def load_rows(cfg: Config, layer: int, n_rows: int) -> tuple[np.ndarray, float, int]:
@@ -284,6 +292,10 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("no harvested activations; run with --stage harvest first.")
     if cfg.stage == "probe":
         return probe(cfg, n_rows, argv)
+    if cfg.use_chunks:  # train on the first use_chunks harvested chunks only (a fixed, reproducible subset)
+        if n_rows < cfg.use_chunks * (cfg.seq_len - 1):
+            raise SystemExit(f"--use-chunks {cfg.use_chunks}: only {n_rows // (cfg.seq_len - 1)} chunks harvested.")
+        n_rows = cfg.use_chunks * (cfg.seq_len - 1)
     eval_chunks = np.load(acts / "eval_chunks.npy")[: cfg.eval_use]
     n_used = n_rows // (cfg.seq_len - 1)
     info = {**info, "train_chunks_used": n_used, "train_rows_by_source": used_rows_by_source(cfg, tok, n_used)}
@@ -335,7 +347,7 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
             t_raw = np.asarray(shipped.threshold, np.float32)
             entry.update({"l0_coeff": cfg.l0_coeff, "bandwidth": cfg.bandwidth, "threshold_init": cfg.threshold_init,
                           "threshold_init_l0": cfg.threshold_init_l0, "threshold_lr_mult": cfg.threshold_lr_mult,
-                          "preact_coeff": cfg.preact_coeff,
+                          "preact_coeff": cfg.preact_coeff, "dead_tokens": cfg.dead_tokens,
                           "decay_frac": cfg.decay_frac,
                           "train_l0_last_batch": last.get("l0", float("nan")),
                           "threshold_raw_quartiles": [float(q) for q in np.quantile(t_raw, [0.25, 0.5, 0.75])]})
@@ -366,24 +378,49 @@ def probe(cfg: Config, n_rows: int, argv: list[str] | None) -> dict[str, Any]:
                                warmup_steps=min(100, cfg.probe_steps // 10))
     traj: list[list[float]] = []
     t0 = time.time()
-    ts.train(tcfg, ts.ArrayBatches(rows, tcfg.batch_size, seed=cfg.seed + layer), sample, progress=False,
-             log_every=max(1, cfg.probe_steps // 6),
-             log=lambda i, m: traj.append([i, round(m["ev"], 3), round(m["l0"], 1), round(m["dead"], 3)]))
+    state = ts.train(tcfg, ts.ArrayBatches(rows, tcfg.batch_size, seed=cfg.seed + layer), sample, progress=False,
+                     log_every=max(1, cfg.probe_steps // 6),
+                     log=lambda i, m: traj.append([i, round(m["ev"], 3), round(m["l0"], 1), round(m["dead"], 3)]))
     row = {"hook": str(Site(layer, "resid_post")), "tag": run_tag(cfg), "rows": n, "steps": cfg.probe_steps,
            "l0_coeff": cfg.l0_coeff, "bandwidth": cfg.bandwidth, "threshold_init_l0": cfg.threshold_init_l0,
            "threshold_lr_mult": cfg.threshold_lr_mult, "lr": tcfg.learning_rate, "batch_size": tcfg.batch_size,
+           "d_sae": cfg.d_sae, "aux_k": tcfg.aux_k, "dead_tokens": cfg.dead_tokens, "preact_coeff": cfg.preact_coeff,
            "seconds": time.time() - t0, "trajectory_step_ev_l0_dead": traj, "command": _command(argv)}
+    # a proxy for the held-out dead fraction: latents that never fire on the next held-back rows
+    # (harvested, not trained on), as many as the held-out set has
+    n_back = min(n_rows - n, cfg.eval_chunks * (cfg.seq_len - 1))
+    if n_back > 0:
+        back = np.asarray(np.memmap(_acts_path(cfg, layer), np.float16, "r")[n * 576 : (n + n_back) * 576],
+                          np.float32).reshape(n_back, 576)
+        row.update(_heldback_stats(ts.to_sae(state, tcfg), back))
     _say(f"probe: {json.dumps(row)}")
     with (Path(cfg.acts_dir) / "probes.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     return row
 
 
+def _heldback_stats(sae: Any, x: np.ndarray) -> dict[str, float]:
+    """EV, L0 and never-fired fraction of ``sae`` on raw rows ``x`` (rows above no ceiling dropped)."""
+    from jaxrecover.sae import decode, encode
+
+    fired = np.zeros(sae.d_sae, bool)
+    sq, l0_sum = 0.0, 0.0
+    for i in range(0, x.shape[0], 4096):
+        xb = jnp.asarray(x[i : i + 4096])
+        z = encode(sae, xb)
+        sq += float(jnp.sum(jnp.square(xb - decode(sae, z))))
+        l0_sum += float(jnp.sum(z > 0))
+        fired |= np.asarray(jnp.any(z > 0, axis=0))
+    var = float(np.sum(np.square(x - x.mean(0))))
+    return {"heldback_rows": int(x.shape[0]), "heldback_ev": 1.0 - sq / var, "heldback_l0": l0_sum / x.shape[0],
+            "heldback_dead": float(np.mean(~fired))}
+
+
 def record_attempt(cfg: Config, hook: str, entry: dict[str, Any]) -> None:
     """Append one finished run (any out_dir) to ``acts_dir/attempts.jsonl``."""
     keep = ("activation", "tokens_seen", "steps", "lr", "batch_size", "train_seconds", "k", "aux_k", "l0_coeff",
             "bandwidth", "threshold_init", "threshold_init_l0", "threshold_lr_mult", "preact_coeff", "decay_frac",
-            "train_l0_last_batch",
+            "train_l0_last_batch", "d_sae", "dead_tokens",
             "command")
     row = {"hook": hook, "tag": run_tag(cfg), "out_dir": cfg.out_dir, "epochs": cfg.epochs,
            **{k: entry[k] for k in keep if k in entry}, "metrics": entry["metrics"]}
@@ -643,9 +680,9 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
             "held-out tokens given (a prefix of the held-out chunks; attempts measured on fewer tokens are noisier). "
             "Targets: EV >= 0.8, FLR (zero) >= 0.9, L0 <= 64, dead (held-out) < 5%.",
             "",
-            "| # | hook | l0_coeff | bandwidth | thr. init L0 | thr. lr x | aux_k | preact | lr | epochs | batch | steps "
-            "| EV | L0 | dead (held-out) | dead (train) | FLR (zero) | held-out tokens | train time | shipped |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| # | hook | width | l0_coeff | bandwidth | thr. init L0 | thr. lr x | aux_k | dead window | preact | lr | epochs "
+            "| batch | steps | EV | L0 | dead (held-out) | dead (train) | FLR (zero) | held-out tokens | train time | shipped |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, a in enumerate(results["attempts"], 1):
             m = a["metrics"]
@@ -654,8 +691,8 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
                                    if "config" in e else None)
             shipped = tag == a["tag"] and e.get("metrics", {}).get("n_tokens") == m["n_tokens"]
             lines.append(
-                f"| {i} | `{a['hook']}` | {a['l0_coeff']:g} | {a['bandwidth']:g} | {a['threshold_init_l0']:g} | "
-                f"{a.get('threshold_lr_mult', 1.0):g} | {a.get('aux_k', 0)} | {a.get('preact_coeff', 0.0):g} | {a['lr']:.1e} | {a['epochs']:g} | {a['batch_size']} | {a['steps']} | {m['ev']:.3f} | {m['l0']:.1f} | "
+                f"| {i} | `{a['hook']}` | {a.get('d_sae', 4608)} | {a['l0_coeff']:g} | {a['bandwidth']:g} | {a['threshold_init_l0']:g} | "
+                f"{a.get('threshold_lr_mult', 1.0):g} | {a.get('aux_k', 0)} | {a.get('dead_tokens', 250_000):,} | {a.get('preact_coeff', 0.0):g} | {a['lr']:.1e} | {a['epochs']:g} | {a['batch_size']} | {a['steps']} | {m['ev']:.3f} | {m['l0']:.1f} | "
                 f"{m['dead_frac']:.3f} | {m['train_dead_frac']:.3f} | {m['flr_zero']:.3f} | {m['n_tokens']:,} | "
                 f"{a['train_seconds'] / 60:.1f} min | {'yes' if shipped else ''} |")
     if jump and results.get("probes"):
@@ -663,21 +700,25 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
             "",
             "Short probes and runs stopped early (training batches only: no held-out evaluation, nothing saved): "
             "EV / L0 / dead-in-window on the training batch at a few steps. Probes (`--stage probe`) train on the "
-            "first `rows` rows; stopped runs were `--stage train` runs killed at the step shown to free the shared "
-            "CPU (it ran at ~2 s/step, and some runs were held stopped for minutes by another job); the reason for "
+            "first `rows` rows and are then measured on the next held-back harvested rows (training-corpus rows not "
+            "trained on, as many as the held-out set: a cheap proxy for the held-out dead fraction); stopped runs were `--stage train` runs killed at the step shown to free the shared "
+            "CPU (1-5 s/step depending on the other jobs; some runs were held stopped for minutes by another job); the reason for "
             "each is in `metrics.json` (`probes[].command`).",
             "",
-            "| # | kind | l0_coeff | bandwidth | thr. init L0 | thr. lr x | preact | lr | rows | steps | (step, EV, L0, dead) "
-            "| time |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| # | kind | width | l0_coeff | bandwidth | thr. init L0 | thr. lr x | aux_k | dead window | preact | lr | rows "
+            "| steps | (step, EV, L0, dead) | held-back EV / L0 / never fired | time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for i, a in enumerate(results["probes"], 1):
             traj = " ".join(f"({t[0]}, {t[1]:.2f}, {t[2]:.0f}, {t[3]:.2f})" for t in a["trajectory_step_ev_l0_dead"])
             kind = ("stopped run" if "STOPPED" in a["command"] else
                     "unevaluated run" if "--stage train" in a["command"] else "probe")
-            lines.append(f"| p{i} | {kind} | {a['l0_coeff']:g} | {a['bandwidth']:g} | {a['threshold_init_l0']:g} | "
-                         f"{a['threshold_lr_mult']:g} | {a.get('preact_coeff', 0.0):g} | {a['lr']:.1e} | {a['rows']:,} | "
-                         f"{a['steps']} | {traj} | "
+            back = (f"{a['heldback_ev']:.3f} / {a['heldback_l0']:.1f} / {a['heldback_dead']:.3f} "
+                    f"({a['heldback_rows']:,} rows)" if "heldback_dead" in a else "n/a")
+            lines.append(f"| p{i} | {kind} | {a.get('d_sae', 4608)} | {a['l0_coeff']:g} | {a['bandwidth']:g} | "
+                         f"{a['threshold_init_l0']:g} | {a['threshold_lr_mult']:g} | {a.get('aux_k', 0)} | "
+                         f"{a.get('dead_tokens', 250_000):,} | {a.get('preact_coeff', 0.0):g} | {a['lr']:.1e} | {a['rows']:,} | "
+                         f"{a['steps']} | {traj} | {back} | "
                          + ("n/a" if a.get("seconds") is None or not math.isfinite(a["seconds"]) else f"{a['seconds'] / 60:.1f} min") + " |")
     if results.get("drift"):
         lines += [
@@ -756,6 +797,9 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         "latents there are not meaningful. SAELens-style clamps that keep the SAE error term are unaffected.",
         "",
     ]
+    notes = REPO / cfg.out_dir / "NOTES.md"  # hand-written context kept across regenerations of the card
+    if notes.exists():
+        lines += ["## Notes", "", notes.read_text().strip(), ""]
     card = REPO / cfg.out_dir / "CARD.md"
     card.write_text("\n".join(lines))
     return card

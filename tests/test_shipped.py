@@ -1,0 +1,34 @@
+"""Shipped SAE lookup: releases by short name or folder name, env override, loud failure."""
+
+import pytest
+
+from jaxrecover import shipped
+from jaxrecover.sae import SAE
+from jaxrecover.sae_io import load_sae
+
+
+def _fake_release(root, release: str, hook: str) -> None:
+    folder = root / release / hook
+    folder.mkdir(parents=True)
+    (folder / "cfg.json").write_text("{}")
+
+
+def test_short_names_resolve_to_release_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv(shipped.ENV, str(tmp_path))
+    _fake_release(tmp_path, shipped.JUMPRELU_RELEASE, "blocks.9.hook_resid_post")
+    _fake_release(tmp_path, shipped.RELEASE, "blocks.9.hook_resid_post")
+    jr = shipped.shipped_sae(9, release="jumprelu")
+    assert jr == tmp_path / shipped.JUMPRELU_RELEASE / "blocks.9.hook_resid_post"
+    assert shipped.shipped_sae(9, release=shipped.JUMPRELU_RELEASE) == jr  # the folder name works too
+    assert shipped.shipped_sae(9).parent.name == shipped.RELEASE  # default release unchanged (TopK)
+    assert shipped.shipped_sae(9, release="topk") == shipped.shipped_sae(9)
+    with pytest.raises(FileNotFoundError, match="res-jumprelu/blocks.15.hook_resid_post"):
+        shipped.shipped_sae(15, release="jumprelu")
+
+
+def test_jumprelu_release_is_shipped_and_loads(monkeypatch):
+    monkeypatch.delenv(shipped.ENV, raising=False)
+    sae = load_sae(shipped.shipped_sae(9, release="jumprelu"))
+    assert isinstance(sae, SAE)
+    assert sae.activation == "jumprelu" and sae.threshold is not None
+    assert sae.hook_name == "blocks.9.hook_resid_post" and sae.W_enc.shape[0] == 576
