@@ -285,9 +285,9 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         solver = R.make_solver(problem, rcfg, O.logit_diff, O.logit_diff_success)
         ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
         parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
-        for part in ("clamped_feature", "sae_residual"):
+        for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
             run = S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part])
-            _collect(out, f"replay_{part}", run, base_rec)
+            _collect(out, mode, run, base_rec)
     if cfg.knockout_heads and constraint is None:
         with C.stage("head knockout (surgery): select heads"):
             defended, heads, knocked = head_knockout(prep, cfg.knockout_heads)

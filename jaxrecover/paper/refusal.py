@@ -377,21 +377,6 @@ def judge(texts: list[str], bases: list[str]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- attribution
 
 
-def decompose(sae, S: np.ndarray, h_def: jax.Array, delta: jax.Array, k: int) -> dict[str, jax.Array]:
-    """Paper App. J: split delta into decoded feature parts and the SAE-unexplained residual."""
-    dz = encode(sae, h_def + delta) - encode(sae, h_def)  # [rows, d_sae]
-    inS = jnp.zeros(dz.shape[-1], bool).at[jnp.asarray(S)].set(True)
-    W = sae.W_dec
-    clamped = jnp.where(inS, dz, 0.0) @ W
-    other_dz = jnp.where(inS, 0.0, dz)
-    other = other_dz @ W
-    thresh = jax.lax.top_k(jnp.abs(other_dz), k)[0][..., -1:]
-    top = jnp.where(jnp.abs(other_dz) >= thresh, other_dz, 0.0) @ W
-    residual = delta - (clamped + other)
-    return {"full": delta, "residual": residual, "other_features": other, "topk_features": top,
-            "clamped_features": clamped, "topk_knockout": delta - top}
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -632,7 +617,7 @@ def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prom
     Every row is decomposed against the defended residual of the teacher-forced pass (prompt + base
     answer) at its slot, where the delta was optimised."""
     C.say(f"attribution of the {method} delta")
-    sae, S = saes[dsite], feats[dsite]
+    sae, feat = saes[dsite], feats[dsite]
     n = len(deltas)
     tokens, valid = batch.tokens, batch.valid
 
@@ -641,8 +626,8 @@ def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prom
         return clamps[dsite](cap[dsite], jnp.arange(t.shape[0], dtype=jnp.int32))[jnp.asarray(slots)]
 
     h_def = jax.jit(jax.vmap(hdef, in_axes=(None, None, 0, 0)))(model, clamps, jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]))
-    parts = jax.vmap(lambda h, d: decompose(sae, S, h, d, cfg.topk_attr))(h_def, jnp.asarray(deltas))
-    out: dict[str, Any] = {"method": method, "norms": {k: float(jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))) for k, v in parts.items()}}
+    parts = S.replay_components(sae, feat, h_def, deltas, topk=cfg.topk_attr)
+    out: dict[str, Any] = {"method": method, "norms": {k: float(np.mean(np.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))) for k, v in parts.items()}}
     rows = []
     # every component of every example in ONE batched generation (one compile, full batches)
     names = list(parts)

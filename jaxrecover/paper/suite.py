@@ -6,9 +6,8 @@
   example (``clamp_axes = {site: Clamp(None, 0, 0)}``).
 - ``evaluate_deltas``: measure given deltas (no optimisation) with the solver's own ``finish`` (the
   replay and shared-delta evaluations).
-- ``replay_components``: split a recovered delta at the delta site into the clamped-feature part
-  ``dz_S @ W_dec[S]``, the whole SAE-feature part ``dz @ W_dec`` and the SAE-residual part
-  ``delta - dz @ W_dec`` (paper App. J, single layer).
+- ``replay_components``: split a recovered delta at the delta site into its clamped-feature,
+  other-feature, top-k-feature and SAE-residual parts (paper App. J); every setting replays them.
 - ``mode_summary`` / ``paper_table``: the paper's uncertainty summaries (Wilson / bootstrap 95%).
 
 The helpers never loop over examples in Python on the hot path: every array op is vmapped.
@@ -220,15 +219,25 @@ def with_random_control(summary: dict[str, Any], cfg: Any, solver: R.Solver, mod
     return {**summary, "random_control": rc, "random_dir": rc["random"]}
 
 
-def replay_components(sae: SAE, features: Any, h_def_rows: Any, delta: Any) -> dict[str, Any]:
-    """Decompose ``delta [n, rows, d]`` at the delta site (paper App. J): ``dz = E(h_def + delta) -
-    E(h_def)``; ``clamped = dz_S @ W_dec[S]``, ``features = dz @ W_dec``, ``residual = delta - features``."""
+def replay_components(sae: SAE, features: Any, h_def_rows: Any, delta: Any, topk: int = 20) -> dict[str, Any]:
+    """THE decomposition of recovered deltas (paper App. J), for every setting: ``delta [n, rows, d]``
+    at the delta site with ``dz = E(h_def + delta) - E(h_def)`` per row gives
+
+    - ``clamped_features = dz_S @ W_dec[S]`` and ``other_features = dz_{not S} @ W_dec``;
+    - ``topk_features``: the ``topk`` largest ``|dz|`` outside S decoded, and ``topk_knockout = delta - topk_features``;
+    - ``residual = delta - dz @ W_dec`` (what the SAE does not explain), and ``full = delta``.
+    """
+    inS = jnp.zeros(sae.d_sae, bool).at[jnp.asarray(features)].set(True)
+    topk = min(topk, sae.d_sae)
 
     def one(sae, h, d):
-        dz = encode(sae, h + d) - encode(sae, h)
-        feat = dz @ sae.W_dec
-        clamped = dz[:, features] @ sae.W_dec[features]
-        return {"clamped_feature": clamped, "sae_feature": feat, "sae_residual": d - feat}
+        dz = encode(sae, h + d) - encode(sae, h)  # [rows, d_sae]
+        other_dz = jnp.where(inS, 0.0, dz)
+        clamped, other = jnp.where(inS, dz, 0.0) @ sae.W_dec, other_dz @ sae.W_dec
+        thresh = jax.lax.top_k(jnp.abs(other_dz), topk)[0][..., -1:]
+        top = jnp.where(jnp.abs(other_dz) >= thresh, other_dz, 0.0) @ sae.W_dec
+        return {"full": d, "residual": d - (clamped + other), "other_features": other, "topk_features": top,
+                "clamped_features": clamped, "topk_knockout": d - top}
 
     fn = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
     return jax.device_get(fn(sae, jnp.asarray(h_def_rows), jnp.asarray(delta)))

@@ -296,8 +296,8 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         solver = R.make_solver(problem, rcfg, objective, success)
         ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
         parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
-        for part in ("clamped_feature", "sae_residual"):
-            _collect(out, f"replay_{part}", S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part]), base_rec)
+        for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
+            _collect(out, mode, S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part]), base_rec)
     if cfg.suffix and constraint is None:
         bang = _ids(prep.tok, "!")[-1]
         sex = _examples(items, cfg.scoring, prep.P, prep.A, [bang] * cfg.suffix_len)
