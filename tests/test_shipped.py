@@ -32,3 +32,17 @@ def test_jumprelu_release_is_shipped_and_loads(monkeypatch):
     assert isinstance(sae, SAE)
     assert sae.activation == "jumprelu" and sae.threshold is not None
     assert sae.hook_name == "blocks.9.hook_resid_post" and sae.W_enc.shape[0] == 576
+
+
+def test_run_config_sae_release_resolves_or_names_the_problem():
+    import pytest
+
+    from jaxrecover.paper import ioi
+
+    cfg = ioi.Config(sae_release="jumprelu")
+    assert len(cfg.sae) == 1 and "smollm2-135m-instruct-res-jumprelu/blocks.9.hook_resid_post" in cfg.sae[0]
+    assert ioi.Config().sae == ()  # the TopK default stays implicit
+    with pytest.raises(ValueError, match="jumprelu --layers 15"):
+        ioi.Config(sae_release="jumprelu", layers=(15,))
+    with pytest.raises(ValueError, match="sae_release"):
+        ioi.Config(sae_release="relu")

@@ -53,6 +53,7 @@ class RunConfig:
     model_dir: str = dataclasses.field(default="", metadata={"help": "Hugging Face model folder ('' = embedded SmolLM2-135M-Instruct)"})
     sae: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "SAE path(s), comma-separated ('' = shipped SAEs at --layers)"})
     layers: tuple[int, ...] = dataclasses.field(default=(9,), metadata={"help": "layers of the shipped SAEs used when --sae is empty"})
+    sae_release: str = dataclasses.field(default="topk", metadata={"help": "shipped SAEs used when --sae is empty: topk (layers 9, 15) | jumprelu (layer 9: encoder-null perturbations leave the clamped latents exactly unchanged)"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | bfloat16 (model compute; losses, projections and norms stay float32)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed"})
     n_features: int = dataclasses.field(default=20, metadata={"help": "number of clamped SAE features K"})
@@ -73,6 +74,15 @@ class RunConfig:
         check_range("budget", self.budget, 0.0)
         if self.sae and self.layers != RunConfig.layers and len(self.layers) != len(self.sae):
             raise ValueError("--layers applies to the shipped SAEs only; with --sae give the SAE paths alone.")
+        from jaxrecover.shipped import RELEASES, shipped_sae
+
+        check_choice("sae_release", self.sae_release, tuple(RELEASES))
+        if self.sae_release != "topk" and not self.sae:  # resolved here: every stage then sees explicit paths
+            try:
+                paths = tuple(str(shipped_sae(layer, release=self.sae_release)) for layer in self.layers)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"--sae-release {self.sae_release} --layers {','.join(map(str, self.layers))}: {e}") from None
+            object.__setattr__(self, "sae", paths)
 
 
 def say(msg: str) -> None:
