@@ -44,5 +44,5 @@ def test_run_config_sae_release_resolves_or_names_the_problem():
     assert ioi.Config().sae == ()  # the TopK default stays implicit
     with pytest.raises(ValueError, match="jumprelu --layers 15"):
         ioi.Config(sae_release="jumprelu", layers=(15,))
-    with pytest.raises(ValueError, match="sae_release"):
+    with pytest.raises(ValueError, match="--sae-release .relu.: expected topk"):
         ioi.Config(sae_release="relu")
