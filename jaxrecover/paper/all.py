@@ -21,6 +21,7 @@ from jaxrecover.paper import common as C
 
 F_ = dataclasses.field
 SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
+EXTRA = ("ioi_jumprelu",)  # reported when present: `run ioi --sae-release jumprelu --out <out>/ioi_jumprelu`
 RULES = (
     "A rate claim reproduces when our rate is at least 80% of the paper's and the lower end of our Wilson 95% "
     "interval is at least half the paper's rate; it does not when the upper end is below 80% of the paper's; "
@@ -132,6 +133,12 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             order_verdict(i["modes"].get("encoder", {}).get("drift_abs"), i["modes"].get("none", {}).get("drift_abs")))
         add("ioi", "valid flips (clean > 0, clamped <= 0)", ioi.PAPER["valid_flips"],
             f"{i.get('n_valid_flips')}/{i.get('n_prompts')}; recovered on {i.get('n_recovered_on')}", "size")
+    ij = results.get("ioi_jumprelu")
+    if ij:
+        enc, none = ij["modes"].get("encoder", {}).get("drift_abs"), ij["modes"].get("none", {}).get("drift_abs")
+        add("ioi (JumpReLU SAE)", "encoder-null recovery leaves the clamped features unchanged (abs drift ~0, "
+            "below unconstrained)", f"{ioi.PAPER['encoder']['drift_abs']} < {ioi.PAPER['none']['drift_abs']}",
+            f"{_cell(enc)} vs {_cell(none)}", order_verdict(enc, none))
     u = results.get("unlearning")
     if u:
         for mode in ("encoder", "none"):
@@ -171,7 +178,8 @@ def controls(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
 
 def write_report(root: Path) -> Path:
     """``root/REPORT.md`` from the settings' folders under ``root``."""
-    results = {n: json.loads((root / n / "summary.json").read_text()) for n in SETTINGS if (root / n / "summary.json").is_file()}
+    results = {n: json.loads((root / n / "summary.json").read_text()) for n in SETTINGS + EXTRA
+               if (root / n / "summary.json").is_file()}
     if not results:
         raise SystemExit(f"{root}: no setting folder with a summary.json; run `jaxrecover run all` first.")
     sections = [
