@@ -765,12 +765,13 @@ def solve(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window
 
 
 def random_direction(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], delta: jax.Array,
-                     key: jax.Array) -> jax.Array:
+                     key: jax.Array, ctx: Context | None = None) -> jax.Array:
     """A control for a recovered ``delta``: a Gaussian direction mapped through the SAME constraint
     (encoder-null projector; Jacobian-null projection at ``delta = 0``; none), on the same rows, scaled
     to ``||delta||``. Replayed under the clamp it tells whether recovery needs the optimised direction
-    or any perturbation of that size in that subspace."""
-    ctx, _ = init(solver, model, ex, clamps)
+    or any perturbation of that size in that subspace. ``ctx``: the full-window ``init`` context, when
+    the caller has it already."""
+    ctx = init(solver, model, ex, clamps)[0] if ctx is None else ctx
     rows = (ex.delta_slots >= 0)[:, None]
     g = jnp.where(rows, jax.random.normal(key, delta.shape, jnp.float32), 0.0)
     if isinstance(solver.cfg.constraint_obj, JacobianNull):

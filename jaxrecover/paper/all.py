@@ -98,6 +98,11 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     def add(setting: str, claim: str, paper: str, ours: str, verdict: str) -> None:
         rows.append({"setting": setting, "claim": claim, "paper": paper, "ours": ours, "verdict": verdict})
 
+    def ioi_drift(setting: str, claim: str, res: dict[str, Any]) -> None:  # encoder below none, paper's IOI numbers
+        enc, none = (res["modes"].get(m, {}).get("drift_abs") for m in ("encoder", "none"))
+        add(setting, claim, f"{ioi.PAPER['encoder']['drift_abs']} < {ioi.PAPER['none']['drift_abs']}",
+            f"{_cell(enc)} vs {_cell(none)}", order_verdict(enc, none))
+
     r = results.get("refusal")
     if r:
         m = r["methods"]
@@ -117,8 +122,9 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         table = {t["component"]: t for t in (r.get("attribution") or {}).get("table", [])}
         if table:
             cl, res_ = table.get("clamped_features", {}), table.get("residual", {})
+            k, n = _frac(cl.get("non_refusal")) or (1, 1)
             add("refusal", "the clamped-feature part of delta alone does not recover (replay)", refusal.PAPER_REPLAY["clamped_features"],
-                _cell(cl.get("non_refusal")), "reproduces" if (_frac(cl.get("non_refusal")) or (1, 1))[0] <= 0.1 * max(1, (_frac(cl.get("non_refusal")) or (1, 1))[1]) else "does not")
+                _cell(cl.get("non_refusal")), "reproduces" if k <= 0.1 * max(1, n) else "does not")
             add("refusal", "the SAE-residual part of delta alone recovers (replay)", refusal.PAPER_REPLAY["residual"],
                 _cell(res_.get("non_refusal")), rate_verdict(res_.get("non_refusal"), _paper_rate(refusal.PAPER_REPLAY["residual"])))
     i = results.get("ioi")
@@ -127,18 +133,13 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             s = i["modes"].get(mode, {})
             add("ioi", f"{mode}: recovery of the name-mover preference (logit diff > 0)", ioi.PAPER[mode]["recovered"],
                 _cell(s.get("recovered")), rate_verdict(s.get("recovered"), _paper_rate(ioi.PAPER[mode]["recovered"])))
-        add("ioi", "encoder-null drift below unconstrained drift (abs L2)",
-            f"{ioi.PAPER['encoder']['drift_abs']} < {ioi.PAPER['none']['drift_abs']}",
-            f"{_cell(i['modes'].get('encoder', {}).get('drift_abs'))} vs {_cell(i['modes'].get('none', {}).get('drift_abs'))}",
-            order_verdict(i["modes"].get("encoder", {}).get("drift_abs"), i["modes"].get("none", {}).get("drift_abs")))
+        ioi_drift("ioi", "encoder-null drift below unconstrained drift (abs L2)", i)
         add("ioi", "valid flips (clean > 0, clamped <= 0)", ioi.PAPER["valid_flips"],
             f"{i.get('n_valid_flips')}/{i.get('n_prompts')}; recovered on {i.get('n_recovered_on')}", "size")
     ij = results.get("ioi_jumprelu")
     if ij:
-        enc, none = ij["modes"].get("encoder", {}).get("drift_abs"), ij["modes"].get("none", {}).get("drift_abs")
-        add("ioi (JumpReLU SAE)", "encoder-null recovery leaves the clamped features unchanged (abs drift ~0, "
-            "below unconstrained)", f"{ioi.PAPER['encoder']['drift_abs']} < {ioi.PAPER['none']['drift_abs']}",
-            f"{_cell(enc)} vs {_cell(none)}", order_verdict(enc, none))
+        ioi_drift("ioi (JumpReLU SAE)", "encoder-null recovery leaves the clamped features unchanged (abs drift ~0, "
+                  "below unconstrained)", ij)
     u = results.get("unlearning")
     if u:
         for mode in ("encoder", "none"):
@@ -182,12 +183,13 @@ def write_report(root: Path) -> Path:
                if (root / n / "summary.json").is_file()}
     if not results:
         raise SystemExit(f"{root}: no setting folder with a summary.json; run `jaxrecover run all` first.")
+    ctl = controls(results)
     sections = [
         ("What this is", "Every setting of the paper run on the embedded default (SmolLM2-135M-Instruct with the "
                          "project's SAEs), each next to the paper's numbers (Gemma-2-2B / Gemma Scope). Rates: Wilson "
                          "95%; means: bootstrap 95%. " + RULES + "\n"),
         ("Claims", report.markdown_table(claims(results))),
-        ("Random-direction control", report.markdown_table(controls(results)) if controls(results) else "(not run)\n"),
+        ("Random-direction control", report.markdown_table(ctl) if ctl else "(not run)\n"),
     ]
     for name, res in results.items():
         cfg = res.get("config", {})

@@ -195,8 +195,8 @@ def random_control(
         lambda ax, sub: sub if ax is None else take(sub, idx), clamp_axes, dict(clamps), is_leaf=lambda x: x is None)
 
     def one(model, ex, cl, delta, key):
-        rd = R.random_direction(solver, model, ex, cl, delta, key)
         ctx, state = solver.init(model, ex, cl)
+        rd = R.random_direction(solver, model, ex, cl, delta, key, ctx)
         state = dataclasses.replace(state, delta=rd, step=jnp.zeros((), jnp.int32))
         res = solver.finish(model, ex, cl, ctx, state)
         return res.success & ~res.non_finite, res.objective
