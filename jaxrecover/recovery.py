@@ -10,7 +10,8 @@ batching, sharding, checkpoints and records).
   ``delta``; ``solve`` chains them (one compile per shape).
 - ``example`` (``Example``): ``tokens [n_var, seq]``, ``valid [n_var, seq]``, ``delta_slots [rows]``
   (raw slots of the padded sequence; -1 = unused row), ``measure_mask [seq]`` (where drift is
-  measured), ``target`` (objective pytree). All ``n_var`` variants share one ``delta``.
+  measured), ``target`` (objective pytree), optionally ``budget []`` (this example's L2 budget
+  instead of ``cfg.budget``). All ``n_var`` variants share one ``delta``.
 - ``clamps``: ``{Site: Clamp}``; every clamp acts in EVERY pass (prefix, optimisation, evaluation).
   At the delta site ``h_rec = h_def + delta`` (paper). Clamp sites at or after the delta site are
   *measured*: ``Phi`` = their clamped latents ``z_S``, read from ``h_def + delta`` at the delta site
@@ -329,6 +330,9 @@ class Example:
     delta_slots: Any  # [rows] int32, -1 = unused
     measure_mask: Any  # [seq] bool
     target: Any
+    # [] float32: this example's L2 budget for delta, so one batch can hold a grid of budgets
+    # (``suite.run_solver_budgets``); None: ``cfg.budget`` for every example
+    budget: Any = None
 
 
 @pytree_dataclass
@@ -526,21 +530,23 @@ def _rel_drift(phi: tuple, z_ref: tuple, mask: jax.Array, cut: int) -> jax.Array
 # ----------------------------------------------------------------------------- init / step / finish
 
 
-def _post(solver: Solver, basis: jax.Array) -> Callable[[jax.Array], jax.Array]:
-    """Post-step map on delta: re-projection (encoder, reproject on) then the budget clip."""
+def _post(solver: Solver, basis: jax.Array, budget: Any = None) -> Callable[[jax.Array], jax.Array]:
+    """Post-step map on delta: re-projection (encoder, reproject on) then the budget clip, at the
+    example's own ``budget`` (``Example.budget``) when it carries one, else ``cfg.budget``."""
     c, cfg = solver.cfg.constraint_obj, solver.cfg
     P = proj.EncoderNullProjector(basis)
+    radius = cfg.budget if budget is None else budget
 
     def fn(delta: jax.Array) -> jax.Array:
         if isinstance(c, EncoderNull) and c.reproject:
             delta = proj.apply(P, delta)
-        return proj.clip_l2(delta, cfg.budget, per=cfg.budget_per)
+        return proj.clip_l2(delta, radius, per=cfg.budget_per)
 
     return fn
 
 
-def _tx(solver: Solver, basis: jax.Array) -> optax.GradientTransformation:
-    return optax.chain(solver.cfg.optimizer_tx, proj.projected_params(_post(solver, basis)))
+def _tx(solver: Solver, basis: jax.Array, budget: Any = None) -> optax.GradientTransformation:
+    return optax.chain(solver.cfg.optimizer_tx, proj.projected_params(_post(solver, basis, budget)))
 
 
 def init(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window: Window = FULL) -> tuple[Context, SolverState]:
@@ -679,10 +685,10 @@ def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: 
 
     # optax computes `b ** count` (float ** int32): not allowed under strict dtype promotion
     with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = _tx(solver, ctx.basis).update(g, state.opt_state, delta)
+        updates, opt_state = _tx(solver, ctx.basis, ex.budget).update(g, state.opt_state, delta)
     new = optax.apply_updates(delta, updates)
     if cfg.correction_steps:
-        fix = _post(solver, ctx.basis)
+        fix = _post(solver, ctx.basis, ex.budget)
 
         def drift_of(dl):
             _, p = _forward(solver, model, ex, clamps, ctx, dl, window, readout=False)

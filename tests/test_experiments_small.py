@@ -138,9 +138,17 @@ def test_sweeps_small(patched, tmp_path):
     prep = sub.prepare(sub.Config(n_prompts=4, n_features=8, steps=2, max_flips=2, suffix=False,
                                   attribution=False, require_flip=False))
     res = sweeps.run_sweep(cfg, sub, prep)
-    assert len(res["points"]) == 2
+    assert len(res["points"]) == 2 and res["joint_budgets"]  # one solve over both budgets x the prompts
     zero = [p for p in res["points"] if p["x"] == 0.0]
     assert all(p["summary"]["delta_norm"]["mean"] == 0.0 for p in zero)
+    # split back per grid point, the joint solve's records are the point-by-point sweep's (fp32: the
+    # joint batch is twice as large, so XLA may sum in another order)
+    apart = sweeps.run_sweep(dataclasses_replace(cfg, joint_budgets=False), sub, prep)
+    assert not apart["joint_budgets"] and len(apart["records"]) == len(res["records"]) == 4
+    for a, b in zip(res["records"], apart["records"], strict=True):
+        assert (a["sweep_x"], a["prompt"], a["mode"], a["recovered"]) == (b["sweep_x"], b["prompt"], b["mode"], b["recovered"])
+        for key in ("final_objective", "delta_norm", "drift_abs"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     with pytest.raises(ValueError, match="--setting 'nope'"):  # an unknown setting is refused, not skipped
         dataclasses_replace(cfg, setting="nope")
 

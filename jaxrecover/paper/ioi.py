@@ -32,6 +32,7 @@ Run: ``jaxrecover run ioi`` (or ``.venv/bin/python experiments/ioi.py``); ``--he
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,15 +224,20 @@ def head_knockout(prep: Prepared, max_heads: int, scan_prompts: int = 16) -> tup
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
-    """Valid flips for K = ``n_features``, then recovery per constraint (both when None)."""
+             constraint: str | None = None, progress: bool = True, store: Path | None = None,
+             budgets: Sequence[float] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Valid flips for K = ``n_features``, then recovery per constraint (both when None).
+
+    With ``budgets`` (a budget sweep): a list with one result per budget, each what ``budget=b``
+    gives, from ONE solve per constraint over every budget x flip (``suite.run_solver_budgets``);
+    the valid flips do not depend on the budget and are found once."""
     cfg = prep.cfg
     k = n_features or cfg.n_features
+    grid = [float(b) for b in budgets] if budgets is not None else [budget if budget is not None else cfg.budget]
     clamp, mode = make_clamp(prep, k)
     site = prep.site
     clamps = {site: clamp}
-    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=budget if budget is not None else cfg.budget,
-                            constraint="none")
+    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=grid[0], constraint="none")
     problem = R.RecoveryProblem(delta_site=site, clamp_sites=(site,))
     n = len(prep.prompts)
     all_idx = np.arange(n)
@@ -249,69 +255,84 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     slot = prep.tokens.shape[1] - 1
     h_def = jax.vmap(lambda r: clamp(r, jnp.arange(r.shape[0], dtype=jnp.int32)))(prep.resid)
     h_norm = float(jnp.mean(jnp.linalg.norm(h_def[:, slot], axis=-1)))
-    out: dict[str, Any] = {
-        "n_features": k, "clamp_mode": mode, "clamp_value": cfg.clamp_value, "budget": rcfg.budget,
+    head = {
+        "n_features": k, "clamp_mode": mode, "clamp_value": cfg.clamp_value, "budget": None,
         "n_prompts": n, "n_valid_flips": int(len(flips)), "n_recovered_on": int(len(used)),
         "flip_indices": used.tolist(), "mean_h_def_norm_end": h_norm,
         "mean_clean_diff_flips": float(clean[flips].mean()) if len(flips) else None,
         "mean_clamped_diff_flips": float(clamped[flips].mean()) if len(flips) else None,
         "mean_clean_diff_all": float(clean.mean()), "mean_clamped_diff_all": float(clamped.mean()),
-        "modes": {}, "records": [],
     }
+    outs: list[dict[str, Any]] = [{**head, "budget": b, "modes": {}, "records": []} for b in grid]
     if not len(used):
         S.say(f"ioi: K={k}: no valid flips (clean > 0 and clamped <= 0) among {n} prompts")
-        return out
+        return outs if budgets is not None else outs[0]
     modes = [constraint] if constraint else ["none", "encoder"]
     ex = S.take(ex_all, used)
     base_rec = [{"prompt": int(i), "text": prep.prompts[i].text, "io": prep.prompts[i].io, "s": prep.prompts[i].s,
                  "clean_diff": float(clean[i]), "clamped_diff": float(clamped[i]), "valid_flip": bool(is_flip[i])}
                 for i in used]
-    none_run = None
+    none_runs: list[S.Run | None] = [None] * len(grid)
     for m in modes:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), O.logit_diff, O.logit_diff_success)
         if cfg.shared_delta:
-            shared = R.make_solver(problem, rcfg.replace(constraint=m), O.logit_diff, O.logit_diff_success)
-            run = S.run_solver(shared, prep.model, _shared_example(prep, used), clamps,
-                               desc=f"ioi {m} shared", progress=progress, store=store)
-            deltas = jnp.broadcast_to(run.result.delta, (len(used),) + run.result.delta.shape[1:])
-            run = dataclasses.replace(S.evaluate_deltas(solver, prep.model, ex, clamps, deltas), seconds=run.seconds)
+            runs = S.run_solver_budgets(solver, prep.model, _shared_example(prep, used), clamps, grid,
+                                        desc=f"ioi {m} shared", progress=progress, store=store)
+            runs = [dataclasses.replace(S.evaluate_deltas(solver, prep.model, ex, clamps, jnp.broadcast_to(
+                r.result.delta, (len(used),) + r.result.delta.shape[1:])), seconds=r.seconds) for r in runs]
         else:
-            run = S.run_solver(solver, prep.model, ex, clamps, desc=f"ioi {m} K={k}", progress=progress, store=store)
-        if m == "none":
-            none_run = run
-        _collect(out, m, run, base_rec)
-        out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
-    if cfg.attribution and none_run is not None and constraint is None:
-        solver = R.make_solver(problem, rcfg, O.logit_diff, O.logit_diff_success)
-        ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
-        parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
-        for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
-            run = S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part])
-            _collect(out, mode, run, base_rec)
-    if cfg.knockout_heads and constraint is None:
+            runs = S.run_solver_budgets(solver, prep.model, ex, clamps, grid, desc=f"ioi {m} K={k}",
+                                        progress=progress, store=store)
+        for j, (out, run) in enumerate(zip(outs, runs, strict=True)):
+            if m == "none":
+                none_runs[j] = run
+            _collect(out, m, run, base_rec)
+            out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
+    if constraint is None:  # the contrasts (never in a sweep, which names its constraint), per budget
+        _contrasts(prep, outs, grid, none_runs, problem, rcfg, clamps, ex_all, ex, clean, used, base_rec, progress, store)
+    return outs if budgets is not None else outs[0]
+
+
+def _contrasts(prep: Prepared, outs: list[dict], grid: list[float], none_runs: list, problem: R.RecoveryProblem,
+               rcfg: R.RecoveryConfig, clamps: dict, ex_all: R.Example, ex: R.Example, clean: np.ndarray,
+               used: np.ndarray, base_rec: list[dict], progress: bool, store: Path | None) -> None:
+    """Attribution replays of the unconstrained deltas, the head-knockout defence and the soft
+    suffix, added to each budget's result."""
+    cfg, site, clamp = prep.cfg, prep.site, clamps[prep.site]
+    if cfg.knockout_heads:
         with C.stage("head knockout (surgery): select heads"):
             defended, heads, knocked = head_knockout(prep, cfg.knockout_heads)
         kflips = np.nonzero((clean > 0) & (knocked <= 0))[0]
         kused = kflips[: cfg.max_flips] if cfg.max_flips else kflips
-        out["head_knockout"] = {"heads": [f"{layer}.{h}" for layer, h in heads], "n_valid_flips": int(len(kflips)),
-                                "n_recovered_on": int(len(kused)), "mean_knocked_diff": float(knocked.mean())}
-        S.say(f"ioi: head knockout {out['head_knockout']['heads']}: {len(kflips)} of {n} prompts flip")
-        if len(kused):
-            kproblem = R.RecoveryProblem(delta_site=site, clamp_sites=())
-            solver = R.make_solver(kproblem, rcfg, O.logit_diff, O.logit_diff_success)
-            kex = S.take(ex_all, kused)
-            run = S.run_solver(solver, defended, kex, {}, desc="ioi head knockout", progress=progress, store=store)
-            krec = [{"prompt": int(i), "text": prep.prompts[i].text, "io": prep.prompts[i].io, "s": prep.prompts[i].s,
-                     "clean_diff": float(clean[i]), "clamped_diff": float(knocked[i]), "valid_flip": True} for i in kused]
-            _collect(out, "head_knockout", run, krec)
-            out["modes"]["head_knockout"] = S.with_random_control(out["modes"]["head_knockout"], cfg, solver, defended, kex, {}, run)
-    if cfg.suffix and constraint is None:
-        sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
-        solver = R.make_solver(sproblem, rcfg, O.logit_diff, O.logit_diff_success)
-        run = S.run_solver(solver, prep.model, _examples(prep, used, cfg.suffix_len), clamps,
-                           desc="ioi soft suffix", progress=progress, store=store)
-        _collect(out, "soft_suffix", run, base_rec)
-    return out
+        S.say(f"ioi: head knockout {[f'{layer}.{h}' for layer, h in heads]}: {len(kflips)} of {len(clean)} prompts flip")
+    for out, b, none_run in zip(outs, grid, none_runs, strict=True):
+        rc = rcfg.replace(budget=b)
+        if cfg.attribution and none_run is not None:
+            solver = R.make_solver(problem, rc, O.logit_diff, O.logit_diff_success)
+            ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
+            parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
+            for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
+                run = S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part])
+                _collect(out, mode, run, base_rec)
+        if cfg.knockout_heads:
+            out["head_knockout"] = {"heads": [f"{layer}.{h}" for layer, h in heads], "n_valid_flips": int(len(kflips)),
+                                    "n_recovered_on": int(len(kused)), "mean_knocked_diff": float(knocked.mean())}
+            if len(kused):
+                kproblem = R.RecoveryProblem(delta_site=site, clamp_sites=())
+                solver = R.make_solver(kproblem, rc, O.logit_diff, O.logit_diff_success)
+                kex = S.take(ex_all, kused)
+                run = S.run_solver(solver, defended, kex, {}, desc="ioi head knockout", progress=progress, store=store)
+                krec = [{"prompt": int(i), "text": prep.prompts[i].text, "io": prep.prompts[i].io, "s": prep.prompts[i].s,
+                         "clean_diff": float(clean[i]), "clamped_diff": float(knocked[i]), "valid_flip": True} for i in kused]
+                _collect(out, "head_knockout", run, krec)
+                out["modes"]["head_knockout"] = S.with_random_control(out["modes"]["head_knockout"], cfg, solver, defended,
+                                                                      kex, {}, run)
+        if cfg.suffix:
+            sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
+            solver = R.make_solver(sproblem, rc, O.logit_diff, O.logit_diff_success)
+            run = S.run_solver(solver, prep.model, _examples(prep, used, cfg.suffix_len), clamps,
+                               desc="ioi soft suffix", progress=progress, store=store)
+            _collect(out, "soft_suffix", run, base_rec)
 
 
 def _collect(out: dict, mode: str, run: S.Run, base_rec: list[dict]) -> None:

@@ -4,6 +4,8 @@
 - ``run_solver``: ``jax.vmap`` of one ``recovery.make_solver`` over stacked examples, run as
   ``init -> advance (chunks, tqdm) -> finish``; clamps may be shared (``clamp_axes=None``) or one per
   example (``clamp_axes = {site: Clamp(None, 0, 0)}``).
+- ``run_solver_budgets``: ``run_solver`` at several L2 budgets as ONE solve over the joint grid of
+  budgets x examples (every grid point has the same shapes), split back per budget (budget sweeps).
 - ``evaluate_deltas``: measure given deltas (no optimisation) with the solver's own ``finish`` (the
   replay and shared-delta evaluations).
 - ``replay_components``: split a recovered delta at the delta site into its clamped-feature,
@@ -143,6 +145,68 @@ def run_solver(
         ckpt.save_result(store, key, {f.name: getattr(res, f.name) for f in dataclasses.fields(res)
                                       if getattr(res, f.name) is not None}, {"desc": desc})
     return Run(res, runner.result_records(res), time.time() - t0)
+
+
+_MSG_BUDGETS_SET = (
+    "run_solver_budgets: the examples already carry per-example budgets (Example.budget); pass "
+    "examples without them: every example is solved once per budget in {budgets}."
+)
+
+
+def run_solver_budgets(
+    solver: R.Solver,
+    model: Any,
+    examples: R.Example,
+    clamps: Mapping[Site, Any],
+    budgets: Sequence[float],
+    *,
+    clamp_axes: Any = None,
+    desc: str = "recover",
+    progress: bool = True,
+    store: Path | None = None,
+) -> list[Run]:
+    """``run_solver`` at every L2 budget in ``budgets``, as ONE solve over the joint grid.
+
+    Grid points of a budget sweep share every shape (same examples, same clamps; only the radius of
+    the post-step clip differs), so the examples are tiled once per budget (budget-major: row
+    ``j * n + i`` is example ``i`` at ``budgets[j]``), each row carries its radius in
+    ``Example.budget``, and ``runner.solve_batch`` shards all ``len(budgets) * n`` rows over every
+    (global) device in one compiled program, instead of one smaller solve per budget. Per-example
+    clamps (``clamp_axes`` entries 0) are tiled with the examples; shared ones stay shared.
+    ``solver.cfg.budget`` is not used. With one budget this is ``run_solver`` with ``cfg.budget`` set
+    to it (the same store key as before).
+
+    Returns one ``Run`` per budget with what separate solves give: the same decisions, and deltas and
+    objectives equal up to fp32 rounding (XLA may sum in another order for another batch size; see
+    README "Scale-out"). ``seconds`` is the joint solve's wall time split evenly over the budgets.
+    The joint batch is ``len(budgets)`` times larger: ``--per-device-batch`` bounds its memory.
+
+    >>> runs = run_solver_budgets(solver, model, examples, clamps, (1.0, 5.0, 20.0))  # 8 examples
+    >>> [len(r.records) for r in runs]
+    [8, 8, 8]
+    """
+    from jaxrecover.sharding import map_batched
+
+    budgets = [float(b) for b in budgets]
+    if not budgets or any(not b >= 0 for b in budgets):
+        raise ValueError(f"run_solver_budgets: budgets must be a non-empty list of numbers >= 0, got {budgets}.")
+    if examples.budget is not None:
+        raise ValueError(_MSG_BUDGETS_SET.format(budgets=budgets))
+    if len(budgets) == 1:
+        one = R.make_solver(solver.problem, solver.cfg.replace(budget=budgets[0]), solver.objective, solver.success)
+        return [run_solver(one, model, examples, clamps, clamp_axes=clamp_axes, desc=desc, progress=progress,
+                           store=store)]
+    n, nb = runner._n(examples), len(budgets)
+
+    def tile(a: Any) -> Any:  # budget-major copies along the example axis
+        return jnp.tile(jnp.asarray(a), (nb,) + (1,) * (jnp.ndim(a) - 1))
+
+    grid = dataclasses.replace(jax.tree.map(tile, examples), budget=jnp.repeat(jnp.asarray(budgets, jnp.float32), n))
+    grid_clamps = map_batched(dict(clamps), clamp_axes, lambda c: jax.tree.map(tile, c), lambda c: c)
+    run = run_solver(solver, model, grid, grid_clamps, clamp_axes=clamp_axes, progress=progress, store=store,
+                     desc=f"{desc} x {nb} budgets")
+    parts = [jax.tree.map(lambda a: a[j * n : (j + 1) * n], run.result) for j in range(nb)]  # noqa: B023
+    return [Run(p, runner.result_records(p), run.seconds / nb) for p in parts]
 
 
 def evaluate_deltas(
@@ -344,7 +408,9 @@ class Setting:
 
     ``prepare(cfg) -> prep`` (model, SAE, data, clean and clamped passes; ``prep.sae_path``,
     ``prep.site``, ``prep.seconds``); ``evaluate(prep, n_features=, budget=, constraint=) -> res``
-    (valid flips, recovery per method, judged; ``res["modes"]``, ``res["records"]``);
+    (valid flips, recovery per method, judged; ``res["modes"]``, ``res["records"]``); optionally
+    ``evaluate(prep, budgets=(b1, b2, ...), constraint=) -> [res per budget]``, one joint solve over
+    budgets x examples (``run_solver_budgets``; the budget sweeps use it when present);
     ``table_rows(res)`` (ours next to the paper's numbers); ``notes(prep, res)``; ``plot(out, res)``.
     """
 

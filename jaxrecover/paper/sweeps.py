@@ -1,11 +1,25 @@
 """Sweeps of recovery vs the number of clamped features K (paper App. I, Table 9) or the delta budget
 (paper App. H, Fig. 8), encoder-projected vs unconstrained, on a small slice.
 
-``--setting ioi | unlearning | tpp | refusal`` reuses that setting's ``prepare(cfg)`` once and calls its
-``evaluate(prepared, n_features=K | budget=B, constraint=...)`` per grid point (the valid-flip set is
-recomputed per K, as in the paper; for a budget sweep it is fixed). For refusal a method is a
-constraint (``none``, ``encoder``, ``jacobian``) and "recovered" is non-refusal of the regenerated
-answer.
+``--setting ioi | unlearning | tpp | refusal`` reuses that setting's ``prepare(cfg)`` once. For
+refusal a method is a constraint (``none``, ``encoder``, ``jacobian``) and "recovered" is non-refusal
+of the regenerated answer.
+
+How the grid is solved:
+
+- **K sweep**: ``evaluate(prepared, n_features=K, constraint=...)`` per grid point, one after
+  another. K changes the clamp's feature count (array shapes, hence a new program) and the valid-flip
+  set (recomputed per K, as in the paper), so grid points cannot share a batch; each point's
+  examples are sharded over the devices.
+- **budget sweep** (ioi, unlearning, tpp): every grid point has the same examples, clamps and shapes
+  (only the radius of the post-step L2 clip differs), so ``evaluate(prepared, budgets=grid,
+  constraint=...)`` solves the JOINT grid of budgets x examples as one batch per constraint
+  (``suite.run_solver_budgets``: each example row carries its budget), sharded over every device of
+  every process, and splits the results back per grid point: the same decisions as point by point,
+  deltas and objectives equal up to fp32 rounding (tests/test_sweep_joint.py). The batch is
+  ``len(budgets)`` times larger (``--per-device-batch`` bounds the memory); ``--joint-budgets false``
+  solves point by point, and so does refusal (its evaluate regenerates and judges answers per point).
+  A point's ``seconds`` is then its share of the joint solve.
 
 Outputs (``--out``, default ``results/sweeps/<setting>_<kind>``): ``summary.json``,
 ``results.jsonl`` (every recovered example at every grid point), ``table.md``, ``sweep.csv``,
@@ -21,6 +35,7 @@ Run: ``jaxrecover run sweeps --setting unlearning --kind budget``.
 
 import dataclasses
 import importlib
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +63,8 @@ class Config(C.RunConfig):
     steps: int = F_(default=0, metadata={"help": "optimisation steps (0 = the experiment's default)"})
     n_prompts: int = F_(default=24, metadata={"help": "IOI prompts"})
     max_questions: int = F_(default=4, metadata={"help": "unlearning: questions through the strict filter"})
+    joint_budgets: bool = F_(default=True, metadata={
+        "help": "budget sweep: solve every budget x example in one sharded batch (off: point by point)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,22 +99,33 @@ def run_sweep(cfg: Config, mod: Any, prepared: Any = None, store: Path | None = 
     returns points + records."""
     prep = prepared if prepared is not None else mod.prepare(_sub_config(cfg, mod))
     grid = list(cfg.ks) if cfg.kind == "k" else list(cfg.budgets)
-    points, records = [], []
-    for x in grid:
+    results: dict[tuple[Any, str], tuple[dict[str, Any], float]] = {}  # (x, constraint) -> (result, seconds)
+    joint = cfg.kind == "budget" and cfg.joint_budgets and "budgets" in inspect.signature(mod.evaluate).parameters
+    for c in cfg.constraints if joint else ():  # one solve per constraint over budgets x examples
+        t0 = time.time()
+        per_point = mod.evaluate(prep, constraint=c, store=store, budgets=tuple(float(x) for x in grid))
+        share = (time.time() - t0) / len(grid)
+        for x, res in zip(grid, per_point, strict=True):
+            results[x, c] = res, share
+    for x in grid if not joint else ():
         for c in cfg.constraints:
             kw = {"n_features": int(x)} if cfg.kind == "k" else {"budget": float(x)}
             t0 = time.time()
-            res = mod.evaluate(prep, constraint=c, store=store, **kw)
+            results[x, c] = mod.evaluate(prep, constraint=c, store=store, **kw), time.time() - t0
+    points, records = [], []
+    for x in grid:  # grid-major, as the point-by-point loop runs
+        for c in cfg.constraints:
+            res, seconds = results[x, c]
             ms = res["modes"].get(c, {})
             ms = ms.get("all_flips", ms)  # tpp-style nesting
             points.append({"x": x, "constraint": c, "n_valid_flips": res.get("n_valid_flips", 0),
                            "n_recovered_on": res.get("n_recovered_on", res.get("n_valid_flips", 0)),
-                           "summary": ms, "seconds": time.time() - t0})
+                           "summary": ms, "seconds": seconds})
             records += [{**r, "sweep_x": x} for r in res.get("records", [])]
             rec = ms.get("recovered") or {}
             S.say(f"sweeps {cfg.setting} {cfg.kind}={x} {c}: flips {res.get('n_valid_flips', 0)}, "
                   f"recovered {rec.get('k', 0)}/{rec.get('n', 0)}")
-    return {"grid": grid, "points": points, "records": records}
+    return {"grid": grid, "points": points, "records": records, "joint_budgets": joint}
 
 
 def main(cfg: Config) -> dict[str, Any]:

@@ -26,6 +26,7 @@ Run: ``jaxrecover run tpp``; ``--help`` lists the options.
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,15 @@ def select_features(prep: Prepared, c: int, k: int) -> Any:
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
+             constraint: str | None = None, progress: bool = True, store: Path | None = None,
+             budgets: Sequence[float] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Valid flips per class for K = ``n_features``, then recovery per constraint (both when None).
+
+    With ``budgets`` (a budget sweep): a list with one result per budget, each what ``budget=b``
+    gives, from ONE solve per constraint over every budget x flip (``suite.run_solver_budgets``)."""
     cfg = prep.cfg
     k = n_features or cfg.n_features
+    grid = [float(b) for b in budgets] if budgets is not None else [budget if budget is not None else cfg.budget]
     site = prep.site
     n_cls = len(prep.labels)
     feats = jnp.stack([select_features(prep, c, k) for c in range(n_cls)])  # [n_cls, k]
@@ -179,13 +186,13 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
             "other_probe_acc_ablated": float(np.mean([acc(abl_logits[c], j) for j in others])),
             "features": np.asarray(feats[c]).tolist(),
         }
-    out: dict[str, Any] = {"n_features": k, "budget": budget if budget is not None else cfg.budget,
-                           "labels": prep.labels, "probe_acc": prep.probe_acc, "per_class": per_class,
-                           "n_valid_flips": sum(pc["n_valid_flips"] for pc in per_class.values()),
-                           "n_recovered_on": len(ex_idx), "modes": {}, "records": []}
+    outs: list[dict[str, Any]] = [
+        {"n_features": k, "budget": b, "labels": prep.labels, "probe_acc": prep.probe_acc, "per_class": per_class,
+         "n_valid_flips": sum(pc["n_valid_flips"] for pc in per_class.values()),
+         "n_recovered_on": len(ex_idx), "modes": {}, "records": []} for b in grid]
     if not ex_idx:
         S.say("tpp: no valid flips")
-        return out
+        return outs if budgets is not None else outs[0]
     ex_idx_a, ex_cls_a = np.asarray(ex_idx), np.asarray(ex_cls)
     seq = prep.tokens.shape[1]
     pool = prep.pool[ex_idx_a]
@@ -198,28 +205,29 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     clamp = Clamp(prep.sae, feats[ex_cls_a], jnp.zeros((len(ex_idx), k), jnp.float32), mode="zero")
     axes = {site: Clamp(None, 0, 0, None, mode="zero")}
     problem = R.RecoveryProblem(delta_site=site, clamp_sites=(site,), readout="resid", readout_site=site)
-    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=out["budget"])
+    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=grid[0])
     base_rec = [{"bio": int(i), "label": prep.labels[c]} for i, c in zip(ex_idx, ex_cls, strict=True)]
     for m in [constraint] if constraint else ["none", "encoder"]:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), O.probe_logit, O.probe_success)
-        run = S.run_solver(solver, prep.model, examples, {site: clamp}, clamp_axes=axes,
-                           desc=f"tpp {m} K={k}", progress=progress, store=store)
-        recs = [{**b, **r, "mode": m, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
-        for r in recs:
-            r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))
-        out["records"].extend(recs)
-        out["modes"][m] = S.with_random_control(
-            {"all_flips": S.mode_summary(recs), "seconds": run.seconds,
-             "per_class": {lab: S.mode_summary([r for r in recs if r["label"] == lab]) for lab in prep.labels}},
-            cfg, solver, prep.model, examples, {site: clamp}, run, clamp_axes=axes)
-        # target means (unweighted over classes with flips), the paper's Table 2 aggregation
-        pcs = [s for s in out["modes"][m]["per_class"].values() if s["n"]]
-        out["modes"][m]["target_mean"] = {
-            key: float(np.mean([(s[key]["rate"] if "rate" in s[key] else s[key]["mean"]) for s in pcs]))
-            for key in ("recovered", "react_frac", "drift_abs", "decode_drift", "zero_reactivation", "drift_rel")
-            if all(key in s and (s[key].get("rate", s[key].get("mean")) is not None) for s in pcs)
-        }
-    return out
+        runs = S.run_solver_budgets(solver, prep.model, examples, {site: clamp}, grid, clamp_axes=axes,
+                                    desc=f"tpp {m} K={k}", progress=progress, store=store)
+        for out, run in zip(outs, runs, strict=True):
+            recs = [{**b, **r, "mode": m, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
+            for r in recs:
+                r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))
+            out["records"].extend(recs)
+            out["modes"][m] = S.with_random_control(
+                {"all_flips": S.mode_summary(recs), "seconds": run.seconds,
+                 "per_class": {lab: S.mode_summary([r for r in recs if r["label"] == lab]) for lab in prep.labels}},
+                cfg, solver, prep.model, examples, {site: clamp}, run, clamp_axes=axes)
+            # target means (unweighted over classes with flips), the paper's Table 2 aggregation
+            pcs = [s for s in out["modes"][m]["per_class"].values() if s["n"]]
+            out["modes"][m]["target_mean"] = {
+                key: float(np.mean([(s[key]["rate"] if "rate" in s[key] else s[key]["mean"]) for s in pcs]))
+                for key in ("recovered", "react_frac", "drift_abs", "decode_drift", "zero_reactivation", "drift_rel")
+                if all(key in s and (s[key].get("rate", s[key].get("mean")) is not None) for s in pcs)
+            }
+    return outs if budgets is not None else outs[0]
 
 
 def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:

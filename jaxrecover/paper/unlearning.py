@@ -32,6 +32,7 @@ Run: ``jaxrecover run unlearning``; ``--help`` lists the options.
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,19 +251,23 @@ def make_clamp(prep: Prepared, k: int) -> Clamp:
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
-    """Valid flips for K = ``n_features`` among the base-correct permutations, then recovery."""
+             constraint: str | None = None, progress: bool = True, store: Path | None = None,
+             budgets: Sequence[float] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+    """Valid flips for K = ``n_features`` among the base-correct permutations, then recovery.
+
+    With ``budgets`` (a budget sweep): a list with one result per budget, each what ``budget=b``
+    gives, from ONE solve per constraint over every budget x flip (``suite.run_solver_budgets``)."""
     cfg = prep.cfg
     k = n_features or cfg.n_features
+    grid = [float(b) for b in budgets] if budgets is not None else [budget if budget is not None else cfg.budget]
     clamp = make_clamp(prep, k)
     site = prep.site
     clamps = {site: clamp}
     objective, success = _task(cfg.scoring)
-    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=budget if budget is not None else cfg.budget,
-                            constraint="none")
+    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=grid[0], constraint="none")
     problem = R.RecoveryProblem(delta_site=site, clamp_sites=(site,))
     out: dict[str, Any] = {
-        "n_features": k, "multiplier": cfg.multiplier, "budget": rcfg.budget, "scoring": cfg.scoring,
+        "n_features": k, "multiplier": cfg.multiplier, "budget": None, "scoring": cfg.scoring,
         "kept_questions": [prep.questions[q].id for q in prep.kept], "relaxed": prep.relaxed,
         "min_correct": cfg.relax_to if prep.relaxed else cfg.min_correct,
         "correct_counts": {prep.questions[q].id: c for q, c in prep.correct_counts.items()},
@@ -270,7 +275,8 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     }
     if not prep.items:
         out.update(n_valid_flips=0, n_recovered_on=0)
-        return out
+        outs = [{**out, "budget": b, "modes": {}, "records": []} for b in grid]
+        return outs if budgets is not None else outs[0]
     ex_all = _examples(prep.items, cfg.scoring, prep.P, prep.A)
     clamped_ok = _success(prep.model, ex_all, clamps, cfg.scoring)
     flips = np.nonzero(~clamped_ok)[0]
@@ -278,34 +284,40 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     used = pool[: cfg.max_flips] if cfg.max_flips else pool
     out.update(n_valid_flips=int(len(flips)), n_recovered_on=int(len(used)),
                flips_per_question={prep.questions[q].id: int(sum(prep.items[i].q == q for i in flips)) for q in prep.kept})
+    outs = [{**out, "budget": b, "modes": {}, "records": []} for b in grid]
     if not len(used):
         S.say(f"unlearning: K={k}: the clamp flips none of {len(prep.items)} base-correct permutations")
-        return out
+        return outs if budgets is not None else outs[0]
     items = [prep.items[i] for i in used]
     ex = S.take(ex_all, used)
     base_rec = [{"question": prep.questions[it.q].id, "perm_id": it.perm.perm_id, "gold": it.perm.answer,
                  "valid_flip": not bool(clamped_ok[i])} for it, i in zip(items, used, strict=True)]
-    none_run = None
+    none_runs: list[S.Run | None] = [None] * len(grid)
     for m in [constraint] if constraint else ["none", "encoder"]:
         solver = R.make_solver(problem, rcfg.replace(constraint=m), objective, success)
-        run = S.run_solver(solver, prep.model, ex, clamps, desc=f"unlearning {m} K={k}", progress=progress, store=store)
-        none_run = run if m == "none" else none_run
-        _collect(out, m, run, base_rec)
-        out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
-    if cfg.attribution and none_run is not None and constraint is None:
-        solver = R.make_solver(problem, rcfg, objective, success)
-        ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
-        parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
-        for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
-            _collect(out, mode, S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part]), base_rec)
-    if cfg.suffix and constraint is None:
-        bang = _ids(prep.tok, "!")[-1]
-        sex = _examples(items, cfg.scoring, prep.P, prep.A, [bang] * cfg.suffix_len)
-        sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
-        solver = R.make_solver(sproblem, rcfg, objective, success)
-        _collect(out, "soft_suffix", S.run_solver(solver, prep.model, sex, clamps,
-                                                  desc="unlearning soft suffix", progress=progress, store=store), base_rec)
-    return out
+        runs = S.run_solver_budgets(solver, prep.model, ex, clamps, grid, desc=f"unlearning {m} K={k}",
+                                    progress=progress, store=store)
+        for j, (out, run) in enumerate(zip(outs, runs, strict=True)):
+            none_runs[j] = run if m == "none" else none_runs[j]
+            _collect(out, m, run, base_rec)
+            out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
+    # the contrasts run only without a named constraint (never in a sweep), per budget
+    for out, b, none_run in zip(outs, grid, none_runs, strict=True):
+        rc = rcfg.replace(budget=b)
+        if cfg.attribution and none_run is not None and constraint is None:
+            solver = R.make_solver(problem, rc, objective, success)
+            ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
+            parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
+            for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
+                _collect(out, mode, S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part]), base_rec)
+        if cfg.suffix and constraint is None:
+            bang = _ids(prep.tok, "!")[-1]
+            sex = _examples(items, cfg.scoring, prep.P, prep.A, [bang] * cfg.suffix_len)
+            sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
+            solver = R.make_solver(sproblem, rc, objective, success)
+            _collect(out, "soft_suffix", S.run_solver(solver, prep.model, sex, clamps,
+                                                      desc="unlearning soft suffix", progress=progress, store=store), base_rec)
+    return outs if budgets is not None else outs[0]
 
 
 def _collect(out: dict, mode: str, run: S.Run, base_rec: list[dict]) -> None:
