@@ -7,6 +7,8 @@
 - ``forget_retain``: SAEBench unlearning selection: features frequent on the forget set and rare on
   the retain set.
 - ``probe_features``: features most tied to one class of a linear probe (TPP).
+- ``activation_stats``: how often a chosen set is active on given residual rows, and what its clamp
+  writes into the residual there (why a clamp does or does not change the model).
 
 All functions are pure and take per-example arrays already batched by the caller.
 """
@@ -16,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxrecover.sae import SAE, encode
+from jaxrecover.interventions import Clamp
+from jaxrecover.sae import SAE, encode, encode_features
 
 
 def masked_mean(x: Float[Array, "batch seq d"], mask: Bool[Array, "batch seq"]) -> Float[Array, " d"]:
@@ -72,3 +75,39 @@ def forget_retain(
 def probe_features(sae: SAE, probe_w: Float[Array, " d"], k: int) -> Int[Array, " k"]:
     """Features whose decoder rows push the probe logit most (``W_dec @ w``), largest first."""
     return jax.lax.top_k(sae.W_dec.astype(jnp.float32) @ probe_w.astype(jnp.float32), k)[1]
+
+
+def activation_stats(clamp: Clamp, resid: Float[Array, "n d"], slots: Int[Array, " n"], mask: Bool[Array, " n"]) -> dict[str, Array]:
+    """Activity of ``clamp.features`` on the masked residual rows, and what ``clamp`` changes there.
+
+    Rows are any residual vectors (e.g. every prompt position of a batch, flattened); ``slots`` are
+    their sequence positions (for a clamp's ``slot_mask``).
+
+    Returns:
+        Per feature (``[k]``): ``frac_active`` (fraction of masked rows with ``z_f > 0``),
+        ``mean_active`` (mean ``z_f`` over those rows; 0 when never active), ``mean_all`` (mean ``z_f``
+        over all masked rows). Scalars: ``n_rows``, ``clamp_change`` (mean over masked rows of
+        ``||clamp(h) - h||``, i.e. ``||D(clamp(z)) - D(z)||`` with the error term kept), ``resid_norm``
+        (mean ``||h||``), ``clamp_change_rel`` (their ratio) and ``frac_changed`` (fraction of masked
+        rows where the clamp moves ``h`` at all).
+
+    >>> s = activation_stats(Clamp(sae, jnp.array([3]), jnp.array([3.0]), mode="scale"), h, jnp.arange(len(h)), m)
+    >>> s["frac_active"]  # 0 for a feature that never fires, and then s["clamp_change"] == 0
+    """
+    z = encode_features(clamp.sae, resid, clamp.features).astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    on = (z > 0).astype(jnp.float32) * m[:, None]
+    change = jnp.linalg.norm((clamp(resid, slots) - resid).astype(jnp.float32), axis=-1)
+    norm = jnp.linalg.norm(resid.astype(jnp.float32), axis=-1)
+    mean_change, mean_norm = (change * m).sum() / n, (norm * m).sum() / n
+    return {
+        "frac_active": on.sum(0) / n,
+        "mean_active": (z * on).sum(0) / jnp.maximum(on.sum(0), 1.0),
+        "mean_all": (z * m[:, None]).sum(0) / n,
+        "n_rows": m.sum(),
+        "clamp_change": mean_change,
+        "resid_norm": mean_norm,
+        "clamp_change_rel": mean_change / jnp.maximum(mean_norm, 1e-12),
+        "frac_changed": ((change > 0).astype(jnp.float32) * m).sum() / n,
+    }

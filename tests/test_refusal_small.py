@@ -72,3 +72,30 @@ def test_refusal_is_a_setting_the_sweeps_drive(tiny, tmp_path):
     for p in swept["points"]:
         assert p["summary"]["recovered"]["n"] == 2  # every point judged its 2 examples
         assert p["summary"]["n"] == 2
+
+
+def test_refusal_feature_stats_and_a_zero_flip_run_says_why(tiny, tmp_path, monkeypatch):
+    from jaxrecover.paper import refusal
+
+    model, tok, saes = tiny
+    # x1 scale: the clamp is the identity and changes nothing. The random model's short gibberish can
+    # still read as degenerate, which the clamp-side judge counts as a refusal, so the judge is told
+    # that nothing flipped: this tests the 0-flip path, not the judge.
+    monkeypatch.setattr(refusal.judges, "strict_valid", lambda base, clamped: False)
+    cfg = refusal.Config(n_prompts=3, n_harmless=3, n_features=4, max_new_tokens=4, answer_tokens=3, max_flips=2,
+                         steps=2, batch_size=4, feature_method="steering", clamp_mode="scale", clamp_value=1.0)
+    out = tmp_path / "refusal"
+    summary = refusal.run(model, tok, saes, cfg, out)
+    assert summary["strict_valid"] == 0 and summary["methods"] == {}
+    (site, st), = summary["feature_stats"].items()
+    assert st["mode"] == "scale" and len(st["features"]) == 4
+    for text in refusal.STAT_TEXTS:
+        assert len(st[text]["frac_active"]) == 4
+        assert all(0.0 <= x <= 1.0 for x in st[text]["frac_active"])
+        assert st[text]["clamp_change"] == 0.0 and st[text]["resid_norm"] > 0
+    assert st["last_token"]["n_rows"] == 3
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["feature_stats"] == summary["feature_stats"]
+    table = (out / "table.md").read_text()
+    assert "No recovery: no strict-valid flips among 3 prompts" in table and "(no rows)" not in table
+    assert "activation statistics" in table and summary["no_flips"] in table

@@ -21,7 +21,9 @@ from jaxrecover.paper import common as C
 
 F_ = dataclasses.field
 SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
-EXTRA = ("ioi_jumprelu",)  # reported when present: `run ioi --sae-release jumprelu --out <out>/ioi_jumprelu`
+# reported when present: `run ioi --sae-release jumprelu --out <out>/ioi_jumprelu`; the paper's refusal
+# feature route and its closest variant that flips (commands in experiments/README.md)
+EXTRA = ("ioi_jumprelu", "refusal_steering_paper", "refusal_steering_variant")
 RULES = (
     "A rate claim reproduces when our rate is at least 80% of the paper's and the lower end of our Wilson 95% "
     "interval is at least half the paper's rate; it does not when the upper end is below 80% of the paper's; "
@@ -89,6 +91,21 @@ def _cell(x: Any) -> str:
     return "--" if x is None else str(x)
 
 
+def route_statistic(res: dict[str, Any]) -> str:
+    """A refusal run's feature statistics in one phrase: how often its clamped features are active and
+    how far its clamp moves the residual."""
+    st = next(iter((res.get("feature_stats") or {}).values()), None)
+    if not st:
+        return "no feature statistics"
+    p, last, c = st["prompt"], st["last_token"], st["compliance_text"]
+    live = sum(x > 0 for x in p["frac_active"])
+    value = f"x{st['values'][0]:g}" if st["mode"] == "scale" else f"{st['mode']} {min(st['values']):.3g}-{max(st['values']):.3g}"
+    return (f"{live}/{len(st['features'])} clamped features ever active on the prompts, on "
+            f"{100 * sum(p['frac_active']) / len(p['frac_active']):.1f}% of prompt positions on average; the {value} clamp "
+            f"moves h by {p['clamp_change_rel']:.3f} ‖h‖ per prompt position, {last['clamp_change_rel']:.2f} ‖h‖ at "
+            f"the last prompt token, {c['clamp_change_rel']:.3f} ‖h‖ on compliant answer text")
+
+
 def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     """One row per claim of the paper that these settings test, with our number and a verdict."""
     from jaxrecover.paper import ioi, refusal, tpp, unlearning
@@ -127,6 +144,22 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
                 _cell(cl.get("non_refusal")), "reproduces" if k <= 0.1 * max(1, n) else "does not")
             add("refusal", "the SAE-residual part of delta alone recovers (replay)", refusal.PAPER_REPLAY["residual"],
                 _cell(res_.get("non_refusal")), rate_verdict(res_.get("non_refusal"), _paper_rate(refusal.PAPER_REPLAY["residual"])))
+    sp = results.get("refusal_steering_paper")
+    if sp:
+        add("refusal (paper's feature route)", "harmful-harmless steering features (top-cosine candidates, attribution "
+            "ranking) with the x3 scale clamp make the model refuse: strict-valid flips", "24 (AdvBench, 520 prompts)",
+            f"{sp['strict_valid']}/{sp['n_prompts']}, because {route_statistic(sp)}",
+            "does not (this model)" if not sp["strict_valid"] else "size")
+    sv = results.get("refusal_steering_variant")
+    if sv:
+        c = sv["config"]
+        jac = sv["methods"].get("jacobian", {})
+        add(f"refusal (steering route, {c['clamp_mode']} {c['clamp_value']:g})", "closest variant of the paper's route "
+            "that flips: Jacobian-projected recovery restores non-refusal on its strict-valid flips",
+            refusal.PAPER["jacobian"]["nonref"],
+            f"{sv['strict_valid']}/{sv['n_prompts']} flips ({route_statistic(sv)}); jacobian {_cell(jac.get('non_refusal'))}, "
+            f"none_cross {_cell(sv['methods'].get('none_cross', {}).get('non_refusal'))}",
+            rate_verdict(jac.get("non_refusal"), _paper_rate(refusal.PAPER["jacobian"]["nonref"])))
     i = results.get("ioi")
     if i:
         for mode in ("none", "encoder"):

@@ -146,23 +146,24 @@ def first_token_ids(tok: Any, texts: tuple[str, ...]) -> list[int]:
     return ids
 
 
-def residuals_at(model: Any, tokens: np.ndarray, valid: np.ndarray, sites: list[Site], batch: int = 16) -> dict[Site, np.ndarray]:
-    """Residual at each site (pre-hook) for every prompt, last real token only (left padding)."""
+def residuals(model: Any, tokens: np.ndarray, valid: np.ndarray, sites: list[Site], batch: int = 16) -> dict[Site, np.ndarray]:
+    """Clean residual at each site (pre-hook) at every position, ``[n, seq, d]``, in fixed-size batches."""
     @jax.jit  # the model is an argument, not a closure: closed-over weights become XLA constants
     def one_batch(model, t, v):
-        def one(ti, vi):
-            cap = capture(model, ti, sites, valid=vi)
-            return {s: cap[s][-1] for s in sites}
-
-        return jax.vmap(one)(t, v)
+        return jax.vmap(lambda ti, vi: capture(model, ti, sites, valid=vi))(t, v)
 
     out: dict[Site, list] = {s: [] for s in sites}
     for i in range(0, len(tokens), batch):
-        idx = np.arange(i, i + batch) % len(tokens)
+        idx = np.arange(i, i + batch) % len(tokens)  # the last batch wraps around: one compiled shape
         r = one_batch(model, jnp.asarray(tokens[idx]), jnp.asarray(valid[idx]))
         for s in sites:
             out[s].append(np.asarray(r[s])[: min(batch, len(tokens) - i)])
     return {s: np.concatenate(v) for s, v in out.items()}
+
+
+def residuals_at(model: Any, tokens: np.ndarray, valid: np.ndarray, sites: list[Site], batch: int = 16) -> dict[Site, np.ndarray]:
+    """Residual at each site (pre-hook) for every prompt, last real token only (left padding)."""
+    return {s: r[:, -1] for s, r in residuals(model, tokens, valid, sites, batch).items()}
 
 
 def select_features(model, tok, saes, harmful_tok, harmless_tok, refusal_ids, cfg) -> dict[Site, np.ndarray]:
@@ -216,16 +217,21 @@ COMPLIANCES = (
 )
 
 
-def answer_latents(model, tok, saes, prompts: list[str], answers: tuple[str, ...], batch: int = 16) -> dict[Site, np.ndarray]:
-    """SAE latents at every answer position when ``answers`` are teacher-forced after ``prompts``."""
+def teacher_forced(tok, prompts: list[str], answers: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(tokens, valid, answer_mask)``: ``answers[i % len(answers)]`` appended to each prompt, left-padded."""
     from jaxrecover.tokenizer import encode_batch
 
-    sites = sorted(saes)
     full = [p + answers[i % len(answers)] for i, p in enumerate(prompts)]
     _, pv = encode_batch(tok, prompts, pad_to=8)
     ft, fv = encode_batch(tok, full, pad_to=8)
     n_ans = fv.sum(1) - pv.sum(1)
-    mask = np.arange(ft.shape[1])[None, :] >= (ft.shape[1] - n_ans)[:, None]
+    return ft, fv, np.arange(ft.shape[1])[None, :] >= (ft.shape[1] - n_ans)[:, None]
+
+
+def answer_latents(model, tok, saes, prompts: list[str], answers: tuple[str, ...], batch: int = 16) -> dict[Site, np.ndarray]:
+    """SAE latents at every answer position when ``answers`` are teacher-forced after ``prompts``."""
+    sites = sorted(saes)
+    ft, fv, mask = teacher_forced(tok, prompts, answers)
 
     @jax.jit
     def lat(model, saes, t, v):
@@ -236,7 +242,7 @@ def answer_latents(model, tok, saes, prompts: list[str], answers: tuple[str, ...
         return jax.vmap(one)(t, v)
 
     out: dict[Site, list] = {s: [] for s in sites}
-    for i in range(0, len(full), batch):
+    for i in range(0, len(ft), batch):
         z = lat(model, saes, jnp.asarray(ft[i : i + batch]), jnp.asarray(fv[i : i + batch]))
         for s in sites:
             out[s].append(np.asarray(z[s])[mask[i : i + batch]])
@@ -258,6 +264,77 @@ def select_refusal_text(model, tok, saes, prompts, cfg) -> tuple[dict[Site, np.n
         feats.setdefault(s, []).append(f)
     feats_np = {s: np.asarray(sorted(v), np.int32) for s, v in feats.items()}
     return feats_np, {s: zr[s].mean(0)[f] for s, f in feats_np.items()}
+
+
+STAT_TEXTS = ("prompt", "last_token", "refusal_text", "compliance_text")
+
+
+def feature_stats(model, tok, clamps: dict[Site, Clamp], prompts: list[str]) -> dict[str, Any]:
+    """``features.activation_stats`` of each clamp's features on the clean model, in one batched pass
+    per text: every prompt position but each prompt's first real token (the attention sink, which the
+    SAEs' training excluded), the last prompt token, and the answer positions of refusal text
+    (``REFUSALS``) and compliant text (``COMPLIANCES``) teacher-forced after the same prompts.
+
+    Returns ``{site: {"features", "mode", "values", text: stats}}`` as lists and floats."""
+    from jaxrecover.tokenizer import encode_batch
+
+    sites = sorted(clamps)
+    pt, pv = encode_batch(tok, prompts, pad_to=8)
+    not_first = pv & (np.cumsum(pv, axis=1) > 1)
+    last = np.zeros_like(pv)
+    last[:, -1] = pv[:, -1]  # left padding: the last column is every prompt's last token
+    rt, rv, rmask = teacher_forced(tok, prompts, REFUSALS)
+    ct, cv, cmask = teacher_forced(tok, prompts, COMPLIANCES)
+    stats_fn = jax.jit(features.activation_stats)
+    out: dict[str, Any] = {str(s): {"features": np.asarray(c.features).tolist(), "mode": c.mode,
+                                    "values": np.asarray(c.values).tolist()} for s, c in clamps.items()}
+    for tokens, valid, masks in ((pt, pv, {"prompt": not_first, "last_token": last}),
+                                 (rt, rv, {"refusal_text": rmask}), (ct, cv, {"compliance_text": cmask})):
+        h = residuals(model, tokens, valid, sites)
+        slots = jnp.asarray(np.tile(np.arange(tokens.shape[1], dtype=np.int32), len(tokens)))
+        for s in sites:
+            rows = jnp.asarray(h[s].reshape(-1, h[s].shape[-1]))
+            for name, m in masks.items():
+                st = stats_fn(clamps[s], rows, slots, jnp.asarray(m.reshape(-1)))
+                out[str(s)][name] = {k: np.asarray(v).tolist() for k, v in st.items()}
+    return out
+
+
+def feature_stats_tables(stats: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Markdown rows: one per clamped feature (activity), one per site and text (what the clamp writes)."""
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    per_feature, per_text = [], []
+    for site, st in stats.items():
+        for j, f in enumerate(st["features"]):
+            row: dict[str, Any] = {"site": site, "feature": f, "clamp": f"{st['mode']} {st['values'][j]:.3g}"}
+            for t, label in (("prompt", "prompt"), ("last_token", "last tok."), ("refusal_text", "refusal"),
+                             ("compliance_text", "compliant")):
+                row[f"{label}: active"] = pct(st[t]["frac_active"][j])
+                row[f"{label}: mean if active"] = f"{st[t]['mean_active'][j]:.3g}"
+            row["prompt: mean"] = f"{st['prompt']['mean_all'][j]:.3g}"
+            per_feature.append(row)
+        for t in STAT_TEXTS:
+            x = st[t]
+            per_text.append({"site": site, "text": t, "positions": int(x["n_rows"]),
+                             "mean ‖clamp(h) - h‖": f"{x['clamp_change']:.4g}", "mean ‖h‖": f"{x['resid_norm']:.4g}",
+                             "ratio": f"{x['clamp_change_rel']:.3g}", "positions changed": pct(x["frac_changed"])})
+    return per_feature, per_text
+
+
+def no_flip_reason(summary: dict[str, Any]) -> str:
+    """One line: why a run found no strict-valid flip, from its feature statistics."""
+    head = f"no strict-valid flips among {summary['n_prompts']} prompts (clamped answers refusing: {summary['clamp_refusals']})"
+    parts = []
+    for site, st in (summary.get("feature_stats") or {}).items():
+        p, last, r = st["prompt"], st["last_token"], st["refusal_text"]
+        n_live = sum(x > 0 for x in p["frac_active"])
+        parts.append(
+            f"at {site} the {len(st['features'])} clamped features are active on {100 * np.mean(p['frac_active']):.2f}% of "
+            f"prompt positions ({n_live} ever active; {100 * np.mean(last['frac_active']):.1f}% of last prompt tokens, "
+            f"{100 * np.mean(r['frac_active']):.1f}% of refusal-text positions), and the {st['mode']} clamp moves the "
+            f"residual by {p['clamp_change']:.3g} per prompt position on average ({100 * p['clamp_change_rel']:.3g}% of "
+            f"‖h‖ = {p['resid_norm']:.3g}; {100 * p['frac_changed']:.1f}% of positions changed at all)")
+    return head + (": " + "; ".join(parts) + "." if parts else ".")
 
 
 def make_clamps(saes, feats, cfg, ref_act=None) -> dict[Site, Clamp]:
@@ -520,6 +597,8 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
             feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
     clamps = make_clamps(saes, feats, cfg, ref_act)
     check_clamps(model, clamps)
+    with C.stage("feature statistics"):
+        stats = feature_stats(model, tok, clamps, p_harm)
 
     # 3-4. clamped answers and strict-valid flips
     with C.stage("clamped answers"):
@@ -535,11 +614,12 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         "clamp_values": {str(s): np.asarray(c.values).tolist() for s, c in clamps.items()},
         "n_prompts": len(harmful), "base_refusals": base_refusals,
         "clamp_refusals": sum(judges.is_effective_refusal(t) for t in clamp_texts),
-        "strict_valid": sum(valid), "recovered_on": len(flips), "methods": {},
+        "strict_valid": sum(valid), "recovered_on": len(flips), "methods": {}, "feature_stats": stats,
     }
     records: list[dict[str, Any]] = []
     if not flips:
-        C.say("no strict-valid flips: raise --clamp-value or --n-features")
+        summary["no_flips"] = no_flip_reason(summary)
+        C.say(summary["no_flips"] + " Raise --clamp-value or --n-features, or try --clamp-mode floor.")
         return {"summary": summary, "records": records, "modes": {}, "n_valid_flips": 0, "n_recovered_on": 0}
 
     site = sorted(clamps)[0]
@@ -667,7 +747,8 @@ def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_
         ("Setup", f"prompts {summary['n_prompts']}, base refusals {summary['base_refusals']}, clamped refusals "
                   f"{summary['clamp_refusals']}, strict-valid {summary['strict_valid']}, recovered on {summary['recovered_on']}; "
                   f"features {summary['features']}; wall {summary['wall_s']:.0f} s\n"),
-        ("Recovery (Wilson / bootstrap 95% CIs; paper = AdvBench, Gemma-2-2B-it)", report.markdown_table(rows)),
+        ("Recovery (Wilson / bootstrap 95% CIs; paper = AdvBench, Gemma-2-2B-it)",
+         report.markdown_table(rows) if rows else f"No recovery: {summary.get('no_flips') or no_flip_reason(summary)}\n"),
         ("Random-direction control", "For each method, every delta that met the solver's own success "
                   "criterion (greedy decoding reproduces every teacher-forced base-answer token) is replaced by "
                   f"{summary['config'].get('random_control', 0)} random deltas of the same norm in the same constraint "
@@ -677,6 +758,15 @@ def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_
                   "(single layer).\n"),
         ("Where the time went (wall s)", report.markdown_table([{"stage": k, "seconds": f"{v:.1f}"} for k, v in summary["stage_s"].items()])),
     ]
+    if summary.get("feature_stats"):
+        per_feature, per_text = feature_stats_tables(summary["feature_stats"])
+        sections.append(("Clamped features: activation statistics (clean model)",
+                         "Fraction of positions where each clamped feature is active (z > 0) and its mean activation "
+                         "when active: on every prompt position but the first, on the last prompt token, and on "
+                         "refusal / compliant answer text teacher-forced after the same prompts.\n\n"
+                         + report.markdown_table(per_feature) + "\nWhat the clamp writes into the residual "
+                         "(‖clamp(h) - h‖ = ‖D(clamp(z)) - D(z)‖, error term kept), per position:\n\n"
+                         + report.markdown_table(per_text)))
     if "attribution" in summary:
         sections.append(("Recovery-path attribution (replay under the clamp)", report.markdown_table(summary["attribution"]["table"])))
     report.write_markdown(out / "table.md", "Refusal steering recovery", sections)
