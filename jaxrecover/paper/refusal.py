@@ -7,8 +7,10 @@ Pipeline (every stage batched; base generations cached in the results folder):
    on refusal answers ("I'm sorry, but I can't help with that request.") than on compliant answers,
    both teacher-forced after the same harmful prompts; global top-K over the SAE layers. The paper's
    route (``--feature-method steering``: harmful - harmless steering vector, top-cosine candidates,
-   attribution ranking) finds features that are inactive on SmolLM2's prompts, and scaling inactive
-   features by 3 changes nothing (0 flips in 48 prompts, measured), because this model never refuses.
+   attribution ranking) finds features that are nearly inactive on SmolLM2's prompts and answers, so
+   scaling them by 3 barely moves the residual and nothing flips (JumpReLU SAE, 48 prompts: 0 flips;
+   4 of 10 features never fire, the x3 clamp moves answer positions by 0.014 ||h||; ``feature_stats``
+   writes these numbers for every run; x30 flips 2/48, see experiments/README.md).
 3. Clamp (default ``--clamp-mode floor --clamp-value 4``): ``z_S <- max(z_S, 4 * mean refusal-text
    activation)`` at every position, in every pass (prefill and every decode step). The paper's
    ``--clamp-mode scale --clamp-value 3`` is available. Both keep the SAE error term.
