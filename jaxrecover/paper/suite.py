@@ -258,16 +258,21 @@ def random_control(
     cl = clamps if clamp_axes is None else jax.tree.map(
         lambda ax, sub: sub if ax is None else take(sub, idx), clamp_axes, dict(clamps), is_leaf=lambda x: x is None)
 
-    def one(model, ex, cl, delta, key):
+    def one(model, ex, cl, delta, keys):
+        # the seeds share one init and (vmap leaves what does not depend on the key unbatched) one
+        # constraint basis: the exact Jacobian's VJPs run once per example, not once per seed
         ctx, state = solver.init(model, ex, cl)
-        rd = R.random_direction(solver, model, ex, cl, delta, key, ctx)
-        state = dataclasses.replace(state, delta=rd, step=jnp.zeros((), jnp.int32))
-        res = solver.finish(model, ex, cl, ctx, state)
-        return res.success & ~res.non_finite, res.objective
+
+        def per_seed(key):
+            rd = R.random_direction(solver, model, ex, cl, delta, key, ctx)
+            res = solver.finish(model, ex, cl, ctx, dataclasses.replace(state, delta=rd, step=jnp.zeros((), jnp.int32)))
+            return res.success & ~res.non_finite
+
+        return jax.vmap(per_seed)(keys)
 
     fn = jax.jit(jax.vmap(one, in_axes=(None, 0, clamp_axes, 0, 0)))
     keys = jax.random.split(jax.random.key(seed), (seeds, idx.size))
-    wins = np.stack([np.asarray(fn(model, ex, cl, deltas, keys[s])[0]) for s in range(seeds)])  # [seeds, n]
+    wins = np.asarray(fn(model, ex, cl, deltas, jnp.swapaxes(keys, 0, 1))).T  # [seeds, n]
     return {"seeds": seeds, "n_recovered": int(idx.size), "random": rates([{"w": w} for w in wins.ravel()], "w"),
             "per_example": {int(i): float(f) for i, f in zip(idx, wins.mean(0))}}
 
