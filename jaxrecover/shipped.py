@@ -3,10 +3,12 @@ top of the repository; installed as ``jaxrecover/sae_weights`` inside a wheel).
 
 Releases (``shipped_sae(layer, point, release)``; ``release`` is a folder name or one of the short
 names in ``RELEASES``):
-- ``"topk"`` = ``smollm2-135m-instruct-res`` (the default): TopK SAEs at layers 9 and 15.
+- ``"topk"`` = ``smollm2-135m-instruct-res`` (``shipped_sae``'s default folder): TopK SAEs at
+  layers 9 and 15.
 - ``"jumprelu"`` = ``smollm2-135m-instruct-res-jumprelu``: a JumpReLU SAE at layer 9 (exact
   encoder-null property: perturbations in the null space of the clamped encoder columns leave those
-  latents unchanged, which TopK cannot promise).
+  latents unchanged, which TopK cannot promise). The experiments' default (``--sae-release``), as
+  the paper's Gemma Scope SAEs are JumpReLU.
 
 Lookup order: ``$JAXRECOVER_SAE_WEIGHTS``, the wheel's package folder, the source checkout.
 """

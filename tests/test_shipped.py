@@ -39,10 +39,11 @@ def test_run_config_sae_release_resolves_or_names_the_problem():
 
     from jaxrecover.paper import ioi
 
-    cfg = ioi.Config(sae_release="jumprelu")
+    cfg = ioi.Config()  # JumpReLU is the default release, resolved to an explicit path
     assert len(cfg.sae) == 1 and "smollm2-135m-instruct-res-jumprelu/blocks.9.hook_resid_post" in cfg.sae[0]
-    assert ioi.Config().sae == ()  # the TopK default stays implicit
-    with pytest.raises(ValueError, match="jumprelu --layers 15"):
-        ioi.Config(sae_release="jumprelu", layers=(15,))
+    assert ioi.Config(sae_release="topk").sae == ()  # TopK stays implicit (the loaders' shipped fallback)
+    assert ioi.Config(sae_release="topk", layers=(15,)).layers == (15,)
+    with pytest.raises(ValueError, match="jumprelu --layers 15.*topk ships layers 9 and 15"):
+        ioi.Config(layers=(15,))
     with pytest.raises(ValueError, match="--sae-release .relu.: expected topk"):
         ioi.Config(sae_release="relu")

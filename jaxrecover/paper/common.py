@@ -53,7 +53,7 @@ class RunConfig:
     model_dir: str = dataclasses.field(default="", metadata={"help": "Hugging Face model folder ('' = embedded SmolLM2-135M-Instruct)"})
     sae: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "SAE path(s), comma-separated ('' = shipped SAEs at --layers)"})
     layers: tuple[int, ...] = dataclasses.field(default=(9,), metadata={"help": "layers of the shipped SAEs used when --sae is empty"})
-    sae_release: str = dataclasses.field(default="topk", metadata={"help": "shipped SAEs used when --sae is empty: topk (layers 9, 15) | jumprelu (layer 9: encoder-null perturbations leave the clamped latents exactly unchanged)"})
+    sae_release: str = dataclasses.field(default="jumprelu", metadata={"help": "shipped SAEs used when --sae is empty: jumprelu (layer 9; the default, as the paper's Gemma Scope SAEs are JumpReLU: encoder-null perturbations leave the clamped latents exactly unchanged) | topk (layers 9, 15)"})
     dtype: str = dataclasses.field(default="float32", metadata={"help": "float32 | bfloat16 (model compute; losses, projections and norms stay float32)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed"})
     n_features: int = dataclasses.field(default=20, metadata={"help": "number of clamped SAE features K"})
@@ -81,7 +81,8 @@ class RunConfig:
             try:
                 paths = tuple(str(shipped_sae(layer, release=self.sae_release)) for layer in self.layers)
             except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"--sae-release {self.sae_release} --layers {','.join(map(str, self.layers))}: {e}") from None
+                raise ValueError(f"--sae-release {self.sae_release} --layers {','.join(map(str, self.layers))}: {e} "
+                                 "(--sae-release topk ships layers 9 and 15).") from None
             object.__setattr__(self, "sae", paths)
 
 

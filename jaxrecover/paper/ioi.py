@@ -69,10 +69,10 @@ PAPER = {
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(C.RunConfig):
     seed: int = F_(default=0, metadata={"help": "prompt sampling seed"})
-    n_prompts: int = F_(default=64, metadata={"help": "IOI prompts (paper: 64)"})
+    n_prompts: int = F_(default=96, metadata={"help": "IOI prompts (paper: 64, giving 37 valid flips; 64 give 29 on SmolLM2 with the JumpReLU SAE, 96 give 44)"})
     template_kind: str = F_(default="BABA", metadata={"help": "BABA | ABBA (paper: BABA)"})
     template_index: int = F_(default=0, metadata={"help": "template index (one template: shared END slot)"})
-    n_features: int = F_(default=128, metadata={"help": "top-k attribution features clamped (paper: 64, which flips no prompt of SmolLM2 with the shipped SAE; 128 is the closest that does)"})
+    n_features: int = F_(default=64, metadata={"help": "top-k attribution features clamped (paper: 64; with --sae-release topk 64 flips no prompt of SmolLM2, use 128)"})
     clamp_value: float = F_(default=-5.0, metadata={"help": "-5 = authors' code (active -> -5), the default because the paper's 0 (zero-ablate) flips too few prompts of SmolLM2; 0 = paper"})
     max_flips: int = F_(default=0, metadata={"help": "recover at most this many valid flips (0 = all)"})
     shared_delta: bool = F_(default=False, metadata={"help": "one delta shared by all valid flips (authors' code)"})
