@@ -134,7 +134,9 @@ def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site,
     for p in chosen:
         if not p.exists():
             raise SystemExit(f"SAE path {p} does not exist (SAELens folder, Gemma Scope params.npz, or sparsify folder).")
-        sae = load_sae(p)
+        # float32 like ``suite.resolve_sae``: ``encode`` computes in the SAE's dtype, and a bf16 encoder
+        # rounds the input to 8 bits, which reads as ~1e-2 relative drift of latents that did not move
+        sae = load_sae(p, dtype="float32")
         out[Site.parse(sae.hook_name)] = sae
     return out
 
