@@ -21,9 +21,13 @@ from jaxrecover.paper import common as C
 
 F_ = dataclasses.field
 SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
-# reported when present: `run ioi --sae-release jumprelu --out <out>/ioi_jumprelu`; the paper's refusal
-# feature route and its closest variant that flips (commands in experiments/README.md)
-EXTRA = ("ioi_jumprelu", "refusal_steering_paper", "refusal_steering_variant")
+# reported when present: IOI with the TopK SAE (`run ioi --sae-release topk --n-features 128 --n-prompts 64
+# --out <out>/ioi_topk`), the paper's refusal feature route and its closest variant that flips (commands
+# in experiments/README.md)
+EXTRA = ("ioi_topk", "refusal_steering_paper", "refusal_steering_variant")
+# relative drift at or below this is 0 up to float32 rounding (the encoder-null property is exact in
+# float64: tests/test_shipped.py measures 2e-13)
+DRIFT_ZERO = 1e-5
 RULES = (
     "A rate claim reproduces when our rate is at least 80% of the paper's and the lower end of our Wilson 95% "
     "interval is at least half the paper's rate; it does not when the upper end is below 80% of the paper's; "
@@ -134,8 +138,8 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         enc = m.get("encoder", {}).get("drift_rel")
         add("refusal", "single-layer encoder-null recovery leaves the clamped features unchanged (drift 0)", "0",
             _cell(enc), "cannot tell (not run)" if not enc else
-            ("reproduces" if enc["hi"] <= 1e-6 else "does not (TopK SAE: the projection fixes the clamped "
-                                                     "pre-activations, not the top-k selection)"))
+            ("reproduces" if enc["hi"] <= DRIFT_ZERO else "does not (with a TopK SAE the projection fixes the "
+                                                           "clamped pre-activations, not the top-k selection)"))
         table = {t["component"]: t for t in (r.get("attribution") or {}).get("table", [])}
         if table:
             cl, res_ = table.get("clamped_features", {}), table.get("residual", {})
@@ -169,10 +173,10 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         ioi_drift("ioi", "encoder-null drift below unconstrained drift (abs L2)", i)
         add("ioi", "valid flips (clean > 0, clamped <= 0)", ioi.PAPER["valid_flips"],
             f"{i.get('n_valid_flips')}/{i.get('n_prompts')}; recovered on {i.get('n_recovered_on')}", "size")
-    ij = results.get("ioi_jumprelu")
-    if ij:
-        ioi_drift("ioi (JumpReLU SAE)", "encoder-null recovery leaves the clamped features unchanged (abs drift ~0, "
-                  "below unconstrained)", ij)
+    it = results.get("ioi_topk")
+    if it:
+        ioi_drift("ioi (TopK SAE)", "encoder-null drift below unconstrained drift (abs L2); with a TopK SAE the -5 "
+                  "clamp pushes the clamped latents below the top-k cut, so both read 0", it)
     u = results.get("unlearning")
     if u:
         for mode in ("encoder", "none"):
