@@ -47,3 +47,17 @@ def test_run_config_sae_release_resolves_or_names_the_problem():
         ioi.Config(layers=(15,))
     with pytest.raises(ValueError, match="--sae-release .relu.: expected topk"):
         ioi.Config(sae_release="relu")
+
+
+def test_experiments_compute_the_shipped_bf16_saes_in_float32():
+    # encode runs in the SAE's dtype: a bf16 encoder rounds its input to 8 bits, and encoder-null
+    # latents that did not move then read as ~1e-2 relative drift
+    import jax.numpy as jnp
+
+    from jaxrecover.paper import common as C
+    from jaxrecover.paper import suite as S
+
+    path = str(shipped.shipped_sae(9, release="jumprelu"))
+    (sae,) = C.load_saes((path,), (9,)).values()
+    assert sae.W_enc.dtype == jnp.float32 and sae.threshold.dtype == jnp.float32
+    assert S.resolve_sae(path, 9)[1].W_enc.dtype == jnp.float32
