@@ -67,6 +67,17 @@ class EncoderNullProjector:
     basis: Float[Array, "d k"]
 
 
+def check_encoder_null_space(d_in: int, n_features: int) -> None:
+    """Refuse a clamped set whose encoder columns (generically) span the whole residual: with
+    ``n_features >= d_in`` the encoder-null space is {0}, so an encoder-projected delta cannot move
+    and "not recovered" would be a statement about the projector, not about the defence."""
+    if n_features >= d_in:
+        raise ValueError(
+            f"encoder-null projection: {n_features} clamped features on a {d_in}-dimensional residual leave an "
+            f"empty null space (their encoder columns span every direction), so the only encoder-null delta is 0. "
+            f"Clamp fewer than {d_in} features per site, or use the unconstrained or Jacobian constraint.")
+
+
 def encoder_null_projector(
     sae: SAE, features: Int[Array, " k"], *, method: str = "pinv", ridge: float = 1e-4, rcond: float | None = None
 ) -> EncoderNullProjector:

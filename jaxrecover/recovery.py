@@ -557,6 +557,8 @@ def init(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window:
     model = _in_dtype(model, cfg.compute_dtype)
     clamps = _check(problem, clamps)
     site, measure = problem.delta_site, problem.measure_sites
+    if isinstance(cfg.constraint_obj, EncoderNull):  # shapes are static: raised while tracing, before any pass
+        proj.check_encoder_null_space(clamps[site].sae.W_enc.shape[0], clamps[site].features.shape[-1])
     below = {s: c for s, c in clamps.items() if s.layer < site.layer}
     prefix = jax.vmap(lambda t, v: run_to(model, t, site.layer, below, valid=v))(ex.tokens, ex.valid)
     rows, d = ex.delta_slots.shape[0], prefix.shape[-1]

@@ -143,3 +143,27 @@ def test_jacobian_sketch_basis_is_orthonormal_and_removes_probes():
     # a dot product that is zero in exact arithmetic: rounding is relative to |g| |drift_dir|
     tol = 1e-4 * max(1.0, float(jnp.linalg.norm(g) * jnp.linalg.norm(drift_dir)))
     assert abs(float(jnp.vdot(P.project_off(basis, g), drift_dir))) < tol
+
+
+def test_an_empty_encoder_null_space_is_refused_before_solving():
+    import pytest
+
+    from jaxrecover import objectives as O
+    from jaxrecover import recovery as R
+    from jaxrecover.interventions import Clamp
+    from jaxrecover.sites import Site
+
+    P.check_encoder_null_space(8, 7)  # a 1-dimensional null space is still a space
+    d, seq = 16, 4
+    model = random_transformer(jax.random.key(0), tiny_config("llama", d_model=d, n_heads=2, n_kv_heads=1, d_head=8, d_mlp=32))
+    sae = SAE(W_enc=jax.random.normal(jax.random.key(1), (d, 24)), b_enc=jnp.zeros(24),
+              W_dec=jax.random.normal(jax.random.key(2), (24, d)), b_dec=jnp.zeros(d))
+    clamp = Clamp(sae, jnp.arange(17, dtype=jnp.int32), jnp.zeros(17))  # 17 encoder columns span R^16
+    ex = R.Example(tokens=jnp.ones((1, seq), jnp.int32), valid=jnp.ones((1, seq), bool),
+                   delta_slots=jnp.array([seq - 1], jnp.int32), measure_mask=jnp.ones((seq,), bool),
+                   target=O.Continuation(ids=jnp.ones((1, seq), jnp.int32), weights=jnp.ones((1, seq), jnp.float32)))
+    site = Site(1, "resid_pre")
+    solver = R.make_solver(R.RecoveryProblem(site, (site,)), R.RecoveryConfig(constraint="encoder"),
+                           O.continuation_logprob, O.continuation_success)
+    with pytest.raises(ValueError, match="17 clamped features on a 16-dimensional residual leave an empty null space"):
+        jax.eval_shape(lambda: R.init(solver, model, ex, {site: clamp}))

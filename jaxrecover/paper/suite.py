@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrecover import projections as proj
 from jaxrecover import recovery as R
 from jaxrecover import runner
 from jaxrecover import report
@@ -440,6 +441,10 @@ def run_setting(setting: Setting, cfg: Any) -> dict[str, Any]:
     sae = resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])  # cheap: fail before the model loads
     if cfg.n_features > sae[1].d_sae:
         raise SystemExit(f"--n-features {cfg.n_features}: the SAE {sae[2]} has {sae[1].d_sae} features.")
+    try:  # every setting driven here runs the encoder-projected method
+        proj.check_encoder_null_space(sae[1].W_enc.shape[0], cfg.n_features)
+    except ValueError as e:
+        raise SystemExit(f"--n-features {cfg.n_features}: {e}") from None
     with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
         prep = setting.prepare(cfg, sae=sae)
     res = setting.evaluate(prep, store=out / "checkpoints")

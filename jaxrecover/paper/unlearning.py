@@ -68,7 +68,7 @@ PAPER = {
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(C.RunConfig):
     scoring: str = F_(default="first_token", metadata={"help": "first_token | answer (see module doc)"})
-    n_features: int = F_(default=600, metadata={"help": "forget-vs-retain features clamped (paper: 50). On SmolLM2 with the JumpReLU SAE 200 flips nothing, 400 gives 24 flips (1 question), 600 gives 37, 900 gives 38; with --sae-release topk use 400"})
+    n_features: int = F_(default=500, metadata={"help": "forget-vs-retain features clamped (paper: 50). On SmolLM2 with the JumpReLU SAE 200 flips nothing, 400 gives 24 flips (1 question), 450 30, 500 37, 550 41; K must stay below d_model = 576, or the encoder-null space is empty; with --sae-release topk use 400"})
     retain_threshold: float = F_(default=0.01, metadata={"help": "max retain firing frequency of a selected feature"})
     multiplier: float = F_(default=50.0, metadata={"help": "clamp: active selected features -> -multiplier (script default 10 flips nothing here)"})
     max_questions: int = F_(default=24, metadata={"help": "questions put through the 24-permutation filter"})
