@@ -22,9 +22,9 @@ from jaxrecover.paper import common as C
 F_ = dataclasses.field
 SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
 # reported when present: IOI with the TopK SAE (`run ioi --sae-release topk --n-features 128 --n-prompts 64
-# --out <out>/ioi_topk`), the paper's refusal feature route and its closest variant that flips (commands
+# --out <out>/ioi_topk`), refusal on an AdvBench-format CSV, the paper's refusal feature route and its closest variant that flips (commands
 # in experiments/README.md)
-EXTRA = ("ioi_topk", "refusal_steering_paper", "refusal_steering_variant")
+EXTRA = ("ioi_topk", "refusal_advbench_heldout", "refusal_steering_paper", "refusal_steering_variant")
 # relative drift at or below this is 0 up to float32 rounding (the encoder-null property is exact in
 # float64: tests/test_shipped.py measures 2e-13)
 DRIFT_ZERO = 1e-5
