@@ -183,6 +183,10 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             s = u["modes"].get(mode, {})
             add("unlearning", f"{mode}: recovery of the unlearned answer", unlearning.PAPER[mode]["recovered"],
                 _cell(s.get("recovered")), rate_verdict(s.get("recovered"), _paper_rate(unlearning.PAPER[mode]["recovered"])))
+        enc, none = (u["modes"].get(m, {}).get("drift_abs") for m in ("encoder", "none"))
+        add("unlearning", "encoder-null drift below unconstrained drift (abs L2, readout slot)",
+            f"{unlearning.PAPER['encoder']['drift_abs']} < {unlearning.PAPER['none']['drift_abs']}",
+            f"{_cell(enc)} vs {_cell(none)}", order_verdict(enc, none))
         add("unlearning", "valid flips / distinct questions", unlearning.PAPER["valid_flips"],
             f"{u.get('n_valid_flips')} ({sum(1 for v in (u.get('flips_per_question') or {}).values() if v)} questions); "
             f"recovered on {u.get('n_recovered_on')}", "size")
