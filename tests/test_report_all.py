@@ -30,3 +30,11 @@ def test_report_from_committed_results(tmp_path):
                      for n in A.SETTINGS if (tmp_path / n / "summary.json").is_file()})
     assert rows and all(r["verdict"].split(" ")[0] in ("reproduces", "does", "cannot", "size") for r in rows)
     assert any(r["setting"] == "refusal" for r in rows)
+
+
+def test_markdown_cells_keep_their_columns():
+    from jaxrecover import report
+
+    header, rule, row = report.markdown_table([{"||delta||": 3.0, "method": "a|b"}]).splitlines()
+    # an unescaped "|" would split a cell: every line has exactly the 2 columns' 3 separators
+    assert [line.replace("\\|", "").count("|") for line in (header, rule, row)] == [3, 3, 3]
