@@ -309,10 +309,8 @@ def _contrasts(prep: Prepared, outs: list[dict], grid: list[float], none_runs: l
         rc = rcfg.replace(budget=b)
         if cfg.attribution and none_run is not None:
             solver = R.make_solver(problem, rc, O.logit_diff, O.logit_diff_success)
-            ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
-            parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
-            for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
-                run = S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part])
+            for mode, run in S.replay_parts(solver, prep.model, ex, clamps, prep.sae, clamp.features,
+                                            none_run.result.delta).items():
                 _collect(out, mode, run, base_rec)
         if cfg.knockout_heads:
             out["head_knockout"] = {"heads": [f"{layer}.{h}" for layer, h in heads], "n_valid_flips": int(len(kflips)),

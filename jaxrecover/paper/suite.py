@@ -318,6 +318,19 @@ def stack(examples: Sequence[R.Example]) -> R.Example:
     return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *examples)
 
 
+REPLAYED_PARTS = (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual"))
+
+
+def replay_parts(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any], sae: SAE,
+                 features: Any, delta: Any) -> dict[str, Run]:
+    """The clamped-feature and SAE-residual parts of ``delta`` (``replay_components``) each replayed
+    under the clamp: ``{table mode: Run}`` for ioi and unlearning (refusal replays every part through
+    its own batched generation)."""
+    ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(model, examples, clamps)
+    parts = replay_components(sae, features, ctx0.h_def_rows, delta)
+    return {mode: evaluate_deltas(solver, model, examples, clamps, parts[part]) for part, mode in REPLAYED_PARTS}
+
+
 def take(tree: Any, idx: Sequence[int] | np.ndarray) -> Any:
     idx = np.asarray(idx, dtype=np.int32)
     return jax.tree.map(lambda a: a[idx], tree)

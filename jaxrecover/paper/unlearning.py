@@ -306,10 +306,9 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         rc = rcfg.replace(budget=b)
         if cfg.attribution and none_run is not None and constraint is None:
             solver = R.make_solver(problem, rc, objective, success)
-            ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(prep.model, ex, clamps)
-            parts = S.replay_components(prep.sae, clamp.features, ctx0.h_def_rows, none_run.result.delta)
-            for part, mode in (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual")):
-                _collect(out, mode, S.evaluate_deltas(solver, prep.model, ex, clamps, parts[part]), base_rec)
+            for mode, run in S.replay_parts(solver, prep.model, ex, clamps, prep.sae, clamp.features,
+                                            none_run.result.delta).items():
+                _collect(out, mode, run, base_rec)
         if cfg.suffix and constraint is None:
             bang = _ids(prep.tok, "!")[-1]
             sex = _examples(items, cfg.scoring, prep.P, prep.A, [bang] * cfg.suffix_len)
