@@ -99,3 +99,23 @@ def test_refusal_feature_stats_and_a_zero_flip_run_says_why(tiny, tmp_path, monk
     table = (out / "table.md").read_text()
     assert "No recovery: no strict-valid flips among 3 prompts" in table and "(no rows)" not in table
     assert "activation statistics" in table and summary["no_flips"] in table
+
+
+@pytest.mark.slow  # ~2 min (a prepare and four solves); the driver's plumbing is tests/test_sweeps_config.py
+def test_refusal_relative_budget_sweep_scales_each_methods_own_budget(tiny, tmp_path):
+    from jaxrecover.paper import refusal, sweeps
+
+    model, tok, saes = tiny
+    cfg = refusal.Config(n_prompts=3, n_harmless=3, n_features=4, max_new_tokens=6, answer_tokens=3, max_flips=2,
+                         steps=2, require_flip=False, batch_size=4, cross_layer_gap=1, out=str(tmp_path / "r"))
+    prep = refusal.prepare(cfg, model, tok, saes)
+    swept = sweeps.run_sweep(sweeps.Config(setting="refusal", kind="budget", budgets=(0.1, 0.4), relative=True,
+                                           constraints=("none_cross", "encoder")), refusal, prep)
+    assert not swept["joint_budgets"]
+    budget = {(p["x"], p["constraint"]): p["summary"]["budget"] for p in swept["points"]}
+    for c in ("none_cross", "encoder"):  # budget_rel x the defended norm at the method's own site
+        assert budget[0.4, c] == pytest.approx(4 * budget[0.1, c], rel=1e-6)
+    assert budget[0.1, "none_cross"] != pytest.approx(budget[0.1, "encoder"], rel=1e-3)  # layer 0 vs layer 1 norms
+    by = {(r["sweep_x"], r["method"]): r for r in swept["records"]}
+    for (x, c), r in by.items():
+        assert r["delta_norm"] <= budget[x, c] * (1 + 1e-4)

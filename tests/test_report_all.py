@@ -38,3 +38,40 @@ def test_markdown_cells_keep_their_columns():
     header, rule, row = report.markdown_table([{"||delta||": 3.0, "method": "a|b"}]).splitlines()
     # an unescaped "|" would split a cell: every line has exactly the 2 columns' 3 separators
     assert [line.replace("\\|", "").count("|") for line in (header, rule, row)] == [3, 3, 3]
+
+
+def _sweep(setting, kind, points, relative=False):
+    from jaxrecover.paper import sweeps
+
+    pts = [{"x": x, "constraint": c, "summary": {"recovered": {"k": k, "n": n, "rate": k / n, "cell": f"{k}/{n}"}}}
+           for x, c, k, n in points]
+    return {"config": {"setting": setting, "kind": kind, "relative": relative}, "points": pts,
+            "smallest_budget": sweeps.smallest_budgets(pts, tuple(dict.fromkeys(p["constraint"] for p in pts)))
+            if kind == "budget" else []}
+
+
+def test_sweep_claims_judge_the_k_range_and_name_the_smallest_budget():
+    good = _sweep("refusal", "k", [(5, "encoder", 24, 24), (10, "encoder", 24, 24), (20, "encoder", 23, 24),
+                                   (40, "encoder", 3, 24), (5, "none", 0, 24)])
+    (row,) = A.sweep_claims({"sweeps/refusal_k": good})
+    assert row["verdict"] == "reproduces" and "K=40" not in row["ours"]  # only K = 5-20 is the paper's claim
+    bad = _sweep("refusal", "k", [(5, "encoder", 24, 24), (20, "encoder", 2, 24)])
+    assert A.sweep_claims({"sweeps/refusal_k": bad})[0]["verdict"] == "does not"
+    budget = _sweep("refusal", "budget", [(0.05, "jacobian", 0, 12), (0.1, "jacobian", 5, 12), (0.2, "jacobian", 12, 12),
+                                          (0.05, "none", 0, 12), (0.2, "none", 0, 12)], relative=True)
+    rows = A.sweep_claims({"sweeps/refusal_budget": budget})
+    assert [r["verdict"] for r in rows] == ["size", "size"]
+    assert rows[0]["ours"].startswith("budget_rel 0.1 (5/12") and "budget_rel 0.2 (12/12" in rows[0]["ours"]
+    assert rows[1]["ours"] == "not within the grid / not within the grid"
+
+
+def test_report_includes_a_sweep_folder(tmp_path):
+    import json
+
+    shutil.copytree(RESULTS / "tpp", tmp_path / "tpp", ignore=shutil.ignore_patterns("checkpoints"))
+    folder = tmp_path / "sweeps" / "refusal_budget"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(_sweep("refusal", "budget", [(0.1, "encoder", 3, 4)], relative=True)))
+    (folder / "table.md").write_text("# Sweep\n\n## Results\n\n| a |\n|---|\n| 1 |\n")
+    text = Path(A.main(A.Config(out=str(tmp_path), report_only=True))["report"]).read_text()
+    assert "## sweeps/refusal_budget" in text and "budget_rel 0.1 (3/4" in text

@@ -25,6 +25,9 @@ SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
 # --out <out>/ioi_topk`), refusal on an AdvBench-format CSV, the paper's refusal feature route and its closest variant that flips (commands
 # in experiments/README.md)
 EXTRA = ("ioi_topk", "refusal_advbench_heldout", "refusal_steering_paper", "refusal_steering_variant")
+# sweeps reported when present (`run sweeps --setting S --kind k|budget --out <out>/sweeps/S_kind`, commands
+# in experiments/README.md)
+SWEEPS = ("sweeps/refusal_k", "sweeps/refusal_budget", "sweeps/unlearning_k", "sweeps/unlearning_budget")
 # relative drift at or below this is 0 up to float32 rounding (the encoder-null property is exact in
 # float64: tests/test_shipped.py measures 2e-13)
 DRIFT_ZERO = 1e-5
@@ -202,6 +205,33 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
+def sweep_claims(sweeps: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """The sweeps' rows of the claims table: the paper's K-sweep claim (refusal, encoder recovery stays
+    high for K = 5-20) and, per budget sweep, the smallest budget at which each method recovers."""
+    from jaxrecover.paper import sweeps as SW
+
+    rows = []
+    k = sweeps.get("sweeps/refusal_k")
+    if k:
+        pts = [p for p in k["points"] if p["constraint"] == "encoder" and 5 <= p["x"] <= 20]
+        verdicts = [rate_verdict(p["summary"].get("recovered"), _paper_rate(SW.PAPER_K_REFUSAL[p["x"]]))
+                    for p in pts if p["x"] in SW.PAPER_K_REFUSAL]
+        ours = "; ".join(f"K={p['x']}: {_cell(p['summary'].get('recovered'))}" for p in pts)
+        verdict = ("cannot tell (not run)" if not verdicts else "does not" if "does not" in verdicts else
+                   "reproduces" if all(v == "reproduces" for v in verdicts) else "cannot tell")
+        rows.append({"setting": "refusal (K sweep)", "claim": "encoder-projected recovery stays high for K = 5-20",
+                     "paper": "93.3-100% (" + ", ".join(f"K={x}: {v}" for x, v in SW.PAPER_K_REFUSAL.items() if x <= 20) + ")",
+                     "ours": ours or "--", "verdict": verdict})
+    for name, res in sweeps.items():
+        relative = res["config"].get("relative", False)
+        for r in res.get("smallest_budget") or []:
+            rows.append({"setting": f"{res['config']['setting']} (budget sweep)",
+                         "claim": f"{r['constraint']}: smallest budget that recovers any flip / >= 90% of them",
+                         "paper": "--", "ours": f"{SW._smallest_cell(r['any'], relative)} / {SW._smallest_cell(r['full'], relative)}",
+                         "verdict": "size"})
+    return rows
+
+
 def controls(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     """The random-direction control of every method that has one."""
     rows = []
@@ -224,15 +254,16 @@ def write_report(root: Path) -> Path:
                if (root / n / "summary.json").is_file()}
     if not results:
         raise SystemExit(f"{root}: no setting folder with a summary.json; run `jaxrecover run all` first.")
+    sweeps = {n: json.loads((root / n / "summary.json").read_text()) for n in SWEEPS if (root / n / "summary.json").is_file()}
     ctl = controls(results)
     sections = [
         ("What this is", "Every setting of the paper run on the embedded default (SmolLM2-135M-Instruct with the "
                          "project's SAEs), each next to the paper's numbers (Gemma-2-2B / Gemma Scope). Rates: Wilson "
                          "95%; means: bootstrap 95%. " + RULES + "\n"),
-        ("Claims", report.markdown_table(claims(results))),
+        ("Claims", report.markdown_table(claims(results) + sweep_claims(sweeps))),
         ("Random-direction control", report.markdown_table(ctl) if ctl else "(not run)\n"),
     ]
-    for name, res in results.items():
+    for name, res in {**results, **sweeps}.items():
         cfg = res.get("config", {})
         changed = {k: v for k, v in cfg.items() if k not in ("out", "model_dir", "sae")}
         body = (root / name / "table.md").read_text() if (root / name / "table.md").is_file() else ""

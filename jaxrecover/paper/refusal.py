@@ -570,7 +570,8 @@ def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) 
 
 
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None) -> dict[str, Any]:
+             constraint: str | None = None, progress: bool = True, store: Path | None = None,
+             budget_rel: float | None = None) -> dict[str, Any]:
     """Features for K = ``n_features``, the clamp, strict-valid flips, and recovery with each method
     (only ``constraint`` when given, as the sweeps do), each regenerated and judged; attribution of the
     first delta-site method. ``res["modes"][method]`` summarises it (``recovered`` = non-refusal)."""
@@ -580,6 +581,8 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     over = {"n_features": n_features or prep.cfg.n_features}
     if budget is not None:
         over["budget"] = budget
+    if budget_rel is not None:  # relative to the defended residual at each method's own delta site
+        over.update(budget=0.0, budget_rel=budget_rel)
     if constraint is not None:
         over.update(methods=(constraint,), attribution=False)
     cfg = dataclasses.replace(prep.cfg, **over)

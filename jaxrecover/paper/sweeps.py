@@ -61,20 +61,31 @@ class Config(C.RunConfig):
     constraints: tuple[str, ...] = F_(default=("none", "encoder"), metadata={"help": "constraints compared"})
     max_flips: int = F_(default=4, metadata={"help": "valid flips recovered per grid point (small slice)"})
     steps: int = F_(default=0, metadata={"help": "optimisation steps (0 = the experiment's default)"})
-    n_prompts: int = F_(default=24, metadata={"help": "IOI prompts"})
-    max_questions: int = F_(default=4, metadata={"help": "unlearning: questions through the strict filter"})
+    n_prompts: int = F_(default=0, metadata={"help": "ioi / refusal: prompts scanned for flips (0 = the setting's default)"})
+    max_questions: int = F_(default=0, metadata={"help": "unlearning: questions through the strict filter (0 = the setting's default)"})
     joint_budgets: bool = F_(default=True, metadata={
         "help": "budget sweep: solve every budget x example in one sharded batch (off: point by point)"})
+    relative: bool = F_(default=False, metadata={
+        "help": "refusal budget sweep: the grid is budget_rel, a multiple of the defended residual norm at each "
+                "method's own delta site (layer 6 for jacobian / none_cross, 9 for encoder / none), so the "
+                "methods are compared at equal relative size; other settings take absolute budgets"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         C.check_choice("setting", self.setting, ("ioi", "unlearning", "tpp", "refusal"))
         C.check_choice("kind", self.kind, ("k", "budget"))
-        C.check_choice("constraints", self.constraints, ("none", "encoder", "jacobian"))
+        C.check_choice("constraints", self.constraints, ("none", "encoder", "jacobian", "none_cross"))
+        if self.setting != "refusal" and set(self.constraints) - {"none", "encoder"}:
+            raise ValueError(f"--constraints {','.join(self.constraints)}: {self.setting} is single-layer; "
+                             "jacobian and none_cross are refusal's cross-layer methods (use none, encoder).")
+        if self.relative and self.setting != "refusal":
+            raise ValueError(f"--relative true: only refusal's budget is relative (budget_rel); {self.setting} "
+                             "takes absolute budgets (its table reports ||delta|| / ||h_def|| next to them).")
         for k in self.ks:
             C.check_range("ks", k, 1)
         for b in self.budgets:
-            C.check_range("budgets", b, 0.0)
+            # budget_rel 0 would leave refusal no budget at all (its Config refuses it mid-sweep otherwise)
+            C.check_range("budgets", b, 0.0, strict_lo=self.relative)
 
 
 def _load(setting: str) -> Any:
@@ -86,9 +97,9 @@ def _load(setting: str) -> Any:
 def _sub_config(cfg: Config, mod: Any) -> Any:
     """The experiment's Config with the sweep's slice settings (only fields it has)."""
     names = {f.name for f in dataclasses.fields(mod.Config)}
-    over = {"model_dir": cfg.model_dir, "sae": cfg.sae, "layers": cfg.layers, "dtype": cfg.dtype, "max_flips": cfg.max_flips, "n_prompts": cfg.n_prompts,
-            "max_questions": cfg.max_questions, "suffix": False, "attribution": False,
-            "out": str(Path(cfg.out or "/tmp") / "sub")}
+    over = {"model_dir": cfg.model_dir, "sae": cfg.sae, "layers": cfg.layers, "dtype": cfg.dtype, "max_flips": cfg.max_flips,
+            "suffix": False, "attribution": False, "out": str(Path(cfg.out or "/tmp") / "sub")}
+    over.update({k: v for k, v in (("n_prompts", cfg.n_prompts), ("max_questions", cfg.max_questions)) if v})
     if cfg.steps:
         over["steps"] = cfg.steps
     return mod.Config(**{k: v for k, v in over.items() if k in names})
@@ -100,7 +111,8 @@ def run_sweep(cfg: Config, mod: Any, prepared: Any = None, store: Path | None = 
     prep = prepared if prepared is not None else mod.prepare(_sub_config(cfg, mod))
     grid = list(cfg.ks) if cfg.kind == "k" else list(cfg.budgets)
     results: dict[tuple[Any, str], tuple[dict[str, Any], float]] = {}  # (x, constraint) -> (result, seconds)
-    joint = cfg.kind == "budget" and cfg.joint_budgets and "budgets" in inspect.signature(mod.evaluate).parameters
+    joint = (cfg.kind == "budget" and cfg.joint_budgets and not cfg.relative
+             and "budgets" in inspect.signature(mod.evaluate).parameters)
     for c in cfg.constraints if joint else ():  # one solve per constraint over budgets x examples
         t0 = time.time()
         per_point = mod.evaluate(prep, constraint=c, store=store, budgets=tuple(float(x) for x in grid))
@@ -109,7 +121,8 @@ def run_sweep(cfg: Config, mod: Any, prepared: Any = None, store: Path | None = 
             results[x, c] = res, share
     for x in grid if not joint else ():
         for c in cfg.constraints:
-            kw = {"n_features": int(x)} if cfg.kind == "k" else {"budget": float(x)}
+            kw = ({"n_features": int(x)} if cfg.kind == "k" else
+                  {"budget_rel" if cfg.relative else "budget": float(x)})
             t0 = time.time()
             results[x, c] = mod.evaluate(prep, constraint=c, store=store, **kw), time.time() - t0
     points, records = [], []
@@ -128,13 +141,37 @@ def run_sweep(cfg: Config, mod: Any, prepared: Any = None, store: Path | None = 
     return {"grid": grid, "points": points, "records": records, "joint_budgets": joint}
 
 
+def smallest_budgets(points: list[dict[str, Any]], constraints: tuple[str, ...], *, full: float = 0.9) -> list[dict[str, Any]]:
+    """Per constraint, the smallest grid budget at which it recovers any flip and at which it recovers at
+    least ``full`` of them, each with the mean ||delta|| / ||h_def|| measured there (the relative size
+    the attack actually used); None where no grid point gets there."""
+    rows = []
+    for c in constraints:
+        pts = sorted((p for p in points if p["constraint"] == c), key=lambda p: p["x"])
+
+        def first(ok: Any) -> dict[str, Any] | None:
+            p = next((p for p in pts if (r := (p["summary"].get("recovered") or {})).get("n") and ok(r["rate"])), None)
+            return None if p is None else {"budget": p["x"], "delta_rel": (p["summary"].get("delta_rel") or {}).get("mean"),
+                                           "recovered": p["summary"]["recovered"]}
+        rows.append({"constraint": c, "any": first(lambda r: r > 0), "full": first(lambda r: r >= full)})
+    return rows
+
+
+def _smallest_cell(x: dict[str, Any] | None, relative: bool) -> str:
+    if x is None:
+        return "not within the grid"
+    r, rel = x["recovered"], x["delta_rel"]
+    size = f"budget_rel {x['budget']:g}" if relative else f"budget {x['budget']:g}"
+    return f"{size} ({r['k']}/{r['n']}; mean ||delta||/||h_def|| {rel:.3f})" if rel is not None else f"{size} ({r['k']}/{r['n']})"
+
+
 def main(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     mod = _load(cfg.setting)  # Config already refused unknown settings and kinds
     out = S.default_out(cfg.out, f"sweeps/{cfg.setting}_{cfg.kind}")
     res = run_sweep(cfg, mod, store=out / "checkpoints")
     xs = res["grid"]
-    label = "K (clamped features)" if cfg.kind == "k" else "budget ||delta||_F"
+    label = "K (clamped features)" if cfg.kind == "k" else ("budget_rel" if cfg.relative else "budget ||delta||_F")
     rows, csv_rows = [], []
     series_r, err_r, series_d, err_d = {}, {}, {}, {}
     for c in cfg.constraints:
@@ -167,10 +204,16 @@ def main(cfg: Config) -> dict[str, Any]:
                      title=f"{cfg.setting}: recovery vs {cfg.kind}", errors=err_r, logx=cfg.kind == "budget")
     report.line_plot(out / "drift.png", xs, series_d, xlabel=label, ylabel="act drift L2 (bootstrap 95%)",
                      title=f"{cfg.setting}: drift vs {cfg.kind}", errors=err_d, logx=cfg.kind == "budget")
-    summary = {"config": dataclasses.asdict(cfg), "points": res["points"], "wall_seconds": time.time() - t0}
-    notes = (f"Small slice: at most {cfg.max_flips} valid flips per grid point; steps "
-             f"{cfg.steps or 'experiment default'}; SAE `{cfg.sae or 'shipped layer 9'}`. Rates: Wilson 95%; drift: "
+    smallest = smallest_budgets(res["points"], cfg.constraints) if cfg.kind == "budget" else []
+    summary = {"config": dataclasses.asdict(cfg), "points": res["points"], "smallest_budget": smallest,
+               "wall_seconds": time.time() - t0}
+    notes = (f"At most {cfg.max_flips} valid flips per grid point; steps "
+             f"{cfg.steps or 'experiment default'}; SAE `{cfg.sae or cfg.sae_release + ' (shipped)'}`. Rates: Wilson 95%; drift: "
              "bootstrap 95%. The valid-flip set is recomputed per K.\n")
+    if smallest:
+        notes += "\nSmallest budget at which each method recovers (grid points; relative size measured there):\n\n" + \
+            report.markdown_table([{"method": r["constraint"], "recovers any flip": _smallest_cell(r["any"], cfg.relative),
+                                    "recovers >= 90%": _smallest_cell(r["full"], cfg.relative)} for r in smallest])
     table = S.write_outputs(out, name="sweep", records=res["records"], summary=summary, table_rows=rows,
                             csv_rows=csv_rows, notes=notes, title=f"Sweep: {cfg.setting}, recovery vs {cfg.kind}")
     print(table)

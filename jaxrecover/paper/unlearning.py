@@ -244,6 +244,22 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None =
                     time.time() - t0)
 
 
+def interleave_questions(idx: np.ndarray, question: Sequence[int]) -> np.ndarray:
+    """``idx`` reordered round-robin over questions (each question's first flip, then each one's second,
+    ...), keeping the order within a question: a ``--max-flips`` prefix then draws on every question
+    that flips instead of the first few.
+
+    >>> interleave_questions(np.array([10, 11, 12, 20, 30, 31]), [1, 1, 1, 2, 3, 3]).tolist()
+    [10, 20, 30, 11, 31, 12]
+    """
+    seen: dict[int, int] = {}
+    rank = []
+    for q in question:
+        rank.append(seen.get(q, 0))
+        seen[q] = rank[-1] + 1
+    return np.asarray(idx)[np.argsort(np.asarray(rank, dtype=np.int64), kind="stable")]
+
+
 def make_clamp(prep: Prepared, k: int) -> Clamp:
     feats = F.forget_retain(jnp.asarray(prep.z_forget), jnp.asarray(prep.z_retain), k,
                             retain_threshold=prep.cfg.retain_threshold)
@@ -281,6 +297,7 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
     clamped_ok = _success(prep.model, ex_all, clamps, cfg.scoring)
     flips = np.nonzero(~clamped_ok)[0]
     pool = flips if cfg.require_flip else np.arange(len(prep.items))
+    pool = interleave_questions(pool, [prep.items[i].q for i in pool])
     used = pool[: cfg.max_flips] if cfg.max_flips else pool
     out.update(n_valid_flips=int(len(flips)), n_recovered_on=int(len(used)),
                flips_per_question={prep.questions[q].id: int(sum(prep.items[i].q == q for i in flips)) for q in prep.kept})
@@ -331,7 +348,9 @@ def _collect(out: dict, mode: str, run: S.Run, base_rec: list[dict]) -> None:
 def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     modes = res["modes"]
     show = [m for m in ("encoder", "none", "soft_suffix", "replay_clamped_feature", "replay_sae_residual") if m in modes]
-    rows = [{"metric": "valid flips", **({show[0]: f"{res['n_valid_flips']} ({len(res['kept_questions'])} questions); "
+    contributing = sum(n > 0 for n in res.get("flips_per_question", {}).values())
+    rows = [{"metric": "valid flips", **({show[0]: f"{res['n_valid_flips']} from {contributing} of "
+                                                   f"{len(res['kept_questions'])} strict questions; "
                                                    f"recovered on {res['n_recovered_on']}"} if show else {}),
              "paper encoder": PAPER["valid_flips"], "paper none": "", "paper soft suffix": ""}]
     for label, key, kind in (("recovery", "recovered", "rate"), ("mean post-hoc drift (abs L2, readout slot)", "drift_abs", "mean"),
