@@ -379,7 +379,7 @@ def load_mcq_json(path: str | Path) -> tuple[MCQ, ...]:
 
 @functools.cache
 def load_qa_bio() -> tuple[MCQ, ...]:
-    """The project's ~60 easy biology/virology/genetics questions (forget-set stand-in for WMDP-Bio)."""
+    """The project's 120 easy biology/virology/genetics/anatomy questions (forget-set stand-in for WMDP-Bio)."""
     return load_mcq_json(DATA_DIR / "qa_bio.jsonl")
 
 

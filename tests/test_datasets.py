@@ -55,7 +55,7 @@ def test_harmful_and_harmless_do_not_overlap():
 @pytest.mark.parametrize("loader", [datasets.load_qa_bio, datasets.load_qa_retain])
 def test_mcq_sets_load(loader):
     qs = loader()
-    assert 50 <= len(qs) <= 80
+    assert 50 <= len(qs) <= 130
     assert len({q.id for q in qs}) == len(qs)
     for q in qs:
         assert len(q.choices) == 4 and len(set(q.choices)) == 4, q.id

@@ -108,7 +108,12 @@ def test_unlearning_small(patched, tmp_path):
     cfg = unl.Config(out=str(tmp_path), n_features=8, max_questions=2, min_correct=0, max_flips=3, steps=3,
                      attribution=False, require_flip=False)
     unl.main(cfg)
-    _check(tmp_path, "unlearning")
+    summary, _ = _check(tmp_path, "unlearning")
+    # the clamp's side effect: the retain orders the base model got right (2 questions x 24 orders at most),
+    # re-asked under the clamp
+    kept = summary["retain_kept"]
+    assert 0 < kept["n"] <= 48 and 0 <= kept["k"] <= kept["n"]
+    assert "retain answers still right under the clamp" in (tmp_path / "table.md").read_text()
 
 
 @pytest.mark.slow

@@ -18,8 +18,12 @@ Adapted to the project's data and model (paper-notes 2.2):
   ``--min-questions`` questions pass, recorded as ``relaxed``). Valid flip = a kept question's
   permutation answered correctly by the base model and wrongly with the clamp on.
 - Features: ``features.forget_retain`` on SAE latents over all non-first tokens of the forget vs retain
-  prompts (``--n-features`` 50, ``--retain-threshold`` 0.01). Clamp: where z > 0 set z = -m
-  (``negative_on_positive``, m = ``--multiplier`` 10, the script default) at every position.
+  prompts (``--n-features``, paper 50; ``--retain-threshold`` 0.01). Clamp: where z > 0 set z = -m
+  (``negative_on_positive``, m = ``--multiplier``; the paper's run does not say, the script default is
+  10) at every position. ``--help`` gives the defaults on this model and why.
+- Side effect: the retain questions go through the same strict filter (right under all 24 orders);
+  their right orders are re-asked with the clamp on, and the table reports how many stay right
+  (SAEBench picks its unlearning clamp by side-effect MCQ accuracy >= 0.99).
 - Recovery: Adam lr 0.08, 150 steps, ||delta|| <= 20, one row at the last prompt slot; drift measured
   at that (readout) slot. Soft suffix (``--suffix``): 8 "!" embeddings inserted after "Answer:" with
   learned offsets at ``blocks.0.hook_resid_pre`` (budget on the offset), readout at the last suffix
@@ -59,6 +63,8 @@ F_ = dataclasses.field
 # paper §5.2 / Fig. 3 + unlearning aggregate (paper-notes 2.2): 6 questions, 91 valid flips
 PAPER = {
     "valid_flips": "91 (6 questions)",
+    # SAEBench's 'aggressive' pick: lowest WMDP accuracy with every side-effect MCQ accuracy >= 0.99
+    "retain_kept": ">= 99% (selection rule)",
     "encoder": {"recovered": "90/91", "drift_abs": 0.0, "drift_gt_1e-3": "0/91"},
     "none": {"recovered": "91/91", "drift_abs": 0.333, "drift_gt_1e-3": "15/91"},
     "soft_suffix": {"recovered": "72/91", "drift_abs": 0.0, "drift_gt_1e-3": "0/91"},
@@ -68,14 +74,14 @@ PAPER = {
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(C.RunConfig):
     scoring: str = F_(default="first_token", metadata={"help": "first_token | answer (see module doc)"})
-    n_features: int = F_(default=500, metadata={"help": "forget-vs-retain features clamped (paper: 50). On SmolLM2 with the JumpReLU SAE 200 flips nothing, 400 gives 24 flips (1 question), 450 30, 500 37, 550 41; K must stay below d_model = 576, or the encoder-null space is empty; with --sae-release topk use 400"})
+    n_features: int = F_(default=200, metadata={"help": "forget-vs-retain features clamped (paper: 50). On SmolLM2 with the JumpReLU SAE and --multiplier 200: K=50 flips 3 strict questions, 100 4, 200 12 (73 flips) with every retain answer kept; K must stay below d_model = 576, or the encoder-null space is empty"})
     retain_threshold: float = F_(default=0.01, metadata={"help": "max retain firing frequency of a selected feature"})
-    multiplier: float = F_(default=50.0, metadata={"help": "clamp: active selected features -> -multiplier (script default 10 flips nothing here)"})
-    max_questions: int = F_(default=24, metadata={"help": "questions put through the 24-permutation filter"})
+    multiplier: float = F_(default=200.0, metadata={"help": "clamp: active selected features -> -multiplier (paper's run: not stated; script default 10, which flips nothing here; 50 flips nothing at K <= 200). 1000 flipped more questions with the earlier 60-question forget set but broke 43%% of the retain answers (K=50), which fails SAEBench's side-effect rule"})
+    max_questions: int = F_(default=48, metadata={"help": "questions (right in the original order) put through the 24-permutation filter"})
     min_correct: int = F_(default=24, metadata={"help": "permutations (of 24) the base model must get right"})
     relax_to: int = F_(default=20, metadata={"help": "relaxed threshold if too few questions pass"})
     min_questions: int = F_(default=2, metadata={"help": "relax when fewer questions than this pass"})
-    max_flips: int = F_(default=48, metadata={"help": "recover at most this many valid flips (CPU budget; 0 = all; the table reports both counts)"})
+    max_flips: int = F_(default=96, metadata={"help": "recover at most this many valid flips, taken round-robin over questions (CPU budget; 0 = all; the table reports both counts)"})
     steps: int = F_(default=150, metadata={"help": "Adam steps (paper: 150)"})
     lr: float = F_(default=0.08, metadata={"help": "Adam learning rate (paper: 0.08)"})
     suffix: bool = F_(default=False, metadata={"help": "run the soft-suffix baseline (full 30-layer passes: slow on CPU)"})
@@ -114,6 +120,14 @@ class Prepared(S.Prepared):
     z_forget: Any
     z_retain: Any
     seconds: float
+    # side effect (SAEBench picks its unlearning clamp by retain MCQ accuracy): retain-question orders the
+    # base model answers right, re-asked under the clamp
+    retain_items: list[Item] = dataclasses.field(default_factory=list)
+
+
+def _distinct_firsts(tok: Any, q: Any) -> bool:
+    """first_token scoring needs the 4 answers to start with 4 different tokens."""
+    return len({_ids(tok, " " + c)[0] for c in q.choices}) == 4
 
 
 def _ids(tok: Any, text: str) -> list[int]:
@@ -201,34 +215,41 @@ def _latents(model: Any, tok: Any, site: Site, sae: Any, texts: list[str]) -> An
     return np.asarray(z)[keep]
 
 
+def _strict_filter(model: Any, all_items: dict[int, list[Item]], cfg: Config, P: int, A: int) -> tuple[list[int], dict[int, int], list[Item]]:
+    """The base half of the strict protocol over ``{question: its 24 orders}``: questions right in the
+    original order (the first ``--max-questions``), then all 24 orders of those.
+
+    Returns the candidates, their per-question counts of right orders, and every right order."""
+    first = [v[0] for v in all_items.values()]
+    ok0 = _success(model, _examples(first, cfg.scoring, P, A), None, cfg.scoring) if first else np.zeros(0, bool)
+    cands = [qi for qi, ok in zip(all_items, ok0, strict=True) if ok][: cfg.max_questions]
+    items = [it for qi in cands for it in all_items[qi]]
+    okb = _success(model, _examples(items, cfg.scoring, P, A), None, cfg.scoring) if items else np.zeros(0, bool)
+    counts = {qi: int(okb[j * 24:(j + 1) * 24].sum()) for j, qi in enumerate(cands)}
+    return cands, counts, [it for it, o in zip(items, okb, strict=True) if o]
+
+
 def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None = None) -> Prepared:
-    """Tokenise, select candidate questions, run the base half of the strict filter, gather latents."""
+    """Tokenise, run the base half of the strict filter on the forget and the retain questions, gather latents."""
     t0 = time.time()
     if cfg.scoring not in ("first_token", "answer"):
         raise SystemExit(f"--scoring must be first_token or answer, got {cfg.scoring!r}")
     if model is None:
         model, tok = C.load_model(cfg.model_dir, cfg.dtype)
     site, sae_, path = sae if sae is not None else S.resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])
-    qs = D.load_qa_bio()
-    usable = []
-    for qi, q in enumerate(qs):
-        firsts = {_ids(tok, " " + c)[0] for c in q.choices}
-        if cfg.scoring == "answer" or len(firsts) == 4:
-            usable.append(qi)
-    all_items = {qi: [_item(tok, qi, p) for p in D.mcq_permutations(qs[qi])] for qi in usable}
-    P = max(len(it.prompt) for v in all_items.values() for it in v)
-    P = -(-P // 8) * 8
-    A = max(len(a) for v in all_items.values() for it in v for a in it.answers)
-    # stage A: original order, all usable questions
-    first = [all_items[qi][0] for qi in usable]
-    ok0 = _success(model, _examples(first, cfg.scoring, P, A), None, cfg.scoring)
-    cands = [qi for qi, ok in zip(usable, ok0, strict=True) if ok][: cfg.max_questions]
-    S.say(f"unlearning: {int(ok0.sum())}/{len(usable)} usable questions right in the original order; "
-          f"strict filter on {len(cands)}")
-    # stage B: all 24 orders of the candidates (base model)
-    items = [it for qi in cands for it in all_items[qi]]
-    okb = _success(model, _examples(items, cfg.scoring, P, A), None, cfg.scoring) if items else np.zeros(0, bool)
-    counts = {qi: int(okb[j * 24:(j + 1) * 24].sum()) for j, qi in enumerate(cands)}
+    qs, retain_qs = D.load_qa_bio(), D.load_qa_retain()
+
+    def orders(questions: tuple) -> dict[int, list[Item]]:  # every usable question's 24 orders
+        return {qi: [_item(tok, qi, p) for p in D.mcq_permutations(q)] for qi, q in enumerate(questions)
+                if cfg.scoring == "answer" or _distinct_firsts(tok, q)}
+
+    all_items, all_retain = orders(qs), orders(retain_qs)
+    every = [it for d in (all_items, all_retain) for v in d.values() for it in v]
+    P = -(-max(len(it.prompt) for it in every) // 8) * 8
+    A = max(len(a) for it in every for a in it.answers)
+    cands, counts, right = _strict_filter(model, all_items, cfg, P, A)
+    S.say(f"unlearning: {len(cands)} of {len(all_items)} usable questions right in the original order go through "
+          "the strict filter")
     kept = [qi for qi in cands if counts[qi] >= cfg.min_correct]
     relaxed = False
     if len(kept) < cfg.min_questions:
@@ -236,12 +257,17 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: tuple | None =
         kept = [qi for qi in cands if counts[qi] >= cfg.relax_to]
         S.say(f"unlearning: only {sum(c >= cfg.min_correct for c in counts.values())} questions pass "
               f"{cfg.min_correct}/24; relaxed to >= {cfg.relax_to}/24 -> {len(kept)}")
-    base_ok = {(it.q, it.perm.perm_id): bool(o) for it, o in zip(items, okb, strict=True)}
-    kept_items = [it for it in items if it.q in kept and base_ok[(it.q, it.perm.perm_id)]]
+    kept_items = [it for it in right if it.q in kept]
+    # the same strict protocol on the retain questions: the clamp's side effect is measured on retain answers
+    # the base model knows (right under every order), not on its lucky guesses
+    r_cands, r_counts, r_right = _strict_filter(model, all_retain, cfg, P, A)
+    retain_items = [it for it in r_right if r_counts[it.q] >= cfg.min_correct]
+    S.say(f"unlearning: {sum(c >= cfg.min_correct for c in r_counts.values())} retain questions pass "
+          f"{cfg.min_correct}/24 (side-effect set)")
     z_f = _latents(model, tok, site, sae_, [D.format_mcq(q.question, q.choices) for q in qs])
-    z_r = _latents(model, tok, site, sae_, [D.format_mcq(q.question, q.choices) for q in D.load_qa_retain()])
+    z_r = _latents(model, tok, site, sae_, [D.format_mcq(q.question, q.choices) for q in retain_qs])
     return Prepared(cfg, model, tok, site, sae_, path, qs, kept_items, kept, counts, relaxed, P, A, None, z_f, z_r,
-                    time.time() - t0)
+                    time.time() - t0, retain_items)
 
 
 def interleave_questions(idx: np.ndarray, question: Sequence[int]) -> np.ndarray:
@@ -295,6 +321,9 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         return outs if budgets is not None else outs[0]
     ex_all = _examples(prep.items, cfg.scoring, prep.P, prep.A)
     clamped_ok = _success(prep.model, ex_all, clamps, cfg.scoring)
+    if prep.retain_items:
+        kept_r = _success(prep.model, _examples(prep.retain_items, cfg.scoring, prep.P, prep.A), clamps, cfg.scoring)
+        out["retain_kept"] = C.rates([{"ok": bool(o)} for o in kept_r], "ok")
     flips = np.nonzero(~clamped_ok)[0]
     pool = flips if cfg.require_flip else np.arange(len(prep.items))
     pool = interleave_questions(pool, [prep.items[i].q for i in pool])
@@ -353,6 +382,9 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                                                    f"{len(res['kept_questions'])} strict questions; "
                                                    f"recovered on {res['n_recovered_on']}"} if show else {}),
              "paper encoder": PAPER["valid_flips"], "paper none": "", "paper soft suffix": ""}]
+    if res.get("retain_kept") and show:  # the clamp's side effect, before any recovery
+        rows.append({"metric": "retain answers still right under the clamp (side effect)", show[0]: res["retain_kept"]["cell"],
+                     "paper encoder": PAPER["retain_kept"], "paper none": "", "paper soft suffix": ""})
     for label, key, kind in (("recovery", "recovered", "rate"), ("mean post-hoc drift (abs L2, readout slot)", "drift_abs", "mean"),
                              ("flips with drift > 1e-3", "drift_gt_1e-3", "count"), ("decode drift", "decode_drift", "mean"),
                              ("reactivated fraction", "react_frac", "mean"),
@@ -377,7 +409,9 @@ def notes(prep: Prepared, res: dict[str, Any]) -> str:
         f"{len(prep.correct_counts)} base-correct questions answered right under >= {res['min_correct']}/24 orders"
         f"{' (RELAXED from 24)' if prep.relaxed else ''}; per-question counts {res['correct_counts']}. Recovery on the first "
         f"{res.get('n_recovered_on', 0)} of {res.get('n_valid_flips', 0)} valid flips; Adam lr {cfg.lr}, {cfg.steps} steps, "
-        f"budget {res['budget']}, one delta row at the last prompt slot; drift at that slot. Paper: gemma-2-2b-it, "
+        f"budget {res['budget']}, one delta row at the last prompt slot; drift at that slot. Side effect: the retain "
+        f"questions (history / geography) the base model answers right under all 24 orders "
+        f"({len(prep.retain_items)} orders), re-asked with the clamp on. Paper: gemma-2-2b-it, "
         "Gemma Scope layer 3, letter readout (choice_margin), 6 questions / 91 flips. Rates: Wilson 95%; means: "
         "bootstrap 95%.\n"
     )
