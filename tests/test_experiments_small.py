@@ -116,6 +116,21 @@ def test_unlearning_small(patched, tmp_path):
     assert "retain answers still right under the clamp" in (tmp_path / "table.md").read_text()
 
 
+def test_unlearning_clamp_grid_counts_flips_and_side_effect(patched, tmp_path):
+    unl = _load("unlearning")
+    prep = unl.prepare(unl.Config(out=str(tmp_path), max_questions=2, min_correct=0, steps=1))
+    assert prep.cfg.multiplier == 200.0
+    rows = unl.clamp_grid(prep, [4, 8], [0.0, 200.0])
+    assert [(r["k"], r["multiplier"]) for r in rows] == [(4, 0.0), (8, 0.0), (4, 200.0), (8, 200.0)]
+    for r in rows:
+        assert sum(r["flips_per_question"].values()) == r["valid_flips"] <= len(prep.items)
+        assert r["questions"] == len(r["flips_per_question"])
+        assert r["retain_kept"]["n"] == len(prep.retain_items)
+    # the grid's flips are the ones evaluate would recover on: the same clamp (prep's multiplier), the same forward
+    ok, _ = unl.clamp_effect(prep, unl.make_clamp(prep, 8))
+    assert rows[3]["valid_flips"] == int((~ok).sum()) != rows[1]["valid_flips"]
+
+
 @pytest.mark.slow
 def test_unlearning_answer_scoring(patched, tmp_path):
     unl = _load("unlearning")

@@ -292,6 +292,36 @@ def make_clamp(prep: Prepared, k: int) -> Clamp:
     return Clamp(prep.sae, feats, jnp.full((k,), -prep.cfg.multiplier, jnp.float32), mode="negative_on_positive")
 
 
+def clamp_effect(prep: Prepared, clamp: Clamp) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """What ``clamp`` does before any recovery: which base-right forget orders stay right (the rest are
+    the valid flips) and the Wilson rate of retain orders that stay right (None without retain items)."""
+    scoring, hooks = prep.cfg.scoring, {prep.site: clamp}
+    forget_ok = _success(prep.model, _examples(prep.items, scoring, prep.P, prep.A), hooks, scoring)
+    if not prep.retain_items:
+        return forget_ok, None
+    retain_ok = _success(prep.model, _examples(prep.retain_items, scoring, prep.P, prep.A), hooks, scoring)
+    return forget_ok, C.rates([{"ok": bool(o)} for o in retain_ok], "ok")
+
+
+def clamp_grid(prep: Prepared, ks: Sequence[int], multipliers: Sequence[float]) -> list[dict[str, Any]]:
+    """Valid flips, the questions they come from, and the retain answers kept, for every (K, multiplier):
+    how the defaults were chosen (experiments/unlearning_clamp_grid.py writes the table)."""
+    rows = []
+    for m in multipliers:
+        at_m = dataclasses.replace(prep, cfg=dataclasses.replace(prep.cfg, multiplier=float(m)))
+        for k in ks:
+            forget_ok, retain = clamp_effect(at_m, make_clamp(at_m, int(k)))
+            per_q: dict[str, int] = {}
+            for i in np.nonzero(~forget_ok)[0]:
+                qid = prep.questions[prep.items[int(i)].q].id
+                per_q[qid] = per_q.get(qid, 0) + 1
+            rows.append({"k": int(k), "multiplier": float(m), "valid_flips": int((~forget_ok).sum()),
+                         "questions": len(per_q), "flips_per_question": per_q, "retain_kept": retain})
+            S.say(f"unlearning grid: K={k} x{m:g}: {rows[-1]['valid_flips']} flips from {len(per_q)} questions, retain kept "
+                  f"{retain['cell'] if retain else '--'}")
+    return rows
+
+
 def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
              constraint: str | None = None, progress: bool = True, store: Path | None = None,
              budgets: Sequence[float] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
@@ -320,10 +350,9 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         outs = [{**out, "budget": b, "modes": {}, "records": []} for b in grid]
         return outs if budgets is not None else outs[0]
     ex_all = _examples(prep.items, cfg.scoring, prep.P, prep.A)
-    clamped_ok = _success(prep.model, ex_all, clamps, cfg.scoring)
-    if prep.retain_items:
-        kept_r = _success(prep.model, _examples(prep.retain_items, cfg.scoring, prep.P, prep.A), clamps, cfg.scoring)
-        out["retain_kept"] = C.rates([{"ok": bool(o)} for o in kept_r], "ok")
+    clamped_ok, retain_kept = clamp_effect(prep, clamp)
+    if retain_kept is not None:
+        out["retain_kept"] = retain_kept
     flips = np.nonzero(~clamped_ok)[0]
     pool = flips if cfg.require_flip else np.arange(len(prep.items))
     pool = interleave_questions(pool, [prep.items[i].q for i in pool])
