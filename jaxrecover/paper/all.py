@@ -190,6 +190,10 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         add("unlearning", "encoder-null drift below unconstrained drift (abs L2, readout slot)",
             f"{unlearning.PAPER['encoder']['drift_abs']} < {unlearning.PAPER['none']['drift_abs']}",
             f"{_cell(enc)} vs {_cell(none)}", order_verdict(enc, none))
+        rk = u.get("retain_kept")
+        if rk:
+            add("unlearning", "the clamp is selective: retain answers (right under all 24 orders) stay right",
+                unlearning.PAPER["retain_kept"], rk["cell"], "reproduces" if rk["rate"] >= 0.99 else "does not")
         add("unlearning", "valid flips / distinct questions", unlearning.PAPER["valid_flips"],
             f"{u.get('n_valid_flips')} ({sum(1 for v in (u.get('flips_per_question') or {}).values() if v)} questions); "
             f"recovered on {u.get('n_recovered_on')}", "size")
