@@ -208,7 +208,7 @@ def main(cfg: Config) -> dict[str, Any]:
     summary = {"config": dataclasses.asdict(cfg), "points": res["points"], "smallest_budget": smallest,
                "wall_seconds": time.time() - t0}
     notes = (f"At most {cfg.max_flips} valid flips per grid point; steps "
-             f"{cfg.steps or 'experiment default'}; SAE `{cfg.sae or cfg.sae_release + ' (shipped)'}`. Rates: Wilson 95%; drift: "
+             f"{cfg.steps or 'experiment default'}; SAE `{', '.join(cfg.sae) or cfg.sae_release + ' (shipped)'}`. Rates: Wilson 95%; drift: "
              "bootstrap 95%. The valid-flip set is recomputed per K.\n")
     if smallest:
         notes += "\nSmallest budget at which each method recovers (grid points; relative size measured there):\n\n" + \
