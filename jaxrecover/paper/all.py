@@ -24,7 +24,10 @@ SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
 # reported when present: IOI with the TopK SAE (`run ioi --sae-release topk --n-features 128 --n-prompts 64
 # --out <out>/ioi_topk`), refusal on an AdvBench-format CSV, the paper's refusal feature route and its closest variant that flips (commands
 # in experiments/README.md)
-EXTRA = ("ioi_topk", "refusal_advbench_heldout", "refusal_steering_paper", "refusal_steering_variant")
+# unlearning_k500_m50: the unlearning default before 2026-12-02 (60-question forget set, K=500, x50: 3 questions,
+# but an unconstrained delta there moves the clamped features more often)
+EXTRA = ("ioi_topk", "refusal_advbench_heldout", "refusal_steering_paper", "refusal_steering_variant",
+         "unlearning_k500_m50")
 # sweeps reported when present (`run sweeps --setting S --kind k|budget --out <out>/sweeps/S_kind`, commands
 # in experiments/README.md)
 SWEEPS = ("sweeps/refusal_k", "sweeps/refusal_budget", "sweeps/unlearning_k", "sweeps/unlearning_budget")
@@ -116,6 +119,7 @@ def route_statistic(res: dict[str, Any]) -> str:
 def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     """One row per claim of the paper that these settings test, with our number and a verdict."""
     from jaxrecover.paper import ioi, refusal, tpp, unlearning
+    from jaxrecover.paper import suite as S
 
     rows: list[dict[str, str]] = []
 
@@ -126,6 +130,14 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         enc, none = (res["modes"].get(m, {}).get("drift_abs") for m in ("encoder", "none"))
         add(setting, claim, f"{ioi.PAPER['encoder']['drift_abs']} < {ioi.PAPER['none']['drift_abs']}",
             f"{_cell(enc)} vs {_cell(none)}", order_verdict(enc, none))
+
+    def unlearning_drift(setting: str, res: dict[str, Any]) -> None:  # encoder below none, with the drifted counts
+        enc, none = (res["modes"].get(m, {}) for m in ("encoder", "none"))
+        add(setting, "encoder-null drift below unconstrained drift (abs L2, readout slot; flips with drift > 1e-3)",
+            f"{unlearning.PAPER['encoder']['drift_abs']} < {unlearning.PAPER['none']['drift_abs']} "
+            f"({unlearning.PAPER['encoder']['drift_gt_1e-3']} vs {unlearning.PAPER['none']['drift_gt_1e-3']})",
+            f"{_cell(enc.get('drift_abs'))} vs {_cell(none.get('drift_abs'))} ({S.count_cell(enc, 'drift_gt_1e-3')} vs "
+            f"{S.count_cell(none, 'drift_gt_1e-3')})", order_verdict(enc.get("drift_abs"), none.get("drift_abs")))
 
     r = results.get("refusal")
     if r:
@@ -186,10 +198,7 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             s = u["modes"].get(mode, {})
             add("unlearning", f"{mode}: recovery of the unlearned answer", unlearning.PAPER[mode]["recovered"],
                 _cell(s.get("recovered")), rate_verdict(s.get("recovered"), _paper_rate(unlearning.PAPER[mode]["recovered"])))
-        enc, none = (u["modes"].get(m, {}).get("drift_abs") for m in ("encoder", "none"))
-        add("unlearning", "encoder-null drift below unconstrained drift (abs L2, readout slot)",
-            f"{unlearning.PAPER['encoder']['drift_abs']} < {unlearning.PAPER['none']['drift_abs']}",
-            f"{_cell(enc)} vs {_cell(none)}", order_verdict(enc, none))
+        unlearning_drift("unlearning", u)
         rk = u.get("retain_kept")
         if rk:
             add("unlearning", "the clamp is selective: retain answers (right under all 24 orders) stay right",
@@ -197,6 +206,9 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         add("unlearning", "valid flips / distinct questions", unlearning.PAPER["valid_flips"],
             f"{u.get('n_valid_flips')} ({sum(1 for v in (u.get('flips_per_question') or {}).values() if v)} questions); "
             f"recovered on {u.get('n_recovered_on')}", "size")
+    u0 = results.get("unlearning_k500_m50")
+    if u0:
+        unlearning_drift("unlearning (K=500, x50, 60 questions)", u0)
     t = results.get("tpp")
     if t:
         for mode in ("encoder", "none"):
