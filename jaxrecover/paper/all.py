@@ -30,7 +30,8 @@ EXTRA = ("ioi_topk", "refusal_advbench_heldout", "refusal_steering_paper", "refu
          "unlearning_k500_m50")
 # sweeps reported when present (`run sweeps --setting S --kind k|budget --out <out>/sweeps/S_kind`, commands
 # in experiments/README.md)
-SWEEPS = ("sweeps/refusal_k", "sweeps/refusal_budget", "sweeps/unlearning_k", "sweeps/unlearning_budget")
+SWEEPS = ("sweeps/refusal_k", "sweeps/refusal_k_steps90", "sweeps/refusal_budget", "sweeps/unlearning_k",
+          "sweeps/unlearning_budget")
 # relative drift at or below this is 0 up to float32 rounding (the encoder-null property is exact in
 # float64: tests/test_shipped.py measures 2e-13)
 DRIFT_ZERO = 1e-5
@@ -238,12 +239,16 @@ def sweep_claims(sweeps: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         rows.append({"setting": "refusal (K sweep)", "claim": "encoder-projected recovery stays high for K = 5-20",
                      "paper": "93.3-100% (" + ", ".join(f"K={x}: {v}" for x, v in SW.PAPER_K_REFUSAL.items() if x <= 20) + ")",
                      "ours": ours or "--", "verdict": verdict})
+    # paper's smallest budgets (App. H WMDP, 6 flips; the authors' AdvBench Jacobian sweep, code only, absolute
+    # norms on Gemma-2-2B)
+    paper = {("unlearning", "encoder"): "5 (4/6) / 10 (6/6)", ("unlearning", "none"): "5 (4/6) / 10 (6/6)",
+             ("refusal", "jacobian"): "abs. 5 (4/24) / 20 (22/24), code only"}
     for name, res in sweeps.items():
         relative = res["config"].get("relative", False)
         for r in res.get("smallest_budget") or []:
             rows.append({"setting": f"{res['config']['setting']} (budget sweep)",
                          "claim": f"{r['constraint']}: smallest budget that recovers any flip / >= 90% of them",
-                         "paper": "--", "ours": f"{SW._smallest_cell(r['any'], relative)} / {SW._smallest_cell(r['full'], relative)}",
+                         "paper": paper.get((res["config"]["setting"], r["constraint"]), "--"), "ours": f"{SW._smallest_cell(r['any'], relative)} / {SW._smallest_cell(r['full'], relative)}",
                          "verdict": "size"})
     return rows
 
