@@ -33,6 +33,8 @@ several processes (one command per process; same command, its own --process-id):
 Rerunning the same command into the same --out resumes where a killed run stopped.
 Results: <out>/results.jsonl (per example), summary.json, table.md, *.csv and *.png.
 Errors print one line; add --debug for the traceback.
+Compiled XLA programs are cached in ~/.cache/jaxrecover/xla (env JAXRECOVER_COMPILATION_CACHE=DIR
+moves it, =off disables it; --no-compile-cache disables it for one run).
 """
 
 
@@ -203,12 +205,16 @@ def start_distributed(options: dict[str, str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    debug, no_cache = "--debug" in argv, "--no-compile-cache" in argv
+    argv = [a for a in argv if a not in ("--debug", "--no-compile-cache")]
     launch, argv = split_launch_options(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip() + "\n\ncommands: run NAME [options] | list | info | inspect\n\n" + _EPILOG)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not no_cache:  # before the first compile: a second run loads its XLA programs from disk
+        from jaxrecover import compile_cache  # noqa: PLC0415
+
+        compile_cache.enable()
     _LAUNCH_OPTIONS.clear()
     _LAUNCH_OPTIONS.update(launch)
     try:

@@ -8,6 +8,14 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
+from jaxrecover import compile_cache  # noqa: E402
+
+# Persistent compilation cache, one folder per machine for every test process: pytest-xdist workers
+# (JAX locks the folder around each read/write) and the CLI subprocesses tests start (they inherit
+# the variable). Tests pass with it cold; JAXRECOVER_COMPILATION_CACHE=off runs without it.
+os.environ.setdefault(compile_cache.ENV, str(compile_cache.default_dir("xla-tests")))
+compile_cache.enable()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
