@@ -768,3 +768,303 @@ def evaluate(
         "n_tokens": rows,
         "n_excluded": n_all - rows,
     }
+
+
+# ----------------------------------------------------------------------------- one call: model + text -> SAE folder
+
+SHIPPED_CORPUS = "shipped"  # the prompt sets shipped inside the package (jaxrecover.corpus builtin sources)
+RUN_SITES = ("resid_pre", "resid_post")
+_MSG_RUN_SITE = "site {site!r}: train-sae trains on resid_pre or resid_post."
+_MSG_RUN_LAYER = "layer {layer}: the model has {n_layers} blocks (layers 0..{last})."
+_MSG_FEW_TOKENS = (
+    "the corpus gives {n_train} training tokens after holding out {n_eval} for evaluation; need at least one "
+    "batch ({batch}); use a larger --corpus or smaller --batch-size / --eval-tokens."
+)
+_MSG_NO_EVAL = "the corpus has too few documents to hold out {want} evaluation tokens (got {got}); lower --eval-tokens."
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SAERun:
+    """One ``jaxrecover train-sae`` run: where, what architecture, how much data.
+
+    ``tokens`` is the number of training rows the optimiser sees (``steps * batch_size``); the corpus
+    gives at most ``tokens`` unique rows (chunks of ``seq_len``, slot 0 dropped) and is cycled in seeded
+    epochs when it has fewer. ``eval_tokens`` come from documents at the other end of the (seeded)
+    shuffle, never trained on. ``None`` fields take defaults that depend on the model width
+    (``aux_k = d_model // 2`` for TopK as Gao et al.) or on the budget (``dead_tokens``).
+    """
+
+    layer: int
+    site: str = "resid_post"
+    activation: str = "topk"
+    width: int = 4096
+    k: int = 32
+    tokens: int = 400_000
+    seq_len: int = 128
+    eval_tokens: int = 4096
+    batch_size: int = 1024
+    lr: float | None = None
+    aux_k: int | None = None
+    dead_tokens: int | None = None
+    l0_coeff: float = 3e-4  # jumprelu: the shipped SmolLM2 JumpReLU release's values
+    bandwidth: float = 0.025
+    threshold_init_l0: float = 0.0  # 0: 4 * k (capped below width)
+    threshold_lr_mult: float = 3.0
+    outlier_factor: float = 10.0
+    harvest_batch: int = 8
+    save_dtype: str = "bfloat16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.site not in RUN_SITES:
+            raise ValueError(_MSG_RUN_SITE.format(site=self.site))
+        if self.activation not in ("topk", "jumprelu"):
+            raise ValueError(_MSG_BAD_ACTIVATION.format(act=self.activation))
+        checks = [("layer", self.layer >= 0, ">= 0"), ("width", self.width > 0, "> 0"),
+                  ("k", 0 < self.k <= self.width, f"in 1..width ({self.width})"),
+                  ("seq_len", self.seq_len >= 8, ">= 8"), ("batch_size", self.batch_size > 0, "> 0"),
+                  ("tokens", self.tokens >= self.batch_size, f">= batch_size ({self.batch_size})"),
+                  ("eval_tokens", self.eval_tokens >= self.seq_len, f">= seq_len ({self.seq_len})"),
+                  ("outlier_factor", self.outlier_factor > 1.0, "> 1"),
+                  ("save_dtype", self.save_dtype in ("float32", "bfloat16"), "float32 or bfloat16")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be {want}.")
+
+    @property
+    def hook_name(self) -> str:
+        return str(Site(self.layer, self.site))
+
+    def train_config(self, d_in: int) -> TrainConfig:
+        steps = max(1, self.tokens // self.batch_size)
+        jump = self.activation == "jumprelu"
+        init_l0 = self.threshold_init_l0 or min(4.0 * self.k, self.width / 2)
+        return TrainConfig(
+            d_in=d_in, d_sae=self.width, steps=steps, activation=self.activation, k=min(self.k, self.width),
+            batch_size=self.batch_size, lr=self.lr, aux_k=d_in // 2 if self.aux_k is None else self.aux_k,
+            dead_tokens=self.dead_tokens or max(self.batch_size, min(250_000, self.tokens // 8)),
+            l0_coeff=self.l0_coeff, bandwidth=self.bandwidth, threshold_init_l0=init_l0 if jump else 0.0,
+            threshold_lr_mult=self.threshold_lr_mult if jump else 1.0, seed=self.seed + self.layer,
+            checkpoint_every=max(25, steps // 10), warmup_steps=min(100, steps // 10), hook_name=self.hook_name)
+
+
+def corpus_texts(corpus: str, seed: int = 0) -> tuple[list[str], str]:
+    """``(documents, description)`` for ``corpus``: ``"shipped"`` (the package's prompt sets), a
+    ``.jsonl`` file (one ``{"text": ...}`` per line, as ``jaxrecover.corpus.write_corpus`` writes) or a
+    plain text file (documents separated by blank lines). Seeded shuffle of the documents."""
+    import random
+
+    if corpus == SHIPPED_CORPUS:
+        from jaxrecover import corpus as corpus_mod
+
+        docs = [d.text for d in corpus_mod.iter_documents(("chat_prompts", "project_text"))]
+        what = "the text shipped with jaxrecover (chat_prompts + project_text of jaxrecover.corpus)"
+    else:
+        path = Path(corpus)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix == ".jsonl":
+            import json
+
+            docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        else:
+            from jaxrecover.corpus import chunk_text
+
+            paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+            docs = [c for p in paragraphs for c in chunk_text(p)]
+        what = f"{path.name} ({path.stat().st_size:,} bytes)"
+    docs = [d for d in docs if d.strip()]
+    random.Random(seed).shuffle(docs)
+    return docs, what
+
+
+def corpus_chunks(
+    tok: Any, docs: Sequence[str], seq_len: int, max_train_tokens: int, eval_tokens: int
+) -> tuple[Int[np.ndarray, "n seq"], Int[np.ndarray, "m seq"]]:
+    """Train and held-out chunks from disjoint documents: held-out from the tail of ``docs``, training
+    from the head. Documents are separated by the tokenizer's EOS; a model trained with a BOS (Gemma)
+    gets one at slot 0 of every chunk (dropped from the rows anyway, like the attention sink)."""
+    ids = [e.ids for e in tok.tokenizer.encode_batch(list(docs), add_special_tokens=False)]
+    bos = tok.bos_id if tok.add_bos and tok.bos_id is not None else None
+    body = seq_len - (bos is not None)
+
+    def chunks(doc_ids: list[list[int]], limit: int) -> np.ndarray:
+        out = chunk_token_stream(doc_ids, body, tok.eos_id)[: max(1, -(-limit // (seq_len - 1)))]
+        return out if bos is None else np.concatenate([np.full((out.shape[0], 1), bos, np.int32), out], axis=1)
+
+    n_tail, seen = 0, 0
+    while n_tail < len(ids) and seen < eval_tokens + seq_len:  # +seq_len: the last partial chunk is cut
+        seen, n_tail = seen + len(ids[-1 - n_tail]) + 1, n_tail + 1
+    eval_chunks = chunks(ids[len(ids) - n_tail :][::-1], eval_tokens)
+    if eval_chunks.shape[0] * (seq_len - 1) < eval_tokens // 2 or n_tail >= len(ids):
+        raise ValueError(_MSG_NO_EVAL.format(want=eval_tokens, got=eval_chunks.shape[0] * (seq_len - 1)))
+    return chunks(ids[: len(ids) - n_tail], max_train_tokens), eval_chunks
+
+
+def _card(spec: SAERun, tcfg: TrainConfig, result: dict[str, Any]) -> str:
+    """``CARD.md`` of one trained SAE: what, on what, how good (held-out), how long."""
+    m, d = result["metrics"], result["data"]
+    arch = "TopK" if spec.activation == "topk" else "JumpReLU"
+    rows = [
+        f"# {result['model_name']} {spec.hook_name} {arch} SAE (jaxrecover train-sae)",
+        "",
+        f"SAELens 6.x folder (`cfg.json` + `sae_weights.safetensors`, {spec.save_dtype}); raw residual inputs "
+        "(training-time scale folded into the biases), `apply_b_dec_to_input=False`, unit-norm decoder rows. "
+        "Load with `jaxrecover.load_sae(folder)` or SAELens `SAE.load_from_disk(folder)`.",
+        "",
+        f"- Model: {result['model_name']} ({result['model_source']}), d_model {tcfg.d_in}",
+        f"- Site: `{spec.hook_name}`; architecture {arch}, width {spec.width}"
+        + (f", k {tcfg.k}, AuxK {tcfg.aux_k}" if spec.activation == "topk" else
+           f", L0 coefficient {tcfg.l0_coeff:g}, bandwidth {tcfg.bandwidth:g}, AuxK {tcfg.aux_k}"),
+        f"- Data: {d['corpus']}; {d['train_unique_tokens']:,} unique training tokens in {d['train_chunks']} chunks of "
+        f"{spec.seq_len} (slot 0 and {d['rows_above_ceiling']:,} rows with norm >= {spec.outlier_factor:g}x the median "
+        f"left out), seen {d['epochs']:.2f} times; held-out {m['n_tokens']:,} tokens from other documents",
+        f"- Training: {tcfg.steps} Adam steps of {tcfg.batch_size} rows ({tcfg.steps * tcfg.batch_size:,} tokens "
+        f"seen), lr {tcfg.learning_rate:.2e}, seed {tcfg.seed}",
+        f"- Wall time: {result['seconds']['total']:.0f} s in all ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items() if k != "total") + f"); {result['cpu']}",
+        "",
+        "## Quality (held-out, measured on the saved file)",
+        "",
+        "| EV | L0 | dead | CE clean | CE spliced | CE zero-abl. | CE mean-abl. | CE loss recovered (zero) | (mean) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {m['ev']:.3f} | {m['l0']:.1f} | {m['dead_frac']:.3f} | {m['ce_clean']:.3f} | {m['ce_spliced']:.3f} | "
+        f"{m['ce_zero']:.3f} | {m['ce_mean']:.3f} | {m['flr_zero']:.3f} | {m['flr_mean']:.3f} |",
+        "",
+        "EV = 1 - sum||x - x_hat||^2 / sum||x - mean x||^2; L0 = mean active latents per token; dead = latents that "
+        "never fire on the held-out tokens; CE = next-token cross-entropy (nats) with the residual at the site "
+        "replaced by the reconstruction / zeros / the training mean at every measured position; CE loss recovered "
+        "= (CE_ablated - CE_spliced) / (CE_ablated - CE_clean).",
+        "",
+        "## Command",
+        "",
+        "```bash",
+        result.get("command") or "(Python call)",
+        "```",
+        "",
+    ]
+    return "\n".join(rows)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPUs"
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+
+
+def train_sae_on_model(
+    model: Transformer,
+    tok: Any,
+    docs: Sequence[str],
+    spec: SAERun,
+    out_dir: PathLike,
+    *,
+    model_name: str = "",
+    model_source: str = "",
+    corpus_name: str = "",
+    work_dir: PathLike | None = None,
+    keep_work: bool = False,
+    command: str = "",
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Tokenise ``docs``, harvest ``spec``'s site once, train, save ``out_dir/<hook_name>/`` (SAELens
+    6.x), measure the SAVED file on held-out chunks and write ``CARD.md`` + ``metrics.json`` next to it.
+
+    Every stage resumes from ``work_dir`` (default ``out_dir/.work-<hook_name>``; removed at the end
+    unless ``keep_work``): rerunning the same call after an interruption continues where it stopped.
+    Returns the ``metrics.json`` content (quality figures under ``"metrics"``, stage wall times under
+    ``"seconds"``).
+    """
+    import json
+    import shutil
+    import time
+
+    from jaxrecover.sae import astype
+    from jaxrecover.sae_io import load_sae, save_sae
+
+    n_layers = model.cfg.n_layers
+    site = Site(spec.layer, spec.site)
+    if site_stop(site) > n_layers or spec.layer >= n_layers:
+        raise ValueError(_MSG_RUN_LAYER.format(layer=spec.layer, n_layers=n_layers, last=n_layers - 1))
+    d_in = model.cfg.d_model
+    tcfg = spec.train_config(d_in)
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out_dir / f".work-{spec.hook_name}"
+    work.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    t_all = t0 = time.time()
+
+    train_chunks, eval_chunks = corpus_chunks(tok, docs, spec.seq_len, spec.tokens, spec.eval_tokens)
+    n_train = train_chunks.shape[0] * (spec.seq_len - 1)
+    if n_train < spec.batch_size:
+        raise ValueError(_MSG_FEW_TOKENS.format(n_train=n_train, n_eval=spec.eval_tokens, batch=spec.batch_size))
+    seconds["tokenize"] = time.time() - t0
+    say(f"data: {train_chunks.shape[0]} training chunks ({n_train:,} tokens), {eval_chunks.shape[0]} held-out chunks")
+
+    t0 = time.time()
+    acts_path = work / f"{spec.hook_name}.f16"
+    rows = harvest(model, train_chunks, [site], [acts_path], batch_chunks=spec.harvest_batch, progress=progress)[0]
+    rows = np.asarray(rows)
+    seconds["harvest"] = time.time() - t0
+
+    rng = np.random.default_rng(spec.seed)
+    ceiling = norm_ceiling(rows[rng.choice(rows.shape[0], min(rows.shape[0], 65536), replace=False)],
+                           spec.outlier_factor)
+    keep = np.linalg.norm(rows.astype(np.float32), axis=-1) < ceiling
+    rows, n_dropped = rows[keep], int(np.sum(~keep))
+    if rows.shape[0] < spec.batch_size:
+        raise ValueError(_MSG_FEW_TOKENS.format(n_train=rows.shape[0], n_eval=spec.eval_tokens, batch=spec.batch_size))
+    sample = rows[rng.choice(rows.shape[0], min(rows.shape[0], 16384), replace=False)].astype(np.float32)
+
+    t0 = time.time()
+    last: dict[str, float] = {}
+    state = train(tcfg, ArrayBatches(rows, tcfg.batch_size, seed=tcfg.seed), sample, checkpoint_dir=work / "ckpt",
+                  progress=progress, log_every=max(1, min(25, tcfg.steps // 4)), log=lambda i, m: last.update(m))
+    seconds["train"] = time.time() - t0
+
+    folder = out_dir / spec.hook_name
+    extra = {"model_name": model_name, "model_source": model_source, "context_size": spec.seq_len,
+             "prepend_bos": bool(tok.add_bos), "training_tokens": int(tcfg.steps * tcfg.batch_size),
+             "trained_with": f"jaxrecover train-sae ({spec.activation})", "exclude_first_position": True,
+             "excluded_norm_ceiling": ceiling}
+    dtype = jnp.bfloat16 if spec.save_dtype == "bfloat16" else jnp.float32
+    save_sae(astype(to_sae(state, tcfg), dtype), folder, extra_cfg=extra)
+
+    t0 = time.time()
+    saved = astype(load_sae(folder), jnp.float32)
+    mean = np.asarray(rows[:: max(1, rows.shape[0] // 65536)], np.float32).mean(0)
+    usable = eval_chunks.shape[0] - eval_chunks.shape[0] % min(8, eval_chunks.shape[0])
+    metrics = evaluate(model, saved, site, eval_chunks[:usable], mean, max_norm=ceiling,
+                       batch_chunks=min(8, eval_chunks.shape[0]), progress=progress)
+    metrics["train_dead_frac"] = last.get("dead", float("nan"))
+    metrics["train_ev_last_batch"] = last.get("ev", float("nan"))
+    seconds["evaluate"] = time.time() - t0
+    seconds["total"] = time.time() - t_all
+
+    result: dict[str, Any] = {
+        "hook_name": spec.hook_name, "model_name": model_name, "model_source": model_source,
+        "metrics": metrics, "seconds": seconds, "cpu": _cpu_name(), "command": command,
+        "spec": dataclasses.asdict(spec),
+        "train_config": {k: v for k, v in dataclasses.asdict(tcfg).items()},
+        "data": {"corpus": corpus_name, "documents": len(docs), "train_chunks": int(train_chunks.shape[0]),
+                 "train_unique_tokens": int(rows.shape[0]), "rows_above_ceiling": n_dropped, "norm_ceiling": ceiling,
+                 "eval_chunks": int(usable), "epochs": tcfg.steps * tcfg.batch_size / rows.shape[0]},
+    }
+    # the quality figures also go in cfg.json's metadata (SAELens keeps unknown metadata keys)
+    cfg_file = folder / "cfg.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["metadata"].update({k: metrics[k] for k in ("ev", "l0", "dead_frac", "flr_zero", "flr_mean")})
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "CARD.md").write_text(_card(spec, tcfg, result))
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"saved {folder}: EV {metrics['ev']:.3f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.3f}, "
+        f"CE loss recovered {metrics['flr_zero']:.3f} (zero-abl.), {seconds['total']:.0f} s")
+    return result
