@@ -188,7 +188,10 @@ def start_distributed(options: dict[str, str]) -> None:
     auto = options.get("auto")
     if auto not in (None, "auto", "off"):
         raise SystemExit(f"jaxrecover: --distributed {auto!r}: expected auto or off.")
-    per_device = num("per_device_batch") or int(os.environ.get("JAXRECOVER_PER_DEVICE_BATCH") or 0)
+    env_batch = os.environ.get("JAXRECOVER_PER_DEVICE_BATCH", "").strip()
+    if env_batch and not env_batch.isdigit():
+        raise SystemExit(f"jaxrecover: JAXRECOVER_PER_DEVICE_BATCH={env_batch!r}: expected a whole number >= 1 (or unset).")
+    per_device = num("per_device_batch") or int(env_batch or 0)
     if per_device < 0:
         raise SystemExit(f"jaxrecover: --per-device-batch {per_device}: must be >= 1.")
     if per_device:
@@ -219,7 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     _LAUNCH_OPTIONS.update(launch)
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (KeyboardInterrupt, SystemExit):
+    except SystemExit as e:  # bad input everywhere is SystemExit("one line"): print it, exit 2 (compat)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
         raise
     except Exception as e:  # one line for the user; the traceback with --debug
         if debug:

@@ -127,6 +127,7 @@ def tree_fingerprint(tree: Any) -> str:
 
 def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site, SAE]:
     """``{site: SAE}`` from explicit paths (comma list) or the shipped SAEs at ``default_layers``."""
+    from jaxrecover.compat import sae_site
     from jaxrecover.sae_io import load_sae
 
     chosen = sae_paths(paths, default_layers)
@@ -137,7 +138,7 @@ def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site,
         # float32 like ``suite.resolve_sae``: ``encode`` computes in the SAE's dtype, and a bf16 encoder
         # rounds the input to 8 bits, which reads as ~1e-2 relative drift of latents that did not move
         sae = load_sae(p, dtype="float32")
-        out[Site.parse(sae.hook_name)] = sae
+        out[sae_site(sae.hook_name, str(p))] = sae
     return out
 
 

@@ -46,7 +46,7 @@ import numpy as np
 from jaxrecover.paper import common as C
 from jaxrecover.paper import suite as S
 from jaxrecover import checkpoint as ckpt
-from jaxrecover import datasets, features, judges, report
+from jaxrecover import compat, datasets, features, judges, report
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
 from jaxrecover import runner
@@ -506,6 +506,7 @@ def main(cfg: Config) -> dict[str, Any]:
     out = C.out_dir(cfg.out, "refusal")
     C.check_writable(out)
     saes = C.load_saes(cfg.sae, cfg.layers)
+    compat.check_run(cfg.model_dir, saes, C.sae_paths(cfg.sae, cfg.layers), chat=True, setting="refusal")
     d_sae = min(s.d_sae for s in saes.values())
     if cfg.n_features > d_sae * len(saes):
         raise SystemExit(f"--n-features {cfg.n_features}: the SAEs have {d_sae} features each ({len(saes)} SAE(s)).")

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrecover import compat
 from jaxrecover import projections as proj
 from jaxrecover import recovery as R
 from jaxrecover import runner
@@ -64,7 +65,9 @@ def resolve_sae(path: str, layer: int) -> tuple[Site, SAE, str]:
         raise SystemExit(_MSG_NO_SAE.format(path=p))
     sae = load_sae(p)
     sae = jax.tree.map(lambda a: a.astype(jnp.float32), sae)
-    return Site.parse(sae.hook_name), sae, str(p)
+    from jaxrecover.compat import sae_site
+
+    return sae_site(sae.hook_name, str(p)), sae, str(p)
 
 
 def resid_and_grad(model: Any, tokens: Any, valid: Any, site: Site, metric: Any) -> tuple[Any, Any]:
@@ -452,6 +455,7 @@ def run_setting(setting: Setting, cfg: Any) -> dict[str, Any]:
     out = default_out(cfg.out, setting.name)
     C.check_writable(out)
     sae = resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])  # cheap: fail before the model loads
+    compat.check_run(cfg.model_dir, [sae[1]], [sae[2]], setting=setting.name)  # width, site, tokenizer
     if cfg.n_features > sae[1].d_sae:
         raise SystemExit(f"--n-features {cfg.n_features}: the SAE {sae[2]} has {sae[1].d_sae} features.")
     try:  # every setting driven here runs the encoder-projected method
