@@ -127,10 +127,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if _state["initialized"]:
         return True
     coordinator, num_processes, process_id = options_from_env(coordinator, num_processes, process_id)
-    timeout_s = int(timeout_s if timeout_s is not None else os.environ.get(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S)
+    if timeout_s is None:  # a garbage value is named, not a bare int() message
+        env_timeout = os.environ.get(ENV_TIMEOUT, "").strip()
+        if env_timeout and not (env_timeout.isdigit() and int(env_timeout) > 0):
+            raise ValueError(f"jaxrecover.distributed: {ENV_TIMEOUT}={env_timeout!r}: expected whole seconds >= 1.")
+        timeout_s = int(env_timeout or DEFAULT_TIMEOUT_S)
+    timeout_s = int(timeout_s)
+    env_auto = os.environ.get(ENV_AUTO, "").strip().lower()
+    if env_auto not in ("", "auto", "off"):
+        raise ValueError(f"jaxrecover.distributed: {ENV_AUTO}={env_auto!r}: expected auto or off (or unset).")
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     if auto is None:
-        auto = os.environ.get(ENV_AUTO, "").lower() == "auto" or (not any(v is not None for v in given.values()) and _on_tpu_vm())
+        auto = env_auto == "auto" or (env_auto != "off" and not any(v is not None for v in given.values()) and _on_tpu_vm())
     if not auto and all(v is None for v in given.values()):
         return False  # one process, nothing to start
     if not auto and any(v is None for v in given.values()):
@@ -140,8 +148,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"jaxrecover.distributed: num_processes must be >= 1, got {num_processes}.")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(_MSG_ID.format(i=process_id, n=num_processes))
-    if coordinator is not None and ":" not in coordinator:
-        raise ValueError(f"jaxrecover.distributed: coordinator {coordinator!r} must be HOST:PORT.")
+    port = coordinator.rsplit(":", 1)[-1] if coordinator is not None else "1"
+    if coordinator is not None and (":" not in coordinator or not port.isdigit() or not 0 < int(port) < 65536):
+        raise ValueError(f"jaxrecover.distributed: coordinator {coordinator!r} must be HOST:PORT (port 1..65535).")
     # CPU devices of different processes talk through gloo (the default has no cross-process path);
     # the option touches the CPU client only, so it is harmless on TPU and GPU hosts
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -10,12 +10,15 @@ In a multi-process run (``distributed``) only process 0 writes: every writer her
 touching the disk in the other processes, which hold the same results.
 """
 
+import atexit
 import csv
 import io
 import json
 import math
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +33,20 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+# what ``temp_name`` makes: readers never match it (a leading dot, a .tmp suffix), and the pid in it
+# tells ``remove_stale_temps`` whether its writer can still finish it
+_TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{16}\.tmp$")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """THE atomic writer of the package (results, records, run keys, plots): ``data`` goes to a
+    unique temp sibling (``temp_name``), is flushed to disk, then renamed over ``path``. A kill at any
+    point leaves either the old file or the new one, never a part (the temp file is left behind
+    only by SIGKILL, and ``remove_stale_temps`` removes it at the next run). ``os.replace`` replaces a
+    symlink at ``path`` itself, so a write never goes through a link. Only process 0 writes."""
     if not is_writer():
         return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     # 0o666 through os.open: the kernel applies the umask, as for any ordinary new file
@@ -40,14 +54,120 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data (power loss)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | Path, array: Any) -> None:
+    """``np.save`` through ``atomic_write_bytes`` (a killed ``np.save`` leaves a truncated .npy)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+_atomic_write_bytes = atomic_write_bytes  # the names this module used before (kept for callers)
+_atomic_write = atomic_write_text
+
+
+def remove_stale_temps(folder: str | Path, *, skip: tuple[str, ...] = ("checkpoints",)) -> list[Path]:
+    """Delete ``temp_name`` files under ``folder`` whose writing process is gone (SIGKILL mid-write),
+    skipping the ``skip`` subfolders (orbax cleans its own). Returns what was removed."""
+    from jaxrecover._proc import pid_alive
+
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        for name in files:
+            m = _TEMP_RE.match(name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                p = Path(root) / name
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+LOCK_NAME = ".jaxrecover.lock"
+_HELD: set[Path] = set()
+_MSG_LOCKED = (
+    "--out {folder}: another jaxrecover run (pid {pid} on {host}) is writing there; wait for it, "
+    "or pass another --out (if that process is gone, remove {lock})."
+)
+
+
+def _lock_owner(lock: Path) -> dict[str, Any] | None:
+    try:
+        got = json.loads(lock.read_text(encoding="utf-8"))
+        return got if isinstance(got, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _release_locks() -> None:
+    for lock in list(_HELD):
+        owner = _lock_owner(lock)
+        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            lock.unlink(missing_ok=True)
+        _HELD.discard(lock)
+
+
+def lock_folder(folder: str | Path) -> Path:
+    """Take ``folder/.jaxrecover.lock`` for this process, or raise one line naming the run holding it.
+
+    The lock is created whole (a temp file hard-linked into place: it never exists half-written) and
+    holds ``{"pid", "host"}``; a lock of a dead process on this host is stale and taken over (a kill
+    leaves one); the same process may take it again (runs one after another in one Python session).
+    Released when the process exits."""
+    folder = Path(folder)
+    lock = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        tmp = temp_name(lock)
+        tmp.write_text(json.dumps(me), encoding="utf-8")
+        try:
+            os.link(tmp, lock)  # atomic, and fails when the lock exists
+            taken = True
+        except FileExistsError:
+            taken = False
+        except OSError:  # no hard links on this file system: O_EXCL (a reader may see it empty)
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(me))
+                taken = True
+            except FileExistsError:
+                taken = False
+        finally:
+            tmp.unlink(missing_ok=True)
+        if taken:
+            break
+        owner = _lock_owner(lock)
+        if owner == me:
+            break  # ours already
+        from jaxrecover._proc import pid_alive
+
+        pid = owner.get("pid") if owner else None
+        if owner is None or not isinstance(pid, int):
+            raise SystemExit(_MSG_LOCKED.format(folder=folder, pid="?", host="?", lock=lock))
+        if owner.get("host") == me["host"] and not pid_alive(pid):
+            lock.unlink(missing_ok=True)  # stale: its run was killed; try again
+            continue
+        raise SystemExit(_MSG_LOCKED.format(folder=folder, pid=pid, host=owner.get("host"), lock=lock))
+    else:
+        raise SystemExit(_MSG_LOCKED.format(folder=folder, pid="?", host="?", lock=lock))
+    if not _HELD:
+        atexit.register(_release_locks)
+    _HELD.add(lock)
+    return lock
 
 
 def to_jsonable(x: Any) -> Any:

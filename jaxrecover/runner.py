@@ -197,11 +197,17 @@ def result_records(res: R.RecoveryResult, start: int = 0, n: int | None = None) 
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    if not D.is_writer():  # one process writes; the others hold the same results
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """``report.atomic_write_text``: the package's one atomic writer (process 0 only; unique temp
+    name, removed on error and, after a SIGKILL, by the next run's ``report.remove_stale_temps``)."""
+    from jaxrecover.report import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def _save_npy(path: Path, array: Any) -> None:
+    from jaxrecover.report import atomic_save_npy
+
+    atomic_save_npy(path, array)
 
 
 # ----------------------------------------------------------------------------- resumable driver
@@ -326,8 +332,7 @@ def run_recovery(
                 bar.close()
                 return None
         res = to_host(compiled(solver, "finish", window)(model, batch, clamps, ctx, state))
-        if D.is_writer():
-            np.save(rec_dir / f"batch{b:05d}_delta.npy", np.asarray(res.delta)[:n_real])
+        _save_npy(rec_dir / f"batch{b:05d}_delta.npy", np.asarray(res.delta)[:n_real])  # before the records: they mark it done
         _write_atomic(rec_file, "".join(json.dumps(r) + "\n" for r in result_records(res, start, n_real)))
         mngr.close()
     bar.close()
@@ -337,8 +342,7 @@ def run_recovery(
         records.extend(json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line)
         deltas.append(np.load(f.with_name(f.stem + "_delta.npy")))
     records.sort(key=lambda r: r["index"])
-    if D.is_writer():
-        np.save(out / f"{run_id}_deltas.npy", np.concatenate(deltas) if deltas else np.zeros((0,)))
+    _save_npy(out / f"{run_id}_deltas.npy", np.concatenate(deltas) if deltas else np.zeros((0,)))
     _write_atomic(out / f"{run_id}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     summary = {
         "run_id": run_id,

@@ -1,7 +1,8 @@
 """SAE math only: parameters and pure encode / decode. No I/O (see ``sae_io``), no hooks.
 
 Conventions follow SAELens: ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
-``pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc``, ``x_hat = z @ W_dec + b_dec``.
+``pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc``, ``x_hat = z @ W_dec + b_dec``, computed in
+the SAE's dtype with ``x`` cast to it first (as SAELens: a bf16 SAE rounds its input, then subtracts).
 Activations:
 - ``"relu"``     : ``z = relu(pre)``
 - ``"jumprelu"`` : ``z = relu(pre) * (pre > threshold)`` (Gemma Scope)
@@ -55,11 +56,20 @@ class SAE:
         return self.W_enc.shape[-1]
 
 
-def encode_pre(sae: SAE, x: Float[Array, "*seq d_in"]) -> Float[Array, "*seq d_sae"]:
-    """Pre-activations. Affine in ``x``: the fact the encoder-null projection relies on."""
+def _sae_in(sae: SAE, x: Array) -> Array:
+    """The encoder's input as SAELens forms it (``process_sae_in``): cast ``x`` to the SAE's dtype
+    FIRST, then subtract ``b_dec``. The other order (subtract in float32, then round to bfloat16)
+    differs for a bf16 SAE: max |d pre| 0.76 and 7 support flips against sae-lens 6.54 (issue 22)."""
+    x = x.astype(sae.W_enc.dtype)
     if sae.apply_b_dec_to_input:
         x = x - _rows(sae.b_dec.astype(x.dtype), x)
-    pre = x.astype(sae.W_enc.dtype) @ sae.W_enc
+    return x
+
+
+def encode_pre(sae: SAE, x: Float[Array, "*seq d_in"]) -> Float[Array, "*seq d_sae"]:
+    """Pre-activations. Affine in ``x``: the fact the encoder-null projection relies on."""
+    x = _sae_in(sae, x)
+    pre = x @ sae.W_enc
     return pre + _rows(sae.b_enc, pre)
 
 
@@ -85,9 +95,7 @@ def encode_features(sae: SAE, x: Float[Array, "*seq d_in"], features: Int[Array,
     (cheap inside an optimisation loop); top-k needs every pre-activation to rank them."""
     if sae.activation == "topk":
         return encode(sae, x)[..., features]
-    if sae.apply_b_dec_to_input:
-        x = x - _rows(sae.b_dec.astype(x.dtype), x)
-    pre = x.astype(sae.W_enc.dtype) @ sae.W_enc[:, features]
+    pre = _sae_in(sae, x) @ sae.W_enc[:, features]
     pre = pre + _rows(sae.b_enc[features], pre)
     z = jax.nn.relu(pre)
     if sae.activation == "jumprelu":

@@ -502,10 +502,24 @@ _GS_LAYER = re.compile(r"layer_(\d+)")
 _GS_HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out"}
 
 
+def logical_cwd() -> str:
+    """The current folder as the user reached it: ``$PWD`` when it names the same folder as
+    ``os.getcwd()`` (which the kernel reports with every symlink resolved), as ``pwd -L`` does. Inside
+    a symlinked snapshot folder the resolved path loses the release and ``layer_N`` names."""
+    here, pwd = os.getcwd(), os.environ.get("PWD", "")
+    try:
+        if pwd and os.path.isabs(pwd) and pwd != here and os.path.samefile(pwd, here):
+            return pwd
+    except OSError:  # a stale $PWD (folder removed): the kernel's answer
+        pass
+    return here
+
+
 def _lexical_parts(file: Path) -> tuple[str, ...]:
     """The absolute path's components as written: ``..`` folded, symlinks NOT followed (the Hugging
-    Face cache links ``params.npz`` into ``blobs/``, which would lose the ``layer_N`` folder)."""
-    return Path(os.path.abspath(file)).parts
+    Face cache links ``params.npz`` into ``blobs/``, which would lose the ``layer_N`` folder); a
+    relative path is joined to the logical current folder (``logical_cwd``), not the resolved one."""
+    return Path(os.path.normpath(os.path.join(logical_cwd(), os.fspath(file)))).parts
 
 
 def _gemma_scope_release(file: Path) -> tuple[str, tuple[str, ...]] | None:
@@ -651,6 +665,7 @@ def _load_sparsify(weights: Path, cfg_file: Path | None, cfg: dict[str, Any]):
 def _sparsify_hook(folder: Path) -> str:
     """sparsify names folders by module (``layers.6``, ``embed_tokens``): the residual after block 6
     is ``blocks.6.hook_resid_post`` (what SAELens' sparsify loader assumes too); else keep the name."""
-    match = re.fullmatch(r"(?:.*\.)?layers[._](\d+)", folder.name)
-    return f"blocks.{match.group(1)}.hook_resid_post" if match else folder.name
+    name = _lexical_parts(folder)[-1]  # the folder as written: '.' inside layers.6 is layers.6
+    match = re.fullmatch(r"(?:.*\.)?layers[._](\d+)", name)
+    return f"blocks.{match.group(1)}.hook_resid_post" if match else name
 

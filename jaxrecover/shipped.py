@@ -46,6 +46,9 @@ def shipped_sae(layer: int, point: str = "resid_post", release: str = RELEASE) -
     'smollm2-135m-instruct-res-jumprelu'
     """
     name = f"{release_folder(release)}/blocks.{layer}.hook_{point}"
+    if os.environ.get(ENV) and not Path(os.environ[ENV]).is_dir():  # a typo must not fall back silently
+        raise FileNotFoundError(f"${ENV}={os.environ[ENV]!r} is not a folder; unset it or point it at a folder of "
+                                "<release>/<hook_name>/ SAELens folders.")
     for root in sae_weights_roots():
         if (root / name / "cfg.json").is_file():
             return root / name

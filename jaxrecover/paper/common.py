@@ -142,8 +142,20 @@ def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site,
     return out
 
 
+_MSG_OUT_LINK = (
+    "--out {p}: is a symbolic link (to {target}); jaxrecover never writes through a link (another "
+    "run or user may own what it points to): pass the real folder."
+)
+
+
+def _refuse_link(p: Path) -> None:
+    if p.is_symlink():
+        raise SystemExit(_MSG_OUT_LINK.format(p=p, target=os.readlink(p)))
+
+
 def out_dir(path: str, name: str) -> Path:
     p = Path(path) if path else Path("results") / name  # relative to where the user runs it
+    _refuse_link(p)  # before mkdir: a dangling link would otherwise read as "cannot create"
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -152,9 +164,13 @@ def out_dir(path: str, name: str) -> Path:
 
 
 def check_writable(out: Path) -> None:
-    """Fail before any expensive stage when results could not be written to ``out``."""
+    """Fail before any expensive stage when results could not be written to ``out``, or should not
+    be: ``out`` is a symlink, or another live run holds it (``report.lock_folder``). Then takes the
+    folder for this run and removes temp files that killed runs left there (``report.remove_stale_temps``)."""
     from jaxrecover import distributed  # several processes: one shared folder, process 0 writes
 
+    out = Path(out)
+    _refuse_link(out)
     distributed.check_shared_dir(out)
     if not distributed.is_writer():
         return
@@ -164,6 +180,9 @@ def check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot write results there ({e.strerror}).") from None
+    report.lock_folder(out)
+    for p in report.remove_stale_temps(out):
+        say(f"removed {p} (left by a killed run)")
 
 
 def check_choice(flag: str, value: Any, allowed: Sequence[Any]) -> None:
