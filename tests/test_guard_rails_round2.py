@@ -174,3 +174,15 @@ def test_cli_maps_every_message_exit_to_code_2(tmp_path, capsys):
     blocker.write_text("x")
     code, err = _run(["run", "ioi", "--out", str(blocker / "sub")], capsys)
     assert code == 2 and "cannot create" in _one_line(err)
+
+
+def test_refusal_help_and_readme_say_the_features_do_not_follow_the_prompts(capsys):
+    # before: nothing told a user that --dataset changes the prompts but not the clamped features
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        cli.main(["--no-compile-cache", "run", "refusal", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "same feature ids are clamped on every prompt set" in helptext
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "same feature ids are clamped on every prompt set" in readme

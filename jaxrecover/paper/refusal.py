@@ -72,7 +72,7 @@ class Config(C.RunConfig):
     dataset: str = field(default="builtin", metadata={"help": "builtin | advbench:PATH.csv | harmbench:PATH.csv"})
     n_prompts: int = field(default=64, metadata={"help": "harmful prompts scanned for flips (built-in set has 120)"})
     n_harmless: int = field(default=60, metadata={"help": "harmless prompts for the steering vector"})
-    feature_method: str = field(default="refusal_text", metadata={"help": "refusal_text (contrast refusal vs compliance answers) | steering (paper: harmful-harmless steering vector + attribution)"})
+    feature_method: str = field(default="refusal_text", metadata={"help": "refusal_text (contrast 4 fixed refusal vs 4 fixed compliance answers, teacher-forced after the prompts: the prompts are only context, so in practice the same feature ids are clamped on every prompt set, --dataset included) | steering (paper: harmful-harmless steering vector + attribution)"})
     candidates_per_layer: int = field(default=10, metadata={"help": "steering: top-cosine candidates per layer"})
     n_features: int = field(default=20, metadata={"help": "global feature set size K"})
     clamp_mode: str = field(default="floor", metadata={"help": "floor | scale (paper, x3) | set | ... (interventions.CLAMP_MODES)"})
