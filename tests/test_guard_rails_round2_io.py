@@ -87,12 +87,12 @@ def test_gemma_scope_relative_path_inside_a_symlinked_snapshot(tmp_path, monkeyp
     # before: os.path.abspath joined the kernel's cwd (every link resolved: .../blobs/<hash>/...), which
     # has no release or layer folder: "cannot infer the hook name"
     repo = tmp_path / "hub" / "models--google--gemma-scope-2b-pt-res"
-    store = repo / "blobs" / "d41d8cd98f00"
+    store = tmp_path / "blobs" / "d41d8cd98f00"  # content-addressed: no release name on the physical path
     leaf = store / "layer_5" / "width_16k" / "average_l0_20"
     leaf.mkdir(parents=True)
     np.savez(leaf / "params.npz", **_gs_arrays())
-    (repo / "snapshots").mkdir()
-    (repo / "snapshots" / "abc123").symlink_to(Path("..") / "blobs" / "d41d8cd98f00")  # snapshots/<rev> -> ../blobs/..
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "snapshots" / "abc123").symlink_to(Path("..") / ".." / ".." / "blobs" / "d41d8cd98f00")  # <rev> -> blobs
     logical = repo / "snapshots" / "abc123" / "layer_5" / "width_16k" / "average_l0_20"
     monkeypatch.chdir(logical)
     monkeypatch.setenv("PWD", str(logical))  # what the shell sets after `cd` through the link
