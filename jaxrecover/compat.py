@@ -95,6 +95,7 @@ def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     from jaxrecover.config import from_hf_config
 
     if not str(model_dir):
+        check_cache_env()
         return ModelFacts("embedded SmolLM2-135M-Instruct", EMBEDDED_FACTS["d_model"], EMBEDDED_FACTS["n_layers"],
                           EMBEDDED_FACTS["names"], None)
     folder = Path(model_dir)
@@ -115,6 +116,23 @@ def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     for part in Path(os.path.abspath(folder)).parts:  # as given: a cache snapshot's folders say the name
         names += [part, _hf_cache_name(part) or ""]
     return ModelFacts(str(folder), cfg.d_model, cfg.n_layers, tuple(n for n in names if n), folder)
+
+
+def check_cache_env() -> None:
+    """``$JAXRECOVER_CACHE`` (where the embedded default is converted) names a usable folder, or a
+    path one can be created at: a garbage value is one line here, not an OSError at model load."""
+    from jaxrecover.embedded import CACHE_ENV
+
+    value = os.environ.get(CACHE_ENV)
+    if not value:
+        return
+    p = Path(value).expanduser()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a folder" if probe == p else f"cannot be created ({probe} is not a writable folder)"
+        raise fail(f"jaxrecover: {CACHE_ENV}={value!r} {why}; unset it or point it at a folder.")
 
 
 def _norm_name(name: str) -> str:
@@ -238,5 +256,5 @@ def check_run(model_dir: str | os.PathLike, saes: Mapping[Any, Any] | Sequence[A
     return model
 
 
-__all__ = ["EXIT_CODE", "ModelFacts", "check_feature_ids", "check_run", "check_sae", "check_tokenizer",
+__all__ = ["EXIT_CODE", "ModelFacts", "check_cache_env", "check_feature_ids", "check_run", "check_sae", "check_tokenizer",
            "fail", "is_shipped", "model_facts", "sae_model_name", "sae_site"]

@@ -44,8 +44,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     point leaves either the old file or the new one, never a part (the temp file is left behind
     only by SIGKILL, and ``remove_stale_temps`` removes it at the next run). ``os.replace`` replaces a
     symlink at ``path`` itself, so a write never goes through a link. Only process 0 writes."""
-    if not is_writer():
-        return
+    if is_writer():
+        replace_file(path, data)
+
+
+def replace_file(path: str | Path, data: bytes) -> None:
+    """``atomic_write_bytes`` in every process (for files each process owns, e.g. SAE training work
+    files): temp sibling, fsync, ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)

@@ -52,6 +52,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxrecover._pytree import pytree_dataclass
 from jaxrecover.sae import SAE, decode, encode
+from jaxrecover.report import replace_file
 from jaxrecover.sites import Site
 from jaxrecover.transformer import Transformer, embed, run_blocks, run_from, run_to
 
@@ -450,7 +451,7 @@ def harvest(
         if (j // batch_chunks) % 16 == 0 or j == n:
             for m, p in zip(maps, paths, strict=True):
                 m.flush()
-                p.with_suffix(p.suffix + ".done").write_text(str(j))
+                replace_file(p.with_suffix(p.suffix + ".done"), str(j).encode())  # atomic: read back on resume
         bar.update(j - i)
     bar.close()
     return maps
@@ -1060,9 +1061,9 @@ def train_sae_on_model(
     cfg_file = folder / "cfg.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["metadata"].update({k: metrics[k] for k in ("ev", "l0", "dead_frac", "flr_zero", "flr_mean")})
-    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
-    (folder / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "CARD.md").write_text(_card(spec, tcfg, result))
+    replace_file(cfg_file, (json.dumps(cfg, indent=2) + "\n").encode())  # atomic: a kill never truncates cfg.json
+    replace_file(folder / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
+    replace_file(folder / "CARD.md", _card(spec, tcfg, result).encode())
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     say(f"saved {folder}: EV {metrics['ev']:.3f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.3f}, "

@@ -144,6 +144,11 @@ def test_symlinked_out_is_refused_before_anything_loads(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit, match="symbolic link"):
         C.check_writable(link)
     assert list(real.iterdir()) == []  # nothing written through the link
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").symlink_to(real)  # the resume store somewhere else
+    with pytest.raises(SystemExit, match=r"checkpoints: is a symbolic link"):
+        C.check_writable(out)
 
 
 def test_atomic_writer_replaces_a_symlinked_file_instead_of_writing_through_it(tmp_path):
@@ -299,6 +304,7 @@ _ENV_CASES = [
     ({"JAXRECOVER_INIT_TIMEOUT": "-5"}, "JAXRECOVER_INIT_TIMEOUT='-5'"),
     ({"JAXRECOVER_DISTRIBUTED": "yes"}, "JAXRECOVER_DISTRIBUTED='yes'"),
     ({"JAXRECOVER_SAE_WEIGHTS": "/no/such/folder"}, "JAXRECOVER_SAE_WEIGHTS='/no/such/folder'"),
+    ({"JAXRECOVER_CACHE": "/dev/null/cache"}, "JAXRECOVER_CACHE='/dev/null/cache' cannot be created"),
 ]
 
 
@@ -320,3 +326,18 @@ def test_garbage_environment_is_one_line_exit_2(tmp_path, monkeypatch, capsys, e
     if "JAXRECOVER_SAE_WEIGHTS" in env:  # a Config value: argparse prints its usage block, then the message
         err = err[-1:]
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_sae_training_resume_marker_is_written_atomically(llama_model, tmp_path, monkeypatch):
+    # before: harvest's '<file>.done' marker (int() read back on resume) was written in place: a kill
+    # mid-write left '' and the rerun died on int('')
+    from jaxrecover import train_sae as ts
+    from jaxrecover.sites import Site
+
+    written = []
+    real = ts.replace_file
+    monkeypatch.setattr(ts, "replace_file", lambda p, d: (written.append(Path(p).name), real(p, d)))
+    chunks = np.random.default_rng(0).integers(0, llama_model.cfg.d_vocab, (3, 6)).astype(np.int32)
+    ts.harvest(llama_model, chunks, [Site(0, "resid_post")], [tmp_path / "l0.f16"], batch_chunks=2, progress=False)
+    assert written == ["l0.f16.done"] and (tmp_path / "l0.f16.done").read_text() == "3"
+    assert list(tmp_path.glob(".*")) == []  # no temp left behind

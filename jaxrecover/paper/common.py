@@ -61,7 +61,8 @@ class RunConfig:
     require_flip: bool = dataclasses.field(default=True, metadata={"help": "recover valid flips only (false: every example; smoke tests)"})
     steps: int = dataclasses.field(default=100, metadata={"help": "optimisation steps"})
     lr: float = dataclasses.field(default=0.1, metadata={"help": "Adam learning rate"})
-    budget: float = dataclasses.field(default=20.0, metadata={"help": "L2 budget on ||delta||_F"})
+    budget: float = dataclasses.field(default=20.0, metadata={"help": "L2 budget on ||delta||_F; 0 with --budget-rel > 0: relative"})
+    budget_rel: float = dataclasses.field(default=0.0, metadata={"help": "with --budget 0: the budget is budget_rel x the median defended residual norm at each method's delta rows x sqrt(rows) (comparable across models)"})
     suffix_len: int = dataclasses.field(default=8, metadata={"help": "soft-suffix length (tokens)"})
     attribution: bool = dataclasses.field(default=True, metadata={"help": "decompose the delta and replay each part under the clamp (paper App. J)"})
     random_control: int = dataclasses.field(default=3, metadata={"help": "random-direction control: per recovered delta, this many random deltas of the same norm in the same constraint subspace, replayed under the clamp (0 = off)"})
@@ -72,6 +73,7 @@ class RunConfig:
             check_range(name, getattr(self, name), lo)
         check_range("lr", self.lr, 0.0, strict_lo=True)
         check_range("budget", self.budget, 0.0)
+        check_range("budget_rel", self.budget_rel, 0.0)
         if self.sae and self.layers != RunConfig.layers and len(self.layers) != len(self.sae):
             raise ValueError("--layers applies to the shipped SAEs only; with --sae give the SAE paths alone.")
         from jaxrecover.shipped import RELEASES, shipped_sae
@@ -170,7 +172,8 @@ def check_writable(out: Path) -> None:
     from jaxrecover import distributed  # several processes: one shared folder, process 0 writes
 
     out = Path(out)
-    _refuse_link(out)
+    for p in (out, out / "checkpoints", out / "records"):  # the folders runs write into, resumes read
+        _refuse_link(p)
     distributed.check_shared_dir(out)
     if not distributed.is_writer():
         return
