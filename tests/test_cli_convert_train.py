@@ -179,3 +179,19 @@ def test_help_teaches(capsys):
     assert rc == 0 and "examples:" in out and "--tokens" in out and "CE loss recovered" in out
     rc, out, _ = run_cli(capsys, "convert", "--help")
     assert rc == 0 and "gemma3" in out and "part" in out
+
+
+def test_experiments_train_saes_is_a_thin_caller(tiny_model_dir, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "train_saes.py"
+    spec = importlib.util.spec_from_file_location("train_saes_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.main(["--model", str(tiny_model_dir), "--layers", "0", "1", "--width", "32", "--k", "4",
+                           "--tokens", "1024", "--batch-size", "256", "--aux-k", "0", "--eval-tokens", "256",
+                           "--corpus", "shipped", "--out-dir", str(tmp_path / "rel")])
+    assert [r["hook_name"] for r in results] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    for r in results:
+        assert load_sae(tmp_path / "rel" / r["hook_name"]).d_sae == 32
+        assert "experiments/train_saes.py" in (tmp_path / "rel" / r["hook_name"] / "CARD.md").read_text()
