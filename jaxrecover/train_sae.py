@@ -17,6 +17,10 @@ Contract:
 - Metrics are pure functions: ``explained_variance``, ``l0``, ``dead_fraction``, ``next_token_loss``,
   ``fraction_loss_recovered``; ``splice_losses`` measures next-token loss clean / SAE spliced /
   zero-ablated / mean-ablated for one chunk.
+- One call (``jaxrecover train-sae``, ``experiments/train_saes.py``): ``train_sae_on_model(model, tok, docs,
+  SAERun(layer=...), out_dir)`` tokenises (``corpus_texts``, ``corpus_chunks``: held-out documents disjoint
+  from training), harvests, trains, saves ``out_dir/<hook_name>/`` in SAELens 6.x format, measures the
+  SAVED file and writes ``CARD.md`` + ``metrics.json`` beside it; resumable through its work folder.
 
 Losses (per example, written for one row and batched with ``vmap``):
 - TopK (Gao et al. 2024): ``||x - x_hat||^2 / d_in`` + ``aux_coeff`` * AuxK loss, where AuxK
@@ -908,19 +912,19 @@ def _card(spec: SAERun, tcfg: TrainConfig, result: dict[str, Any]) -> str:
     rows = [
         f"# {result['model_name']} {spec.hook_name} {arch} SAE (jaxrecover train-sae)",
         "",
-        f"SAELens 6.x folder (`cfg.json` + `sae_weights.safetensors`, {spec.save_dtype}); raw residual inputs "
+        (f"SAELens 6.x folder (`cfg.json` + `sae_weights.safetensors`, {spec.save_dtype}); raw residual inputs "
         "(training-time scale folded into the biases), `apply_b_dec_to_input=False`, unit-norm decoder rows. "
-        "Load with `jaxrecover.load_sae(folder)` or SAELens `SAE.load_from_disk(folder)`.",
+        "Load with `jaxrecover.load_sae(folder)` or SAELens `SAE.load_from_disk(folder)`."),
         "",
         f"- Model: {result['model_name']} ({result['model_source']}), d_model {tcfg.d_in}",
         f"- Site: `{spec.hook_name}`; architecture {arch}, width {spec.width}"
         + (f", k {tcfg.k}, AuxK {tcfg.aux_k}" if spec.activation == "topk" else
            f", L0 coefficient {tcfg.l0_coeff:g}, bandwidth {tcfg.bandwidth:g}, AuxK {tcfg.aux_k}"),
-        f"- Data: {d['corpus']}; {d['train_unique_tokens']:,} unique training tokens in {d['train_chunks']} chunks of "
+        (f"- Data: {d['corpus']}; {d['train_unique_tokens']:,} unique training tokens in {d['train_chunks']} chunks of "
         f"{spec.seq_len} (slot 0 and {d['rows_above_ceiling']:,} rows with norm >= {spec.outlier_factor:g}x the median "
-        f"left out), seen {d['epochs']:.2f} times; held-out {m['n_tokens']:,} tokens from other documents",
-        f"- Training: {tcfg.steps} Adam steps of {tcfg.batch_size} rows ({tcfg.steps * tcfg.batch_size:,} tokens "
-        f"seen), lr {tcfg.learning_rate:.2e}, seed {tcfg.seed}",
+        f"left out), seen {d['epochs']:.2f} times; held-out {m['n_tokens']:,} tokens from other documents"),
+        (f"- Training: {tcfg.steps} Adam steps of {tcfg.batch_size} rows ({tcfg.steps * tcfg.batch_size:,} tokens "
+        f"seen), lr {tcfg.learning_rate:.2e}, seed {tcfg.seed}"),
         f"- Wall time: {result['seconds']['total']:.0f} s in all ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items() if k != "total") + f"); {result['cpu']}",
         "",
@@ -928,13 +932,13 @@ def _card(spec: SAERun, tcfg: TrainConfig, result: dict[str, Any]) -> str:
         "",
         "| EV | L0 | dead | CE clean | CE spliced | CE zero-abl. | CE mean-abl. | CE loss recovered (zero) | (mean) |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| {m['ev']:.3f} | {m['l0']:.1f} | {m['dead_frac']:.3f} | {m['ce_clean']:.3f} | {m['ce_spliced']:.3f} | "
-        f"{m['ce_zero']:.3f} | {m['ce_mean']:.3f} | {m['flr_zero']:.3f} | {m['flr_mean']:.3f} |",
+        (f"| {m['ev']:.3f} | {m['l0']:.1f} | {m['dead_frac']:.3f} | {m['ce_clean']:.3f} | {m['ce_spliced']:.3f} | "
+        f"{m['ce_zero']:.3f} | {m['ce_mean']:.3f} | {m['flr_zero']:.3f} | {m['flr_mean']:.3f} |"),
         "",
-        "EV = 1 - sum||x - x_hat||^2 / sum||x - mean x||^2; L0 = mean active latents per token; dead = latents that "
+        ("EV = 1 - sum||x - x_hat||^2 / sum||x - mean x||^2; L0 = mean active latents per token; dead = latents that "
         "never fire on the held-out tokens; CE = next-token cross-entropy (nats) with the residual at the site "
         "replaced by the reconstruction / zeros / the training mean at every measured position; CE loss recovered "
-        "= (CE_ablated - CE_spliced) / (CE_ablated - CE_clean).",
+        "= (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)."),
         "",
         "## Command",
         "",
