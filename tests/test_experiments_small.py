@@ -46,6 +46,11 @@ def patched(tiny, monkeypatch):
 
     monkeypatch.setattr(common, "load_model", lambda *a, **k: (model, tok))
     monkeypatch.setattr(suite, "resolve_sae", lambda *a, **k: sae)
+    # the compatibility checks read the model's config.json: here the model is the tiny one above
+    from jaxrecover import compat
+
+    monkeypatch.setattr(compat, "model_facts", lambda *a, **k: compat.ModelFacts(
+        "tiny-random", model.cfg.d_model, model.cfg.n_layers, (), None))
     return tiny
 
 
