@@ -1044,9 +1044,12 @@ def train_sae_on_model(
     t0 = time.time()
     saved = astype(load_sae(folder), jnp.float32)
     mean = np.asarray(rows[:: max(1, rows.shape[0] // 65536)], np.float32).mean(0)
-    usable = eval_chunks.shape[0] - eval_chunks.shape[0] % min(8, eval_chunks.shape[0])
+    # four CE variants of float32 logits per chunk: keep a batch's logits near 1 GiB (Gemma's 262k vocab: 2 chunks)
+    per_chunk = spec.seq_len * int(model.W_E.shape[0]) * 16
+    eval_batch = max(1, min(8, eval_chunks.shape[0], 2**30 // per_chunk))
+    usable = eval_chunks.shape[0] - eval_chunks.shape[0] % eval_batch
     metrics = evaluate(model, saved, site, eval_chunks[:usable], mean, max_norm=ceiling,
-                       batch_chunks=min(8, eval_chunks.shape[0]), progress=progress)
+                       batch_chunks=eval_batch, progress=progress)
     metrics["train_dead_frac"] = last.get("dead", float("nan"))
     metrics["train_ev_last_batch"] = last.get("ev", float("nan"))
     seconds["evaluate"] = time.time() - t0
