@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -166,7 +167,7 @@ examples:
 """
 
 _GGUF_MAGIC = b"GGUF"
-_PART_SUFFIX = __import__("re").compile(r"\.part\d+$|\.part\d+of\d+$|-\d{5}-of-\d{5}$")
+_PART_SUFFIX = re.compile(r"\.part\d+$|\.part\d+of\d+$|-\d{5}-of-\d{5}$")
 
 
 def _bad_input(message: str) -> SystemExit:
@@ -184,6 +185,11 @@ def _check_gguf_inputs(files: list[Path]) -> None:
             first = "the first part" if len(files) > 1 else "it"
             raise _bad_input(f"{files[0]}: not a GGUF file ({first} does not start with 'GGUF'); "
                              "for a split model pass every part, in order.")
+    for f in files[1:]:  # byte parts continue the first file; a part that is itself a GGUF is a gguf-split shard
+        with f.open("rb") as fh:
+            if fh.read(4) == _GGUF_MAGIC:
+                raise _bad_input(f"{f}: a complete GGUF of its own (llama.cpp gguf-split shard?), not a byte part; "
+                                 "merge shards with `llama-gguf-split --merge` first, or convert one file.")
 
 
 def cmd_convert(argv: list[str]) -> int:

@@ -86,6 +86,7 @@ def test_convert_bad_input_is_one_line_exit_2(tmp_path, capsys):
         (("convert", str(tmp_path / "notes.txt"), str(tmp_path / "o")), "not a GGUF file"),
         (("convert", str(tmp_path / "b.part01"), str(gguf), str(tmp_path / "o")), "pass every part, in order"),
         (("convert", str(gguf), str(tmp_path / "exists")), "--overwrite"),
+        (("convert", str(gguf), str(gguf), str(tmp_path / "o")), "gguf-split shard"),
         (("convert", str(gguf), str(tmp_path / "other.gguf")), "not a GGUF file"),
     ]
     for argv, needle in cases:
