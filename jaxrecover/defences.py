@@ -33,7 +33,8 @@ undoing the clamp). The analogue for an ablation is an attacker whose ``delta`` 
 span(Q): ``span_constraint(Q)``, an optax link chained after the optimiser. It is the SAME attack
 as an ablation applied after ``delta`` (``P(clamp(h) + delta)``), because ``P`` is linear and
 idempotent: every ``delta`` has the effect of ``P delta`` (no longer, same objective), and for
-``delta ⟂ Q``, ``P(clamp(h)) + delta == P(clamp(h) + delta)``. With the encoder-null constraint the
+``delta ⟂ Q``, ``P(clamp(h)) + delta == P(clamp(h) + delta)``. ``attacker_optimizer`` builds that
+attacker (gradient projected off the span, optimiser, ``delta`` projected back). With the encoder-null constraint the
 post-step re-projection keeps ``delta ⟂ Q`` when span(Q) lies in the encoder-null space, which holds
 when Q was built from encoder-null deltas (the game's encoder attacker).
 
@@ -60,7 +61,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxrecover._pytree import pytree_dataclass, static
 from jaxrecover.interventions import CLAMP_MODES, Clamp, _own_site, _sae_name, _slot_gate, clamp_latents, validate_clamp
-from jaxrecover.projections import projected_params
+from jaxrecover.projections import projected_params, projected_updates
 from jaxrecover.sae import SAE, decode, encode
 from jaxrecover.sites import Site
 from jaxrecover.transformer import forward
@@ -319,20 +320,29 @@ def span_basis(deltas: Any, rtol: float = 1e-3, *, prev: Any = None, max_new: in
 
 
 def span_constraint(basis: Any) -> optax.GradientTransformation:
-    """An optax link that keeps ``delta`` orthogonal to span(``basis``) (rows ``delta - (delta @ Q) Q^T``
-    after the update). Chain it after the optimiser: ``RecoveryConfig(optimizer=optax.chain(
-    optax.adam(lr), span_constraint(Q)))``; the solver's own re-projection and budget clip follow."""
+    """An optax link that keeps ``delta`` orthogonal to span(``basis``): rows ``delta - (delta @ Q) Q^T``
+    after the update. Chain it after the optimiser (``attacker_optimizer`` does, with the gradient
+    projected before it too); the solver's own re-projection and budget clip follow."""
     Q = jnp.asarray(basis, jnp.float32)
     return projected_params(lambda delta: ablate(Q, delta))
 
 
 def attacker_optimizer(optimizer: Any, lr: float, basis: Any) -> Any:
-    """The attacker's optimiser under an ablation of span(``basis``): ``optimizer`` (an optax
-    transform, or ``"adam"`` / ``"sgd"`` with ``lr``) chained with ``span_constraint``; unchanged when
-    ``basis`` is None."""
+    """The attacker's optimiser under an ablation of span(``basis``): the gradient projected off the
+    span, then ``optimizer`` (an optax transform, or ``"adam"`` / ``"sgd"`` with ``lr``), then
+    ``span_constraint``; ``optimizer`` unchanged when ``basis`` is None.
+
+    Why both projections: Adam rescales each coordinate, so its step from a projected gradient has
+    span components again (removed by ``span_constraint``); and projecting only Adam's step of the
+    raw gradient can point downhill for the confined problem when the gradient lies mostly in the
+    span (seen on the tiny test model: the objective fell below its delta = 0 value).
+    """
     if isinstance(optimizer, str):
         optimizer = {"adam": optax.adam, "sgd": optax.sgd}[optimizer](lr)
-    return optimizer if basis is None else optax.chain(optimizer, span_constraint(basis))
+    if basis is None:
+        return optimizer
+    Q = jnp.asarray(basis, jnp.float32)
+    return optax.chain(projected_updates(lambda g: ablate(Q, g)), optimizer, span_constraint(Q))
 
 
 # ----------------------------------------------------------------------------- guard

@@ -42,10 +42,15 @@ def setup():
     model = random_transformer(jax.random.key(0), cfg)
     k = jax.random.split(jax.random.key(1), 6)
     toks = jax.random.randint(k[0], (N, SEQ), 0, cfg.d_vocab).at[:, -2:].set(7)
-    h = jax.jit(jax.vmap(lambda t: run_to(model, t, SITE.layer)))(toks)
-    logits = jax.jit(jax.vmap(lambda t: forward(model, t)))(toks)
-    targets = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-    g = jax.grad(lambda x: jax.nn.log_softmax(forward_from(model, x)[-1])[targets[0]])(h[0])[-1]
+
+    @jax.jit
+    def probe(model, toks):  # one compile: the site residuals, the targets, the target's gradient
+        h = jax.vmap(lambda t: run_to(model, t, SITE.layer))(toks)
+        targets = jnp.argmax(jax.vmap(lambda x: forward_from(model, x))(h)[:, -1], -1).astype(jnp.int32)
+        g = jax.grad(lambda x: jax.nn.log_softmax(forward_from(model, x)[-1])[targets[0]])(h[0])[-1]
+        return h, targets, g
+
+    h, targets, g = probe(model, toks)
     e = jax.random.normal(k[1], (D,))
     e = e / jnp.linalg.norm(e)
     W_enc = (jax.random.normal(k[2], (D, D_SAE)) / D**0.5).at[:, 0].set(e)
@@ -66,10 +71,22 @@ def forward_from(model, x):
     return unembed(model, x)
 
 
-def _solver(constraint, basis=None, steps=12, budget=6.0):
+def _near_identity_sae(seed: int, hook_name: str = "") -> SAE:
+    """W_enc = [I, -I] (+ noise), W_dec its transpose: D(E(h)) ~ h, so an error-free splice below a
+    clamp changes the model a little (a small SAE error), not beyond recognition."""
+    rng = np.random.default_rng(seed)
+    W = np.concatenate([np.eye(D), -np.eye(D)], 1) + 0.05 * rng.normal(size=(D, 2 * D))
+    W = jnp.asarray(W.astype(np.float32))
+    return SAE(W_enc=W, b_enc=jnp.zeros(2 * D), W_dec=W.T, b_dec=jnp.zeros(D), hook_name=hook_name)
+
+
+BELOW = Site(0, "resid_post")
+
+
+def _solver(constraint, basis=None, clamp_sites=(SITE,), steps=12, budget=6.0):
     cfg = R.RecoveryConfig(steps=steps, lr=0.15, budget=budget, constraint=constraint,
                            optimizer=DF.attacker_optimizer("adam", 0.15, basis))
-    return R.make_solver(R.RecoveryProblem(SITE, (SITE,)), cfg, O.continuation_logprob, O.continuation_success)
+    return R.make_solver(R.RecoveryProblem(SITE, clamp_sites), cfg, O.continuation_logprob, O.continuation_success)
 
 
 # ----------------------------------------------------------------------------- error-free splice
@@ -174,44 +191,39 @@ def test_multi_layer_is_composition_in_layer_order(setup):
         DF.multi_layer({a: DF.SpanAblation(jnp.eye(D)[:, :1])})
 
 
-def test_solver_takes_splice_and_multi_layer_clamps(setup):
-    model, clamp, ex, toks = setup
-    below = Site(0, "resid_post")
-    clamps = DF.multi_layer({below: Clamp(_sae(9, apply_b_dec=False), jnp.array([1]), jnp.array([1.0])),
-                             SITE: DF.error_free(clamp)})
-    solver = R.make_solver(R.RecoveryProblem(SITE, tuple(clamps)), R.RecoveryConfig(steps=6, lr=0.15, budget=6.0),
-                           O.continuation_logprob, O.continuation_success)
-    res = runner.solve_batch(solver, model, ex, clamps)
-    logp = jax.nn.log_softmax(jax.vmap(lambda t: forward(model, t, clamps))(toks)[:, -1], -1)
-    direct = logp[jnp.arange(N), ex.target.ids[:, 0, -1]]
-    np.testing.assert_allclose(res.clamped_objective, direct, atol=1e-4)  # both defences were on
-    np.testing.assert_array_less(np.asarray(res.metrics["drift_abs"]), 1e-4)  # encoder-null on the splice's S
-
-
 # ----------------------------------------------------------------------------- the game
 
 
 def test_game_rounds_confine_the_attacker_and_grow_the_span(setup):
-    model, clamp, ex, _ = setup
-    seen = []
+    """Also the solver on a multi-layer defence: an error-free splice below the attack site (in the
+    cached prefix) and the clamp at it (measured, encoder-null)."""
+    model, clamp, ex, toks = setup
+    base = DF.multi_layer({BELOW: DF.ErrorFreeSplice(_near_identity_sae(11), jnp.array([3]), jnp.array([0.0])),
+                           SITE: clamp})
+    seen, B = [], 20.0
 
     def solve(hooks, basis):
-        res = jax.device_get(runner.solve_batch(_solver("encoder", basis), model, ex, hooks))
-        seen.append((hooks, basis, res))
-        return res
+        res = runner.solve_batch(_solver("encoder", basis, tuple(hooks), steps=30, budget=B), model, ex, hooks)
+        seen.append((hooks, basis, jax.device_get(res)))
+        return seen[-1][2]
 
-    game = DF.play_game(solve, DF.ablation_defence({SITE: clamp}, SITE), rounds=3, threshold=0.0, min_drop=-1.0,
-                        budget=6.0)
+    game = DF.play_game(solve, DF.ablation_defence(base, SITE), rounds=3, threshold=0.0, min_drop=-1.0, budget=B,
+                        max_new=1)  # rank 1 per round, as refusal-direction ablation
     rounds = game.rounds
-    assert [r.round for r in rounds] == list(range(len(rounds))) and len(rounds) >= 2
-    assert seen[0][2].success.all()  # round 0: the clamp alone is bypassed on every example
+    assert [r.round for r in rounds] == list(range(len(rounds))) and len(rounds) == 3, game.stop
+    # round 0 ran both defences (the clamped objective is the direct forward pass under them) ...
+    logp = jax.nn.log_softmax(jax.jit(jax.vmap(lambda t: forward(model, t, base)))(toks)[:, -1], -1)
+    direct = logp[jnp.arange(N), ex.target.ids[:, 0, -1]]
+    res0 = seen[0][2]
+    np.testing.assert_allclose(res0.clamped_objective, direct, atol=1e-4)
+    assert res0.success.all() and not res0.clamped_success.any()  # every flip bypassed
+    np.testing.assert_array_less(res0.metrics["drift_abs"], 1e-4)  # ... and measured the clamp's features
     ranks = [r.basis_rank for r in rounds]
     assert ranks[0] == 0 and all(x < y for x, y in zip(ranks, ranks[1:]))
-    assert game.stop == rounds[-1].stop and all(r.stop is None for r in rounds[:-1])
-    assert game.stop in DF.STOP_REASONS
+    assert game.stop == rounds[-1].stop == "rounds" and all(r.stop is None for r in rounds[:-1])
     for r, (hooks, basis, res) in zip(rounds, seen):
         assert r.n == N and r.n_recovered == int(res.success.sum()) and r.recovery_rate == r.n_recovered / N
-        assert r.budget == 6.0 and r.delta_norm_max is None or r.delta_norm_max <= 6.0 * (1 + 1e-5)
+        assert r.budget == B and (r.delta_norm_max is None or r.delta_norm_max <= B * (1 + 1e-5))
         if basis is None:
             continue
         Q = np.asarray(basis)
@@ -219,14 +231,17 @@ def test_game_rounds_confine_the_attacker_and_grow_the_span(setup):
         # every later delta is orthogonal to the ablated span ...
         assert np.abs(res.delta @ Q).max() < 1e-4 * max(np.abs(res.delta).max(), 1e-6)
         # ... and the defended, attacked residual at the site has no component in it
-        h = jax.vmap(lambda t: run_to(model, t, SITE.layer))(ex.tokens[:, 0])
+        h = jax.vmap(lambda t: run_to(model, t, SITE.layer, {BELOW: hooks[BELOW]}))(ex.tokens[:, 0])
         attacked = jax.vmap(lambda x, dl, sl: compose(hooks[SITE], AddDelta(dl, sl))(x, jnp.arange(SEQ)))(
             h, jnp.asarray(res.delta), ex.delta_slots)
         assert float(jnp.abs(attacked @ jnp.asarray(Q, jnp.float32)).max()) < 1e-4
-    # the span ablated in round r+1 contains round r's recovered deltas
-    for (_, _, res), nxt in zip(seen, game.bases[1:]):
-        rows = res.delta[res.success].reshape(-1, D)
-        np.testing.assert_allclose(rows - rows @ nxt @ nxt.T, 0.0, atol=1e-4)
+    # round r+1 ablates round r's span plus the strongest direction of round r's recovered deltas
+    for (_, prev, res), nxt in zip(seen, game.bases[1:]):
+        if prev is not None:
+            np.testing.assert_allclose(nxt[:, :-1], prev)
+        full = DF.span_basis(res.delta[res.success])
+        q = nxt[:, -1]
+        np.testing.assert_allclose(q - full @ (full.T @ q), 0.0, atol=1e-6)
 
 
 def test_game_stops_below_threshold_at_once():
