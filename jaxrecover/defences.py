@@ -428,7 +428,7 @@ def next_token_fidelity(model: Any, tokens: Any, valid: Any, hooks: Mapping[Any,
     tokens = jnp.asarray(tokens, jnp.int32)
     valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
     mask = valid if mask is None else jnp.asarray(mask, bool) & valid
-    norm = lambda h: {Site.parse(s): f for s, f in (h or {}).items()}  # noqa: E731
+    norm = lambda h: {Site.parse(s): f for s, f in (h or {}).items()}
     kl, agree, n = _fidelity(model, tokens, valid, mask, norm(hooks), norm(base_hooks))
     return {"kl_mean": float(kl), "top1_agree": float(agree), "n_slots": int(n)}
 

@@ -6,6 +6,8 @@ multi-layer clamp is the composition of the single-layer clamps in layer order. 
 loop runs on the tiny model; the guard refuses defences that cannot apply.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,7 @@ FEATS = jnp.array([0, 1, 2], jnp.int32)
 
 def _sae(seed: int, activation: str = "relu", apply_b_dec: bool = True) -> SAE:
     rng = np.random.default_rng(seed)
-    f = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))  # noqa: E731
+    f = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
     return SAE(W_enc=f(D, D_SAE) * D**-0.5, b_enc=f(D_SAE) * 0.1, W_dec=f(D_SAE, D) * D_SAE**-0.5, b_dec=f(D) * 0.1,
                threshold=jnp.abs(f(D_SAE)) * 0.1 if activation == "jumprelu" else None, activation=activation,
                k=6 if activation == "topk" else 0, apply_b_dec_to_input=apply_b_dec)
@@ -219,7 +221,7 @@ def test_game_rounds_confine_the_attacker_and_grow_the_span(setup):
     assert res0.success.all() and not res0.clamped_success.any()  # every flip bypassed
     np.testing.assert_array_less(res0.metrics["drift_abs"], 1e-4)  # ... and measured the clamp's features
     ranks = [r.basis_rank for r in rounds]
-    assert ranks[0] == 0 and all(x < y for x, y in zip(ranks, ranks[1:]))
+    assert ranks[0] == 0 and all(x < y for x, y in itertools.pairwise(ranks))
     assert game.stop == rounds[-1].stop == "rounds" and all(r.stop is None for r in rounds[:-1])
     for r, (hooks, basis, res) in zip(rounds, seen):
         assert r.n == N and r.n_recovered == int(res.success.sum()) and r.recovery_rate == r.n_recovered / N
@@ -231,8 +233,9 @@ def test_game_rounds_confine_the_attacker_and_grow_the_span(setup):
         # every later delta is orthogonal to the ablated span ...
         assert np.abs(res.delta @ Q).max() < 1e-4 * max(np.abs(res.delta).max(), 1e-6)
         # ... and the defended, attacked residual at the site has no component in it
-        h = jax.vmap(lambda t: run_to(model, t, SITE.layer, {BELOW: hooks[BELOW]}))(ex.tokens[:, 0])
-        attacked = jax.vmap(lambda x, dl, sl: compose(hooks[SITE], AddDelta(dl, sl))(x, jnp.arange(SEQ)))(
+        below, at = hooks[BELOW], hooks[SITE]
+        h = jax.vmap(lambda t, f=below: run_to(model, t, SITE.layer, {BELOW: f}))(ex.tokens[:, 0])
+        attacked = jax.vmap(lambda x, dl, sl, f=at: compose(f, AddDelta(dl, sl))(x, jnp.arange(SEQ)))(
             h, jnp.asarray(res.delta), ex.delta_slots)
         assert float(jnp.abs(attacked @ jnp.asarray(Q, jnp.float32)).max()) < 1e-4
     # round r+1 ablates round r's span plus the strongest direction of round r's recovered deltas
@@ -290,18 +293,18 @@ def test_check_defence_refuses_in_one_line(setup):
     DF.check_defence(cfg, SITE, sae, FEATS, n_features=5, basis=np.eye(D)[:, :2])  # fine
     wide = SAE(W_enc=jnp.zeros((D + 1, 4)), b_enc=jnp.zeros(4), W_dec=jnp.zeros((4, D + 1)), b_dec=jnp.zeros(D + 1))
     cases = [
-        (dict(site=Site(5, "resid_post")), "has 2 layers"),
-        (dict(sae=wide), "d_in=17"),
-        (dict(n_features=D_SAE + 1), "K=33"),
-        (dict(features=jnp.arange(D_SAE + 2) % D_SAE), "K=34"),
-        (dict(site=Site(0, "resid_post")), "trained at"),
-        (dict(basis=np.zeros((D, 0))), "span is empty"),
-        (dict(require_basis=True), "span is empty"),
-        (dict(basis=np.eye(D + 1)[:, :2]), "d_model=16"),
-        (dict(basis=2 * np.eye(D)[:, :2]), "orthonormal"),
+        ({"site": Site(5, "resid_post")}, "has 2 layers"),
+        ({"sae": wide}, "d_in=17"),
+        ({"n_features": D_SAE + 1}, "K=33"),
+        ({"features": jnp.arange(D_SAE + 2) % D_SAE}, "K=34"),
+        ({"site": Site(0, "resid_post")}, "trained at"),
+        ({"basis": np.zeros((D, 0))}, "span is empty"),
+        ({"require_basis": True}, "span is empty"),
+        ({"basis": np.eye(D + 1)[:, :2]}, "d_model=16"),
+        ({"basis": 2 * np.eye(D)[:, :2]}, "orthonormal"),
     ]
     for change, match in cases:
-        kw = dict(site=SITE, sae=sae, features=None, n_features=None, basis=None, require_basis=False) | change
+        kw = {"site": SITE, "sae": sae, "features": None, "n_features": None, "basis": None, "require_basis": False} | change
         with pytest.raises(ValueError, match=match) as err:
             DF.check_defence(cfg, kw.pop("site"), kw.pop("sae"), kw.pop("features"), **kw)
         assert "\n" not in str(err.value)
