@@ -50,6 +50,7 @@ clamp: put the ablation at a clamp site, or extend the solver).
 """
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -327,22 +328,51 @@ def span_constraint(basis: Any) -> optax.GradientTransformation:
     return projected_params(lambda delta: ablate(Q, delta))
 
 
+class ConfinedOptimizer(optax.GradientTransformation):
+    """An optax ``GradientTransformation`` whose ``repr`` is a stable description (optimiser, lr, basis
+    digest and rank; kept on its ``update`` function), not two function addresses: run keys built from
+    ``repr(RecoveryConfig)`` (``runner.run_recovery``) then match across reruns and processes."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return getattr(self.update, "description", "ConfinedOptimizer")
+
+
 def attacker_optimizer(optimizer: Any, lr: float, basis: Any) -> Any:
     """The attacker's optimiser under an ablation of span(``basis``): the gradient projected off the
     span, then ``optimizer`` (an optax transform, or ``"adam"`` / ``"sgd"`` with ``lr``), then
-    ``span_constraint``; ``optimizer`` unchanged when ``basis`` is None.
+    ``span_constraint``. With ``basis=None`` it is ``optimizer`` itself (a name stays a name, so
+    ``RecoveryConfig(optimizer=..., lr=lr)`` is the plain config).
 
     Why both projections: Adam rescales each coordinate, so its step from a projected gradient has
     span components again (removed by ``span_constraint``); and projecting only Adam's step of the
     raw gradient can point downhill for the confined problem when the gradient lies mostly in the
     span (seen on the tiny test model: the objective fell below its delta = 0 value).
     """
-    if isinstance(optimizer, str):
-        optimizer = {"adam": optax.adam, "sgd": optax.sgd}[optimizer](lr)
     if basis is None:
         return optimizer
+    name = f"{optimizer}(lr={lr})" if isinstance(optimizer, str) else repr(optimizer)
+    if isinstance(optimizer, str):
+        optimizer = {"adam": optax.adam, "sgd": optax.sgd}[optimizer](lr)
     Q = jnp.asarray(basis, jnp.float32)
-    return optax.chain(projected_updates(lambda g: ablate(Q, g)), optimizer, span_constraint(Q))
+    tx = optax.chain(projected_updates(lambda g: ablate(Q, g)), optimizer, span_constraint(Q))
+    digest = hashlib.sha256(np.ascontiguousarray(np.asarray(Q)).tobytes()).hexdigest()[:12]
+    update = tx.update  # a fresh closure of this chain: safe to label
+    update.description = f"attacker_optimizer({name}, basis rank {Q.shape[1]} sha {digest})"
+    return ConfinedOptimizer(tx.init, update)
+
+
+def confine(direction: Any, basis: Any) -> Array:
+    """``direction`` with its span(``basis``) component removed and rescaled to its own L2 norm: the
+    random-direction control for an attacker confined by ``attacker_optimizer`` (a control with span
+    components would spend part of its norm where the ablation erases it)."""
+    g = jnp.asarray(direction, jnp.float32)
+    if basis is None:
+        return g
+    p = ablate(jnp.asarray(basis, jnp.float32), g)
+    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x)))
+    return p * (norm(g) / jnp.maximum(norm(p), 1e-30))
 
 
 # ----------------------------------------------------------------------------- guard
@@ -442,12 +472,15 @@ class GameRound:
 
     ``basis_rank`` is the rank of the span ablated in this round's defence (0 in round 0);
     ``delta_norm_median`` is over the recovered examples (None when none); ``budget`` is what the
-    caller said the solve used; ``stop`` says why the game ended after this round (None: it went on).
+    caller said the solve used; ``n_defended``: counted examples this round's defence alone still
+    blocks (``clamped_success`` False; None when the result has no such field); an ablation can
+    undo part of the clamp, which this shows; ``stop`` says why the game ended after this round (None: it went on).
     """
 
     round: int
     n: int
     n_recovered: int
+    n_defended: int | None
     recovery_rate: float
     basis_rank: int
     delta_norm_median: float | None
@@ -532,6 +565,8 @@ def play_game(solve_fn: Callable[[Mapping[Site, Any], Any], Any], defend_fn: Cal
         rate = k / n if n else 0.0
         norms = np.sqrt(np.sum(np.square(delta.reshape(delta.shape[0], -1)), axis=1))[won]
         rank = 0 if basis is None else int(np.asarray(basis).shape[1])
+        blocked = getattr(res, "clamped_success", None)
+        n_def = None if blocked is None else int((~np.asarray(blocked, bool).reshape(-1) & keep).sum())
         stop_now, new = None, None
         if rate < threshold:
             stop_now = "below_threshold"
@@ -547,7 +582,7 @@ def play_game(solve_fn: Callable[[Mapping[Site, Any], Any], Any], defend_fn: Cal
                 stop_now = "span_full"
         effects = dict(side_effect_fn(hooks)) if side_effect_fn is not None else {}
         out.append(GameRound(
-            round=r, n=n, n_recovered=k, recovery_rate=rate, basis_rank=rank,
+            round=r, n=n, n_recovered=k, n_defended=n_def, recovery_rate=rate, basis_rank=rank,
             delta_norm_median=float(np.median(norms)) if k else None, delta_norm_max=float(norms.max()) if k else None,
             budget=None if budget is None else float(budget), side_effects=effects, stop=stop_now,
         ))

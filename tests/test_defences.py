@@ -169,6 +169,19 @@ def test_ablation_leaves_no_component_in_span_and_equals_ablating_after_delta(se
     np.testing.assert_allclose(compose(hook, add)(h, slots), after, atol=1e-5)
 
 
+def test_attacker_optimizer_is_named_stably_and_confine_keeps_the_norm():
+    rng = np.random.default_rng(3)
+    Q = DF.span_basis(rng.normal(size=(2, D)))
+    a, b = DF.attacker_optimizer("adam", 0.1, Q), DF.attacker_optimizer("adam", 0.1, Q.copy())
+    assert repr(a) == repr(b) and "0x" not in repr(a)  # a run key from repr(cfg) matches across reruns
+    assert repr(a) != repr(DF.attacker_optimizer("adam", 0.1, DF.span_basis(rng.normal(size=(2, D)))))
+    assert DF.attacker_optimizer("adam", 0.1, None) == "adam"
+    g = jnp.asarray(rng.normal(size=(3, D)).astype(np.float32))
+    c = DF.confine(g, Q)
+    assert float(jnp.abs(c @ jnp.asarray(Q, jnp.float32)).max()) < 1e-5
+    assert float(jnp.linalg.norm(c)) == pytest.approx(float(jnp.linalg.norm(g)), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- multi-layer
 
 
@@ -219,6 +232,7 @@ def test_game_rounds_confine_the_attacker_and_grow_the_span(setup):
     res0 = seen[0][2]
     np.testing.assert_allclose(res0.clamped_objective, direct, atol=1e-4)
     assert res0.success.all() and not res0.clamped_success.any()  # every flip bypassed
+    assert rounds[0].n_defended == N and all(0 <= r.n_defended <= N for r in rounds)
     np.testing.assert_array_less(res0.metrics["drift_abs"], 1e-4)  # ... and measured the clamp's features
     ranks = [r.basis_rank for r in rounds]
     assert ranks[0] == 0 and all(x < y for x, y in itertools.pairwise(ranks))
