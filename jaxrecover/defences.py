@@ -34,9 +34,10 @@ span(Q): ``span_constraint(Q)``, an optax link chained after the optimiser. It i
 as an ablation applied after ``delta`` (``P(clamp(h) + delta)``), because ``P`` is linear and
 idempotent: every ``delta`` has the effect of ``P delta`` (no longer, same objective), and for
 ``delta ⟂ Q``, ``P(clamp(h)) + delta == P(clamp(h) + delta)``. ``attacker_optimizer`` builds that
-attacker (gradient projected off the span, optimiser, ``delta`` projected back). With the encoder-null constraint the
-post-step re-projection keeps ``delta ⟂ Q`` when span(Q) lies in the encoder-null space, which holds
-when Q was built from encoder-null deltas (the game's encoder attacker).
+attacker (gradient projected off the span, optimiser, ``delta`` projected back). With the
+encoder-null constraint the post-step re-projection keeps ``delta ⟂ Q`` when span(Q) lies in the
+encoder-null space, which holds when Q was built from encoder-null deltas (the game's encoder
+attacker). The random-direction control should be confined alike (``confine``).
 
 **The game** (``play_game``): round 0 attacks the base defence; after round ``r`` the defender adds
 the span of round ``r``'s recovered deltas to Q (the spans of later rounds are orthogonal to the
