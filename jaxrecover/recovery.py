@@ -64,7 +64,7 @@ from jaxrecover.interventions import AddDelta, compose
 from jaxrecover.objectives import Readout
 from jaxrecover.sae import encode_features
 from jaxrecover.sites import Site
-from jaxrecover.transformer import KV, SeqInfo, embed, run_layers, run_to, seq_info, unembed
+from jaxrecover.transformer import KV, SeqInfo, embed, run_layers, run_to, seq_info, split_blocks, unembed
 
 CONSTRAINTS = ("encoder", "jacobian", "none")
 OPTIMIZERS = ("adam", "sgd")
@@ -448,7 +448,7 @@ def _in_dtype(model: Any, dtype: str) -> Any:
 
 
 def _forward(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, delta, window: Window, *,
-             readout: bool = True, phi: bool = True):
+             readout: bool = True, phi: bool = True, layers: tuple | None = None):
     """``(Readout, Phi)`` for all variants with ``delta`` added (clamps on), over slots
     ``window.cut..seq`` (logits from ``window.read``); ``Phi`` per measured site over those slots."""
     problem = solver.problem
@@ -463,7 +463,7 @@ def _forward(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, del
         full = seq_info(valid)
         info = SeqInfo(slots=full.slots[cut:], positions=full.positions[cut:], valid=valid[cut:])
         kv = None if cut == 0 else KV(k=k, v=v, positions=full.positions, valid=valid)
-        out = run_layers(model, x[cut:], site.layer, stop, hooks, info=info, kv=kv, capture=capture)
+        out = run_layers(model, x[cut:], site.layer, stop, hooks, info=info, kv=kv, capture=capture, layers=layers)
         cap = out.captured
         phis = tuple(
             encode_features(clamps[s].sae, hooks[s](cap[s], info.slots) if s == site else cap[s], clamps[s].features)
@@ -662,13 +662,36 @@ def _all_finite(*trees: Any) -> jax.Array:
 
 def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: SolverState, window: Window = FULL):
     """One projected update of ``delta`` (see the module docstring for the order)."""
+    return _step(solver, model, ex, clamps, ctx, state, window, None)
+
+
+# above this many bytes of window weights the step keeps slicing the stack (a second copy of several
+# GB is worse than the per-step copies); SmolLM2-135M's 21 window blocks are 0.3 GB in float32
+_SPLIT_MAX_BYTES = 2 << 30
+
+
+def _window_layers(solver: Solver, model) -> tuple | None:
+    """The blocks a step runs (delta layer to the last one), sliced ONCE for the whole step loop
+    (``run_layers(layers=)``: XLA:CPU would copy every weight sliced inside the loop, forward and
+    backward, every step). Off CPU (not measured there) ``None``: the stacked weights as before, and no
+    second copy of the window's weights in device memory."""
+    start = solver.problem.delta_site.layer
+    per_block = sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(model.blocks))
+    size = per_block * (model.cfg.n_layers - start)
+    if jax.default_backend() != "cpu" or size > _SPLIT_MAX_BYTES:
+        return None
+    return split_blocks(model, start, model.cfg.n_layers)
+
+
+def _step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: SolverState, window: Window,
+          layers: tuple | None):
     cfg = solver.cfg
     t, delta = state.step, state.delta
     need_phi = solver.needs_phi
     target = _target(solver, ex, window)
 
     def f(dl):
-        out, phi = _forward(solver, model, ex, clamps, ctx, dl, window, phi=need_phi)
+        out, phi = _forward(solver, model, ex, clamps, ctx, dl, window, phi=need_phi, layers=layers)
         return (solver.objective(out, target), phi), solver.success(out, target)
 
     (obj, phi), vjp, ok = jax.vjp(f, delta, has_aux=True)
@@ -676,7 +699,8 @@ def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: 
     if isinstance(cfg.constraint_obj, JacobianNull):
         # J's rows are VJPs of Phi ALONE: differentiating the whole objective pass (all blocks and
         # the unembedding, with a zero cotangent on the objective) would cost a full backward per row
-        phi_j, phi_vjp = jax.vjp(lambda dl: _forward(solver, model, ex, clamps, ctx, dl, window, readout=False)[1], delta)
+        phi_j, phi_vjp = jax.vjp(
+            lambda dl: _forward(solver, model, ex, clamps, ctx, dl, window, readout=False, layers=layers)[1], delta)
         g = _project_grad(solver, g, phi_vjp, phi_j, ctx, jax.random.fold_in(state.key, t), window)
     else:
         g = _project_grad(solver, g, None, phi, ctx, state.key, window)
@@ -693,7 +717,7 @@ def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: 
         fix = _post(solver, ctx.basis, ex.budget)
 
         def drift_of(dl):
-            _, p = _forward(solver, model, ex, clamps, ctx, dl, window, readout=False)
+            _, p = _forward(solver, model, ex, clamps, ctx, dl, window, readout=False, layers=layers)
             return _drift_loss(cfg.drift_loss, p, ctx.z_ref, ctx.mask, window.cut)
 
         def correct(dl, _):
@@ -725,7 +749,8 @@ def advance(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], ctx:
     """Run ``n`` steps (``lax.scan``); returns the new state and per-step traces ``[n]``."""
     model = _in_dtype(model, solver.cfg.compute_dtype)
     clamps = _check(solver.problem, clamps)
-    return jax.lax.scan(lambda s, _: step(solver, model, ex, clamps, ctx, s, window), state, None, length=n)
+    layers = _window_layers(solver, model)  # outside the scan: sliced once per call, not once per step
+    return jax.lax.scan(lambda s, _: _step(solver, model, ex, clamps, ctx, s, window, layers), state, None, length=n)
 
 
 def finish(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], ctx: Context, state: SolverState,

@@ -169,9 +169,7 @@ def qkv(
     cfg: TransformerConfig, p: Attention, x: Resid, positions: Slots, is_local: Array
 ) -> tuple[Array, Array, Array]:
     """Projected, normed and rotated queries, keys and values."""
-    q = jnp.einsum("sd,dhk->shk", x, p.W_Q)
-    k = jnp.einsum("sd,dhk->shk", x, p.W_K)
-    v = jnp.einsum("sd,dhk->shk", x, p.W_V)
+    q, k, v = _proj_in(x, p.W_Q), _proj_in(x, p.W_K), _proj_in(x, p.W_V)
     if p.b_Q is not None:
         q, k, v = q + _like(p.b_Q, q), k + _like(p.b_K, k), v + _like(p.b_V, v)
     if p.q_norm is not None:
@@ -184,8 +182,17 @@ def qkv(
     return q, k, v
 
 
+def _proj_in(x: Resid, W: Float[Array, "d_model heads d_head"]) -> Float[Array, "seq heads d_head"]:
+    """``einsum("sd,dhk->shk")`` as a 2-D matmul on ``W`` viewed as ``[d, heads * d_head]`` (a free
+    reshape): XLA:CPU lowered the 3-D contraction's backward with a transposed copy of ``W`` at every
+    call, while a 2-D matmul takes its transposed operand as it is (like the MLP's)."""
+    y = x @ W.reshape(W.shape[0], -1)
+    return y.reshape(*x.shape[:-1], W.shape[1], W.shape[2])
+
+
 def attn_out(p: Attention, o: Float[Array, "seq n_heads d_head"]) -> Resid:
-    y = jnp.einsum("shk,hkd->sd", o, p.W_O)
+    W = p.W_O
+    y = o.reshape(*o.shape[:-2], -1) @ W.reshape(-1, W.shape[-1])  # [s, h*k] @ [h*k, d]: see _proj_in
     return y if p.b_O is None else y + _like(p.b_O, y)
 
 
@@ -349,6 +356,12 @@ def _index_block(blocks: Block, i: int | Array) -> Block:
     return jax.tree.map(lambda a: a[i], blocks)
 
 
+def split_blocks(model: Transformer, start: int, stop: int) -> tuple[Block, ...]:
+    """Blocks ``start..stop-1`` as separate pytrees (static slices of the stack: copies), for
+    ``run_layers(..., layers=)`` in a loop that would otherwise slice them on every iteration."""
+    return tuple(_index_block(model.blocks, i) for i in range(start, stop))
+
+
 @pytree_dataclass
 class Pass:
     """What ``run_layers`` returns: the residual leaving the last block run, the captured residuals
@@ -380,11 +393,18 @@ def run_layers(
     info: SeqInfo,
     kv: KV | None = None,
     capture: Sequence[Site] = (),
+    layers: Sequence[Block] | None = None,
 ) -> Pass:
     """Blocks ``start .. stop-1`` over the new slots ``info`` (optionally attending over the cache
     ``kv``, stacked over blocks ``start..``): blocks with a hook or a capture run unrolled, the runs between
     them in ``lax.scan``. The one driver of ``block`` for teacher forcing, prefill, decode steps and
-    the solver's cached suffix."""
+    the solver's cached suffix.
+
+    ``layers`` (optional): blocks ``start, start+1, ..`` (at least up to ``stop - 1``) already sliced
+    out of the stack by a caller that does it ONCE, outside its own loop (the solver's step loop).
+    Then every block runs unrolled on them: XLA:CPU copies each weight it slices inside a loop before
+    its matmul, in the forward and again in the backward, which at small windows costs as much as
+    the matmuls themselves. Same ops; results equal up to float32 rounding (XLA may fuse differently)."""
     cfg = model.cfg
     if not 0 <= start <= stop <= cfg.n_layers:
         raise ValueError(f"run_layers: need 0 <= start <= stop <= n_layers={cfg.n_layers}, got {start}, {stop}.")
@@ -403,20 +423,34 @@ def run_layers(
         h, k, v = block(cfg, _index_block(model.blocks, i), h, info, local[i], kv=layer_kv(i))
         return h, (k, v)
 
+    def run(h, lo, hi):  # blocks lo..hi-1 without hooks: a scan, or unrolled on pre-sliced ``layers``
+        if layers is None:
+            return jax.lax.scan(body, h, jnp.arange(lo, hi, dtype=jnp.int32))
+        kk, vv = [], []
+        for i in range(lo, hi):
+            h, k, v = block(cfg, layers[i - start], h, info, local[i], kv=layer_kv(i))
+            kk.append(k)
+            vv.append(v)
+        return h, (jnp.stack(kk), jnp.stack(vv))
+
+    if layers is not None and len(layers) < stop - start:
+        raise ValueError(f"run_layers: {len(layers)} pre-sliced blocks for blocks {start}..{stop - 1}.")
+
     special = sorted({s.layer for s in (*hooks, *capture) if start <= s.layer < stop})
     captured: dict[Site, Array] = {}
     ks, vs = [], []
     cursor = start
     for layer in [*special, stop]:
         if layer > cursor:
-            x, (k, v) = jax.lax.scan(body, x, jnp.arange(cursor, layer, dtype=jnp.int32))
+            x, (k, v) = run(x, cursor, layer)
             ks.append(k)
             vs.append(v)
         if layer == stop:
             break
         block_hooks = {s.point: f for s, f in hooks.items() if s.layer == layer}
         seen: dict[str, Array] = {}
-        x, k, v = block(cfg, _index_block(model.blocks, layer), x, info, local[layer], block_hooks, seen, layer_kv(layer))
+        p = _index_block(model.blocks, layer) if layers is None else layers[layer - start]
+        x, k, v = block(cfg, p, x, info, local[layer], block_hooks, seen, layer_kv(layer))
         captured.update({s: seen[s.point] for s in capture if s.layer == layer})
         ks.append(k[None])
         vs.append(v[None])
