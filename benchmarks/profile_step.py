@@ -51,8 +51,23 @@ def load_setup(jmodel, folder: Path, n: int, path: Path) -> BR.RefusalSetup:
 
 # engine variants timed side by side: "split" is the engine as it is (the window's blocks sliced once
 # per advance call, run unrolled: recovery._window_layers); "stacked" forces the old layer scan that
-# slices the stacked weights inside the loop
-VARIANTS = ("split", "stacked")
+# slices the stacked weights inside the loop; "before" is the engine before issue 21 (that scan, and
+# the attention projections as 3-D einsums)
+VARIANTS = ("split", "stacked", "before")
+
+
+def _einsum_projections():
+    """The pre-issue-21 attention projections (3-D einsums), to patch into ``transformer``."""
+    from jaxrecover import transformer as T
+
+    def proj_in(x, W):
+        return jnp.einsum("sd,dhk->shk", x, W)
+
+    def attn_out(p, o):
+        y = jnp.einsum("shk,hkd->sd", o, p.W_O)
+        return y if p.b_O is None else y + T._like(p.b_O, y)
+
+    return {"_proj_in": proj_in, "attn_out": attn_out}
 
 
 def engine_step_fn(p: BR.Problem, jmodel, variant: str = "split"):
@@ -60,15 +75,22 @@ def engine_step_fn(p: BR.Problem, jmodel, variant: str = "split"):
     from jaxrecover import recovery as R
     from jaxrecover import runner
 
+    from jaxrecover import transformer as T
+
     runner._compiled.cache_clear()
-    if variant == "stacked":
-        original = R._window_layers
-        R._window_layers = lambda solver, model: None
-        try:
-            return _engine_step_fn(p, jmodel)
-        finally:
-            R._window_layers = original
-    return _engine_step_fn(p, jmodel)
+    patches = []
+    if variant in ("stacked", "before"):
+        patches.append((R, "_window_layers", lambda solver, model: None))
+    if variant == "before":
+        patches += [(T, name, fn) for name, fn in _einsum_projections().items()]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, fn in patches:
+        setattr(mod, name, fn)
+    try:
+        return _engine_step_fn(p, jmodel)
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
 
 
 def _engine_step_fn(p: BR.Problem, jmodel):
