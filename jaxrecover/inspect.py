@@ -11,6 +11,7 @@ interactive pretty-printer) into one self-contained HTML page, or as plain text.
 
 import argparse
 import html
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,14 +142,20 @@ def main(argv: list[str]) -> int:
     from jaxrecover.sae_io import load_sae
     from jaxrecover.sites import Site
 
+    from jaxrecover import compat
+
     args = build_parser().parse_args(argv)
-    model = load_transformer(args.model_dir if args.model_dir is not None else default_model_dir())
     sae = load_sae(args.sae)
     if not sae.hook_name:
         raise SystemExit(f"jaxrecover inspect: the SAE at {args.sae} names no hook; cannot place its clamp.")
+    # width, site, layer and feature ids from config.json and the SAE, before the model loads
+    facts = compat.model_facts(args.model_dir or "")
+    for warning in compat.check_sae(facts, sae, str(args.sae)):
+        print(warning, file=sys.stderr)
     site = Site.parse(sae.hook_name)
+    features = compat.check_feature_ids(_parse_features(args.features) or [], sae.d_sae, str(args.sae))
+    model = load_transformer(args.model_dir if args.model_dir is not None else default_model_dir())
     objects: dict[str, Any] = {"model": model}
-    features = _parse_features(args.features)
     if features:
         import jax.numpy as jnp
 

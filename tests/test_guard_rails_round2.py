@@ -186,3 +186,23 @@ def test_refusal_help_and_readme_say_the_features_do_not_follow_the_prompts(caps
     assert "same feature ids are clamped on every prompt set" in helptext
     readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
     assert "same feature ids are clamped on every prompt set" in readme
+
+
+def test_inspect_checks_the_sae_against_the_model_before_loading_it(tmp_path, monkeypatch, capsys):
+    # before: inspect loaded the model first, then died on Site.parse / check_clamps (exit 1)
+    from jaxrecover import inspect as I
+
+    monkeypatch.setattr(I, "load_transformer", _no_model, raising=False)
+    import jaxrecover.io_hf as io_hf
+
+    monkeypatch.setattr(io_hf, "load_transformer", _no_model)
+    wide = _model_folder(tmp_path / "wide", d_model=640, n_layers=18)
+    sae = save_sae(random_sae(576, 64, hook_name="blocks.1.hook_resid_post"), tmp_path / "sae")
+    code, err = _run(["inspect", "--model-dir", str(wide), "--sae", str(sae), "--features", "1,2"], capsys)
+    assert code == 2 and "d_in=576" in _one_line(err) and "d_model=640" in err
+    ok = _model_folder(tmp_path / "ok", d_model=576)
+    code, err = _run(["inspect", "--model-dir", str(ok), "--sae", str(sae), "--features", "1,64"], capsys)
+    assert code == 2 and "feature id 64" in _one_line(err) and "d_sae=64" in err
+    mlp = save_sae(random_sae(576, 64, hook_name="blocks.1.hook_mlp_out"), tmp_path / "mlp")
+    code, err = _run(["inspect", "--model-dir", str(ok), "--sae", str(mlp), "--features", "1"], capsys)
+    assert code == 2 and "hook_mlp_out" in _one_line(err) and str(mlp) in err
