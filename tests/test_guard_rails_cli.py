@@ -84,8 +84,10 @@ def test_resume_does_not_reuse_results_made_with_another_sae(tmp_path, monkeypat
     cfg = refusal.Config(n_prompts=2, n_harmless=2, n_features=2, max_new_tokens=5, answer_tokens=2, max_flips=2,
                          steps=1, methods=("encoder",), attribution=False, require_flip=False, batch_size=2)
     calls = []
-    real = refusal.recover_method
-    monkeypatch.setattr(refusal, "recover_method", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from jaxrecover import runner
+
+    real = runner.solve_batch  # every solve of the driver goes through it
+    monkeypatch.setattr(runner, "solve_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = tmp_path / "out"
     refusal.run(model, tok, {Site(0, "resid_post"): sae}, cfg, out)
     refusal.run(model, tok, {Site(0, "resid_post"): sae}, cfg, out)

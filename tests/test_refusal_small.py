@@ -1,9 +1,13 @@
 """The refusal experiment end to end on a tiny random model (plumbing, files, resume)."""
 
+import dataclasses
 import json
 
 import jax
 import pytest
+
+from jaxrecover import runner
+from jaxrecover.paper import driver
 
 
 
@@ -28,12 +32,13 @@ def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
     cfg = refusal.Config(n_prompts=4, n_harmless=4, n_features=4, max_new_tokens=6, answer_tokens=4, max_flips=2,
                          steps=2, suffix_len=2, cross_layer_gap=1, require_flip=False, batch_size=4, topk_attr=4)
     out = tmp_path / "refusal"
-    summary = refusal.run(model, tok, saes, cfg, out)
-    for f in ("results.jsonl", "summary.json", "table.md", "methods.csv", "recovery.png"):
+    cfg = dataclasses.replace(cfg, out=str(out))
+    summary = driver.run(refusal.SETTING, cfg, prepared=refusal.prepare(cfg, model, tok, saes))
+    for f in ("results.jsonl", "summary.json", "table.md", "refusal.csv", "recovery.png"):
         assert (out / f).is_file(), f
-    assert set(summary["methods"]) == {"jacobian", "none_cross", "encoder", "none", "soft_suffix"}
+    ms = {m: s for m, s in summary["modes"].items() if not m.startswith("replay:")}
+    assert set(ms) == {"jacobian", "none_cross", "encoder", "none", "soft_suffix"}
     # like-for-like twins share a delta site; each method carries its random-direction control
-    ms = summary["methods"]
     assert ms["jacobian"]["delta_site"] == ms["none_cross"]["delta_site"] != ms["encoder"]["delta_site"] == ms["none"]["delta_site"]
     for m in ("jacobian", "encoder", "none"):
         rc = ms[m]["random_control"]
@@ -42,21 +47,24 @@ def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
     assert {"non_refusal", "base_like", "drift_rel", "delta_norm"} <= set(rows[0])
     assert all("text" not in r for r in rows)  # completions are not written by default
     # encoder-null delta leaves a ReLU SAE's clamped features unchanged at the delta site
-    enc = [r for r in rows if r["method"] == "encoder"]
+    enc = [r for r in rows if r["mode"] == "encoder"]
     assert max(r["drift_rel"] for r in enc) < 1e-3
     # budget: ||delta|| never exceeds the configured budget
-    for m, s in summary["methods"].items():
-        assert all(r["delta_norm"] <= s["budget"] * (1 + 1e-4) for r in rows if r["method"] == m)
+    for m, s in ms.items():
+        assert all(r["delta_norm"] <= s["budget"] * (1 + 1e-4) for r in rows if r["mode"] == m)
+    for r in rows:  # recovered is the judge's verdict (non-refusal of the regenerated answer)
+        assert r["recovered"] == r["non_refusal"]
     assert {t["component"] for t in summary["attribution"]["table"]} >= {"residual", "clamped_features", "topk_knockout"}
     # a rerun resumes every method from <out>/checkpoints and reproduces the records: solving again is an error
     def no_solve(*a, **k):
         raise AssertionError("a resumed run must not solve again")
 
-    monkeypatch.setattr(refusal, "recover_method", no_solve)
-    again = refusal.run(model, tok, saes, cfg, out)
+    monkeypatch.setattr(runner, "solve_batch", no_solve)
+    again = driver.run(refusal.SETTING, cfg, prepared=refusal.prepare(cfg, model, tok, saes))
     rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert rows2 == rows
-    assert again["methods"]["encoder"]["non_refusal"] == summary["methods"]["encoder"]["non_refusal"]
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in rows2] == [drop(r) for r in rows]
+    assert again["modes"]["encoder"]["non_refusal"] == summary["modes"]["encoder"]["non_refusal"]
 
 
 def test_refusal_is_a_setting_the_sweeps_drive(tiny, tmp_path):
@@ -85,8 +93,9 @@ def test_refusal_feature_stats_and_a_zero_flip_run_says_why(tiny, tmp_path, monk
     cfg = refusal.Config(n_prompts=3, n_harmless=3, n_features=4, max_new_tokens=4, answer_tokens=3, max_flips=2,
                          steps=2, batch_size=4, feature_method="steering", clamp_mode="scale", clamp_value=1.0)
     out = tmp_path / "refusal"
-    summary = refusal.run(model, tok, saes, cfg, out)
-    assert summary["strict_valid"] == 0 and summary["methods"] == {}
+    cfg = dataclasses.replace(cfg, out=str(out))
+    summary = driver.run(refusal.SETTING, cfg, prepared=refusal.prepare(cfg, model, tok, saes))
+    assert summary["strict_valid"] == 0 and summary["modes"] == {}
     (site, st), = summary["feature_stats"].items()
     assert st["mode"] == "scale" and len(st["features"]) == 4
     for text in refusal.STAT_TEXTS:
@@ -116,6 +125,6 @@ def test_refusal_relative_budget_sweep_scales_each_methods_own_budget(tiny, tmp_
     for c in ("none_cross", "encoder"):  # budget_rel x the defended norm at the method's own site
         assert budget[0.4, c] == pytest.approx(4 * budget[0.1, c], rel=1e-6)
     assert budget[0.1, "none_cross"] != pytest.approx(budget[0.1, "encoder"], rel=1e-3)  # layer 0 vs layer 1 norms
-    by = {(r["sweep_x"], r["method"]): r for r in swept["records"]}
+    by = {(r["sweep_x"], r["mode"]): r for r in swept["records"]}
     for (x, c), r in by.items():
         assert r["delta_norm"] <= budget[x, c] * (1 + 1e-4)

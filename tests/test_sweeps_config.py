@@ -1,5 +1,7 @@
 """The sweep driver's pure parts: its config guards and the smallest-budget read-out."""
 
+import types
+
 import pytest
 
 from jaxrecover.paper import sweeps
@@ -24,7 +26,6 @@ def test_smallest_budget_is_the_first_grid_point_that_recovers():
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"setting": "ioi", "relative": True, "kind": "budget"}, "only refusal's budget is relative"),
     ({"setting": "ioi", "constraints": ("none", "jacobian")}, "single-layer"),
     ({"setting": "refusal", "relative": True, "kind": "budget", "budgets": (0.0, 0.1)}, "--budgets 0.0: must be > 0"),
     ({"setting": "refusal", "constraints": ("encoder", "nope")}, "--constraints"),
@@ -34,23 +35,28 @@ def test_bad_sweep_configs_are_refused_before_anything_loads(kw, match):
         sweeps.Config(**kw)
 
 
-def test_relative_budget_grid_reaches_evaluate_as_budget_rel_point_by_point():
+def test_relative_budget_grid_is_solved_point_by_point_absolute_jointly(monkeypatch):
     calls = []
 
-    class Fake:  # a setting module: evaluate(prep, ...) -> one result per call
-        @staticmethod
-        def evaluate(prep, *, constraint, store=None, n_features=None, budget=None, budget_rel=None, budgets=None):
-            calls.append((constraint, budget, budget_rel, budgets))
-            one = {"n_valid_flips": 2, "modes": {constraint: {"recovered": {"k": 1, "n": 2, "rate": 0.5}}}, "records": []}
-            return [one] * len(budgets) if budgets is not None else one
+    def fake(setting, prep, *, constraint, store=None, n_features=None, budgets=None, relative=False):
+        calls.append((constraint, budgets, relative))
+        one = {"n_valid_flips": 2, "modes": {constraint: {"recovered": {"k": 1, "n": 2, "rate": 0.5}}}, "records": []}
+        return [one] * len(budgets or [0])
 
+    monkeypatch.setattr(sweeps.D_, "evaluate", fake)  # the one driver: the sweep only picks the grid
+    module = types.SimpleNamespace(SETTING=types.SimpleNamespace(judge=None))
     cfg = sweeps.Config(setting="refusal", kind="budget", budgets=(0.1, 0.3), relative=True,
                         constraints=("jacobian", "none_cross"))
-    res = sweeps.run_sweep(cfg, Fake, prepared=object())
-    assert not res["joint_budgets"]  # relative budgets differ per site: never one joint batch
-    assert calls == [("jacobian", None, 0.1, None), ("none_cross", None, 0.1, None),
-                     ("jacobian", None, 0.3, None), ("none_cross", None, 0.3, None)]
+    res = sweeps.run_sweep(cfg, module, prepared=object())
+    assert not res["joint_budgets"]  # relative budgets differ per delta site: never one joint batch
+    assert calls == [("jacobian", (0.1,), True), ("none_cross", (0.1,), True),
+                     ("jacobian", (0.3,), True), ("none_cross", (0.3,), True)]
     calls.clear()
     sweeps.run_sweep(sweeps.Config(setting="ioi", kind="budget", budgets=(1.0, 2.0), constraints=("none",)),
-                     Fake, prepared=object())
-    assert calls == [("none", None, None, (1.0, 2.0))]  # absolute budgets: one joint solve
+                     module, prepared=object())
+    assert calls == [("none", (1.0, 2.0), False)]  # absolute budgets: one joint solve
+    calls.clear()
+    judged = types.SimpleNamespace(SETTING=types.SimpleNamespace(judge=print))  # regenerates per point
+    sweeps.run_sweep(sweeps.Config(setting="refusal", kind="budget", budgets=(1.0, 2.0), constraints=("none",)),
+                     judged, prepared=object())
+    assert calls == [("none", (1.0,), False), ("none", (2.0,), False)]

@@ -142,7 +142,7 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
 
     r = results.get("refusal")
     if r:
-        m = r["methods"]
+        m = r.get("methods") or r["modes"]  # refusal results before the one driver: "methods"
         jac = m.get("jacobian", {})
         add("refusal", "Jacobian-projected recovery restores non-refusal on most strict-valid flips",
             refusal.PAPER["jacobian"]["nonref"], _cell(jac.get("non_refusal")),
@@ -173,12 +173,13 @@ def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     sv = results.get("refusal_steering_variant")
     if sv:
         c = sv["config"]
-        jac = sv["methods"].get("jacobian", {})
+        svm = sv.get("methods") or sv["modes"]
+        jac = svm.get("jacobian", {})
         add(f"refusal (steering route, {c['clamp_mode']} {c['clamp_value']:g})", "closest variant of the paper's route "
             "that flips: Jacobian-projected recovery restores non-refusal on its strict-valid flips",
             refusal.PAPER["jacobian"]["nonref"],
             f"{sv['strict_valid']}/{sv['n_prompts']} flips ({route_statistic(sv)}); jacobian {_cell(jac.get('non_refusal'))}, "
-            f"none_cross {_cell(sv['methods'].get('none_cross', {}).get('non_refusal'))}",
+            f"none_cross {_cell(svm.get('none_cross', {}).get('non_refusal'))}",
             rate_verdict(jac.get("non_refusal"), _paper_rate(refusal.PAPER["jacobian"]["nonref"])))
     i = results.get("ioi")
     if i:
@@ -271,7 +272,10 @@ def controls(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
 
 def write_report(root: Path) -> Path:
     """``root/REPORT.md`` from the settings' folders under ``root``."""
-    results = {n: json.loads((root / n / "summary.json").read_text()) for n in SETTINGS + EXTRA
+    known = SETTINGS + EXTRA  # in this order; then any other setting's folder (a new setting needs no edit here)
+    others = tuple(sorted(p.parent.name for p in root.glob("*/summary.json") if p.parent.name not in known
+                          and '"setting":' in p.read_text()))  # written by the one driver
+    results = {n: json.loads((root / n / "summary.json").read_text()) for n in known + others
                if (root / n / "summary.json").is_file()}
     if not results:
         raise SystemExit(f"{root}: no setting folder with a summary.json; run `jaxrecover run all` first.")

@@ -32,7 +32,6 @@ Run: ``jaxrecover run ioi`` (or ``.venv/bin/python experiments/ioi.py``); ``--he
 
 import dataclasses
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrecover.paper import common as C
+from jaxrecover.paper import driver as D_
 from jaxrecover.paper import suite as S
 from jaxrecover import datasets as D
 from jaxrecover import features as F
@@ -223,124 +223,62 @@ def head_knockout(prep: Prepared, max_heads: int, scan_prompts: int = 16) -> tup
         m *= 2
 
 
-def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None,
-             budgets: Sequence[float] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
-    """Valid flips for K = ``n_features``, then recovery per constraint (both when None).
-
-    With ``budgets`` (a budget sweep): a list with one result per budget, each what ``budget=b``
-    gives, from ONE solve per constraint over every budget x flip (``suite.run_solver_budgets``);
-    the valid flips do not depend on the budget and are found once."""
+def case(prep: Prepared, k: int) -> D_.Case:
+    """The clamp of the top-K attribution features, the clean and clamped diff of every prompt (one
+    prefix + one clamped + one clean pass each), and its valid flips: clean > 0 and clamped <= 0."""
     cfg = prep.cfg
-    k = n_features or cfg.n_features
-    grid = [float(b) for b in budgets] if budgets is not None else [budget if budget is not None else cfg.budget]
     clamp, mode = make_clamp(prep, k)
-    site = prep.site
-    clamps = {site: clamp}
-    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=grid[0], constraint="none")
-    problem = R.RecoveryProblem(delta_site=site, clamp_sites=(site,))
+    site, clamps = prep.site, {prep.site: clamp}
     n = len(prep.prompts)
-    all_idx = np.arange(n)
-    ex_all = _examples(prep, all_idx)
-
-    # 1. clean and clamped diffs for every prompt (init = one prefix + one clamped + one clean pass)
-    probe = R.make_solver(problem, rcfg.replace(steps=0), O.logit_diff, O.logit_diff_success)
+    ex_all = _examples(prep, np.arange(n))
+    problem = R.RecoveryProblem(delta_site=site, clamp_sites=(site,))
+    probe = R.make_solver(problem, R.RecoveryConfig(steps=0, lr=cfg.lr, constraint="none"), O.logit_diff,
+                          O.logit_diff_success)
     ctx, _ = jax.jit(jax.vmap(probe.init, in_axes=(None, 0, None)))(prep.model, ex_all, clamps)
-    clean = np.asarray(ctx.base_objective)
-    clamped = np.asarray(ctx.clamped_objective)
+    clean, clamped = np.asarray(ctx.base_objective), np.asarray(ctx.clamped_objective)
     is_flip = (clean > 0) & (clamped <= 0)
     flips = np.nonzero(is_flip)[0]
-    pool = flips if cfg.require_flip else all_idx
-    used = pool[: cfg.max_flips] if cfg.max_flips else pool
     slot = prep.tokens.shape[1] - 1
     h_def = jax.vmap(lambda r: clamp(r, jnp.arange(r.shape[0], dtype=jnp.int32)))(prep.resid)
-    h_norm = float(jnp.mean(jnp.linalg.norm(h_def[:, slot], axis=-1)))
-    head = {
+    info = {
         "n_features": k, "clamp_mode": mode, "clamp_value": cfg.clamp_value, "budget": None,
-        "n_prompts": n, "n_valid_flips": int(len(flips)), "n_recovered_on": int(len(used)),
-        "flip_indices": used.tolist(), "mean_h_def_norm_end": h_norm,
+        "n_prompts": n, "n_valid_flips": int(len(flips)),
+        "mean_h_def_norm_end": float(jnp.mean(jnp.linalg.norm(h_def[:, slot], axis=-1))),
         "mean_clean_diff_flips": float(clean[flips].mean()) if len(flips) else None,
         "mean_clamped_diff_flips": float(clamped[flips].mean()) if len(flips) else None,
         "mean_clean_diff_all": float(clean.mean()), "mean_clamped_diff_all": float(clamped.mean()),
     }
-    outs: list[dict[str, Any]] = [{**head, "budget": b, "modes": {}, "records": []} for b in grid]
-    if not len(used):
-        S.say(f"ioi: K={k}: no valid flips (clean > 0 and clamped <= 0) among {n} prompts")
-        return outs if budgets is not None else outs[0]
-    modes = [constraint] if constraint else ["none", "encoder"]
-    ex = S.take(ex_all, used)
-    base_rec = [{"prompt": int(i), "text": prep.prompts[i].text, "io": prep.prompts[i].io, "s": prep.prompts[i].s,
-                 "clean_diff": float(clean[i]), "clamped_diff": float(clamped[i]), "valid_flip": bool(is_flip[i])}
-                for i in used]
-    none_runs: list[S.Run | None] = [None] * len(grid)
-    for m in modes:
-        solver = R.make_solver(problem, rcfg.replace(constraint=m), O.logit_diff, O.logit_diff_success)
-        if cfg.shared_delta:
-            runs = S.run_solver_budgets(solver, prep.model, _shared_example(prep, used), clamps, grid,
-                                        desc=f"ioi {m} shared", progress=progress, store=store)
-            runs = [dataclasses.replace(S.evaluate_deltas(solver, prep.model, ex, clamps, jnp.broadcast_to(
-                r.result.delta, (len(used),) + r.result.delta.shape[1:])), seconds=r.seconds) for r in runs]
-        else:
-            runs = S.run_solver_budgets(solver, prep.model, ex, clamps, grid, desc=f"ioi {m} K={k}",
-                                        progress=progress, store=store)
-        for j, (out, run) in enumerate(zip(outs, runs, strict=True)):
-            if m == "none":
-                none_runs[j] = run
-            _collect(out, m, run, base_rec)
-            out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
-    if constraint is None:  # the contrasts (never in a sweep, which names its constraint), per budget
-        _contrasts(prep, outs, grid, none_runs, problem, rcfg, clamps, ex_all, ex, clean, used, base_rec, progress, store)
-    return outs if budgets is not None else outs[0]
+    records = [{"prompt": int(i), "text": p.text, "io": p.io, "s": p.s, "clean_diff": float(clean[i]),
+                "clamped_diff": float(clamped[i]), "valid_flip": bool(is_flip[i])} for i, p in enumerate(prep.prompts)]
+    return D_.Case(clamps, ex_all, is_flip, records, O.logit_diff, O.logit_diff_success, info, site)
 
 
-def _contrasts(prep: Prepared, outs: list[dict], grid: list[float], none_runs: list, problem: R.RecoveryProblem,
-               rcfg: R.RecoveryConfig, clamps: dict, ex_all: R.Example, ex: R.Example, clean: np.ndarray,
-               used: np.ndarray, base_rec: list[dict], progress: bool, store: Path | None) -> None:
-    """Attribution replays of the unconstrained deltas, the head-knockout defence and the soft
-    suffix, added to each budget's result."""
-    cfg, site, clamp = prep.cfg, prep.site, clamps[prep.site]
+def methods(prep: Prepared, case: D_.Case, used: np.ndarray) -> list[D_.Method]:
+    """Unconstrained and encoder-projected, one delta row per prompt at END (or one shared delta)."""
+    shared = _shared_example(prep, used) if prep.cfg.shared_delta else None
+    tag = "shared" if shared is not None else f"K={case.info['n_features']}"
+    return [D_.Method(m, m, solve_on=shared, replay=m == "none", desc=f"ioi {m} {tag}") for m in ("none", "encoder")]
+
+
+def contrasts(prep: Prepared, case: D_.Case, used: np.ndarray) -> tuple[list[D_.Method], dict[str, Any]]:
+    """The head-knockout defence recovered with an unconstrained delta, and the soft suffix."""
+    cfg, out, info = prep.cfg, [], {}
+    clean = np.asarray([r["clean_diff"] for r in case.records])
     if cfg.knockout_heads:
         with C.stage("head knockout (surgery): select heads"):
             defended, heads, knocked = head_knockout(prep, cfg.knockout_heads)
         kflips = np.nonzero((clean > 0) & (knocked <= 0))[0]
         kused = kflips[: cfg.max_flips] if cfg.max_flips else kflips
         S.say(f"ioi: head knockout {[f'{layer}.{h}' for layer, h in heads]}: {len(kflips)} of {len(clean)} prompts flip")
-    for out, b, none_run in zip(outs, grid, none_runs, strict=True):
-        rc = rcfg.replace(budget=b)
-        if cfg.attribution and none_run is not None:
-            solver = R.make_solver(problem, rc, O.logit_diff, O.logit_diff_success)
-            for mode, run in S.replay_parts(solver, prep.model, ex, clamps, prep.sae, clamp.features,
-                                            none_run.result.delta).items():
-                _collect(out, mode, run, base_rec)
-        if cfg.knockout_heads:
-            out["head_knockout"] = {"heads": [f"{layer}.{h}" for layer, h in heads], "n_valid_flips": int(len(kflips)),
-                                    "n_recovered_on": int(len(kused)), "mean_knocked_diff": float(knocked.mean())}
-            if len(kused):
-                kproblem = R.RecoveryProblem(delta_site=site, clamp_sites=())
-                solver = R.make_solver(kproblem, rc, O.logit_diff, O.logit_diff_success)
-                kex = S.take(ex_all, kused)
-                run = S.run_solver(solver, defended, kex, {}, desc="ioi head knockout", progress=progress, store=store)
-                krec = [{"prompt": int(i), "text": prep.prompts[i].text, "io": prep.prompts[i].io, "s": prep.prompts[i].s,
-                         "clean_diff": float(clean[i]), "clamped_diff": float(knocked[i]), "valid_flip": True} for i in kused]
-                _collect(out, "head_knockout", run, krec)
-                out["modes"]["head_knockout"] = S.with_random_control(out["modes"]["head_knockout"], cfg, solver, defended,
-                                                                      kex, {}, run)
-        if cfg.suffix:
-            sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
-            solver = R.make_solver(sproblem, rc, O.logit_diff, O.logit_diff_success)
-            run = S.run_solver(solver, prep.model, _examples(prep, used, cfg.suffix_len), clamps,
-                               desc="ioi soft suffix", progress=progress, store=store)
-            _collect(out, "soft_suffix", run, base_rec)
-
-
-def _collect(out: dict, mode: str, run: S.Run, base_rec: list[dict]) -> None:
-    recs = [{**b, **r, "mode": mode, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
-    # the valid-flip set comes from the plain prompts; a suffix run's own base/clamped flags do not apply
-    for r in recs:
-        r["clamp_flipped"] = r["valid_flip"]
-        r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))
-    out["records"].extend(recs)
-    out["modes"][mode] = {**S.mode_summary(recs), "seconds": run.seconds}
+        info["head_knockout"] = {"heads": [f"{layer}.{h}" for layer, h in heads], "n_valid_flips": int(len(kflips)),
+                                 "n_recovered_on": int(len(kused)), "mean_knocked_diff": float(knocked.mean())}
+        krec = [{**case.records[i], "clamped_diff": float(knocked[i]), "valid_flip": True} for i in kused]
+        out.append(D_.Method("head_knockout", model=defended, clamps={}, examples=S.take(case.examples, kused),
+                             records=krec, desc="ioi head knockout"))
+    if cfg.suffix:
+        out.append(D_.Method("soft_suffix", delta_site=Site(0, "resid_pre"), examples=_examples(prep, used, cfg.suffix_len),
+                             random_control=False, desc="ioi soft suffix"))
+    return out, info
 
 
 def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -403,9 +341,10 @@ def plot(out: Path, res: dict[str, Any]) -> None:
                     ylabel="value", title=f"IOI recovery (K={res['n_features']}, budget {res['budget']})")
 
 
-SETTING = S.Setting(name=NAME, title="IOI circuit-level recovery (paper §5.3, Fig. 4)", prepare=prepare, evaluate=evaluate,
-                    table_rows=table_rows, notes=notes, plot=plot, csv_rows=S.mode_csv_rows)
+SETTING = D_.Setting(name=NAME, title="IOI circuit-level recovery (paper §5.3, Fig. 4)", Config=Config,
+                     prepare=prepare, case=case, methods=methods, contrasts=contrasts, table_rows=table_rows,
+                     notes=notes, plot=plot)
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    return S.run_setting(SETTING, cfg)
+    return D_.run(SETTING, cfg)

@@ -44,12 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrecover.paper import common as C
+from jaxrecover.paper import driver as D_
 from jaxrecover.paper import suite as S
 from jaxrecover import checkpoint as ckpt
 from jaxrecover import compat, datasets, features, judges, report
 from jaxrecover import objectives as O
 from jaxrecover import recovery as R
-from jaxrecover import runner
 from jaxrecover.interventions import AddDelta, Clamp, Compose, check_clamps, compose
 from jaxrecover.sae import encode
 from jaxrecover.sites import Site
@@ -444,73 +444,53 @@ def gen_with(model, tok, prompt_tok, clamps, cfg, delta_site=None, deltas=None, 
     return texts
 
 
-def judge(texts: list[str], bases: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for t, b in zip(texts, bases):
-        q = judges.assess_recovery_quality(t, b)
-        out.append({"non_refusal": q.non_refusal, "base_like": q.base_like, "strict_base_like": q.strict_base_like,
-                    "safety_cue": q.safety_cue, "jaccard": q.jaccard})
-    return out
-
-
 # ----------------------------------------------------------------------------- attribution
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bases_ids, prompt_texts, discouraged, site):
-    """Run one recovery method on the flips; returns (records, deltas, slots, delta_site, prompts)."""
+def method_examples(prep: "Prepared", method: str, flips: np.ndarray) -> tuple[R.Example, np.ndarray, Site, Batch]:
+    """A method's teacher-forced examples on the flips: delta rows at the last prompt token and the first
+    ``answer_tokens`` answer slots at the first clamp site (cross layer: ``cross_layer_gap`` below it),
+    or, for the soft suffix, at ``suffix_len`` learned input embeddings after the prompt."""
+    cfg, tok = prep.cfg, prep.tok
+    pf, bids = [prep.p_harm[i] for i in flips], [prep.base_ids[i] for i in flips]
     if method == "soft_suffix":
-        batch = build_batch(tok, prompt_texts, bases_ids, cfg, suffix=cfg.suffix_len)
-        P = batch.prompt_len
-        slots = np.arange(P - cfg.suffix_len, P, dtype=np.int32)
+        batch = build_batch(tok, pf, bids, cfg, suffix=cfg.suffix_len)
+        slots = np.arange(batch.prompt_len - cfg.suffix_len, batch.prompt_len, dtype=np.int32)
         dsite = Site(0, "resid_pre")
-        ex = examples_for(batch, discouraged, slots)
-        budget = cfg.suffix_budget or cfg.budget_rel * float(np.median(row_norms_at(model, clamps, dsite, ex))) * np.sqrt(len(slots))
-        rc = R.RecoveryConfig(steps=cfg.steps, lr=cfg.suffix_lr, budget=budget, constraint="none", seed=cfg.seed)
     else:
-        batch = build_batch(tok, prompt_texts, bases_ids, cfg)
-        P = batch.prompt_len
-        slots = np.arange(P - 1, P - 1 + cfg.answer_tokens, dtype=np.int32)
-        dsite = site
+        batch = build_batch(tok, pf, bids, cfg)
+        slots = np.arange(batch.prompt_len - 1, batch.prompt_len - 1 + cfg.answer_tokens, dtype=np.int32)
+        dsite = prep.site
         if method in ("jacobian", "none_cross") and cfg.cross_layer_gap > 0:  # cross-layer: perturb below the clamp
-            dsite = Site(max(0, site.layer - cfg.cross_layer_gap), "resid_post")
-        ex = examples_for(batch, discouraged, slots)
-        budget = cfg.budget or cfg.budget_rel * float(np.median(row_norms_at(model, clamps, dsite, ex))) * np.sqrt(len(slots))
-        constraint = "none" if method == "none_cross" else method
-        rc = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=budget, constraint=constraint, jacobian=cfg.jacobian,
-                              probes=cfg.probes, drift_penalty=cfg.drift_penalty, seed=cfg.seed)
-    problem = R.RecoveryProblem(delta_site=dsite, clamp_sites=tuple(clamps))
-    solver = R.make_solver(problem, rc, O.refusal_stage2, O.continuation_success)
-    t0 = time.time()
-    res = runner.solve_batch(solver, model, ex, clamps, progress=True, desc=method)
-    jax.block_until_ready(res.delta)
-    wall = time.time() - t0
-    recs = runner.result_records(res)
-    info = {"wall_s": wall, "budget": budget, "P": P, "delta_site": str(dsite)}
-    if cfg.random_control:
-        with C.stage(f"{method}: random-direction control"):
-            info["random_control"] = S.random_control(solver, model, ex, clamps, jax.device_get(res), seeds=cfg.random_control, seed=cfg.seed)
-    prompt_tok = (batch.tokens[:, :P], batch.valid[:, :P])  # the exact slots the deltas were fit on
-    return recs, np.asarray(res.delta), slots, dsite, prompt_tok, info, batch
+            dsite = Site(max(0, prep.site.layer - cfg.cross_layer_gap), "resid_post")
+    return examples_for(batch, prep.discouraged, slots), slots, dsite, batch
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    t_start = time.time()
-    # cheap checks first: a bad dataset, SAE or output folder fails before the model loads
+def load(cfg: Config) -> dict[Site, Any]:
+    """The cheap checks, before the model loads: the prompt set, the SAEs, K against them."""
     try:
         load_prompts(cfg)
     except datasets.DatasetError as e:
         raise SystemExit(f"--dataset: {e}") from None
-    out = C.out_dir(cfg.out, "refusal")
-    C.check_writable(out)
     saes = C.load_saes(cfg.sae, cfg.layers)
     compat.check_run(cfg.model_dir, saes, C.sae_paths(cfg.sae, cfg.layers), chat=True, setting="refusal")
     d_sae = min(s.d_sae for s in saes.values())
     if cfg.n_features > d_sae * len(saes):
         raise SystemExit(f"--n-features {cfg.n_features}: the SAEs have {d_sae} features each ({len(saes)} SAE(s)).")
-    return run(None, None, saes, cfg, out, t_start)  # prepare loads the model
+    return saes
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    return D_.run(SETTING, cfg)
+
+
+def run(model: Any, tok: Any, saes: dict[Site, Any], cfg: Config, out: Path) -> dict[str, Any]:
+    """The driver's run on a model and SAEs already in memory, into ``out``."""
+    cfg = dataclasses.replace(cfg, out=str(out))
+    return D_.run(SETTING, cfg, prepared=prepare(cfg, model, tok, saes, Path(out)))
 
 
 @dataclasses.dataclass
@@ -529,14 +509,14 @@ class Prepared(S.Prepared):
     seconds: float
 
 
-def prepare(cfg: Config, model: Any = None, tok: Any = None, saes: dict | None = None, out: Path | None = None) -> Prepared:
+def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: dict | None = None, out: Path | None = None) -> Prepared:
     """Model, SAEs, prompts and the base model's own answers (cached in ``out``, keyed by the model's
     contents, the prompts and the package version)."""
     from jaxrecover import __version__
 
     t0 = time.time()
     out = C.out_dir(cfg.out, "refusal") if out is None else out
-    saes = C.load_saes(cfg.sae, cfg.layers) if saes is None else saes
+    saes = C.load_saes(cfg.sae, cfg.layers) if sae is None else sae
     if model is None:
         with C.stage("model load"):
             model, tok = C.load_model(cfg.model_dir, cfg.dtype)
@@ -562,183 +542,121 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, saes: dict | None =
                     model_fp, time.time() - t0)
 
 
-def run(model, tok, saes, cfg: Config, out: Path, t_start: float | None = None) -> dict[str, Any]:
-    """The whole setting: prepare (loading the model when ``model`` is None), evaluate every method,
-    write the files."""
-    t_start = t_start or time.time()
-    res = evaluate(prepare(cfg, model, tok, saes, out))
-    return finish(out, res.pop("summary"), res["records"], t_start)
-
-
-def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None,
-             budget_rel: float | None = None) -> dict[str, Any]:
-    """Features for K = ``n_features``, the clamp, strict-valid flips, and recovery with each method
-    (only ``constraint`` when given, as the sweeps do), each regenerated and judged; attribution of the
-    first delta-site method. ``res["modes"][method]`` summarises it (``recovered`` = non-refusal)."""
-    from jaxrecover import __version__
+def case(prep: Prepared, k: int) -> D_.Case:
+    """Features for K, the clamp, its activation statistics, the clamped answers and the strict-valid
+    flips (base neither refuses nor cues safety, the clamped model refuses; base answers of >= 4 tokens)."""
     from jaxrecover.tokenizer import encode_batch
 
-    over = {"n_features": n_features or prep.cfg.n_features}
-    if budget is not None:
-        over["budget"] = budget
-    if budget_rel is not None:  # relative to the defended residual at each method's own delta site
-        over.update(budget=0.0, budget_rel=budget_rel)
-    if constraint is not None:
-        over.update(methods=(constraint,), attribution=False)
-    cfg = dataclasses.replace(prep.cfg, **over)
-    model, tok, saes, out = prep.model, prep.tok, prep.sae, prep.out
-    harmful, p_harm, p_safe = prep.harmful, prep.p_harm, prep.p_safe
-    base_texts, base_ids, refusal_ids, discouraged = prep.base_texts, prep.base_ids, prep.refusal_ids, prep.discouraged
-    model_fp = prep.model_fp
-    base_refusals = sum(judges.is_refusal(t) for t in base_texts)
-
-    # 2. features
-    harm_tok = encode_batch(tok, p_harm, pad_to=8)
+    cfg = dataclasses.replace(prep.cfg, n_features=k)
+    model, tok, saes = prep.model, prep.tok, prep.sae
+    harm_tok = encode_batch(tok, prep.p_harm, pad_to=8)
     ref_act = None
     with C.stage("feature selection"):
         if cfg.feature_method == "refusal_text":
-            feats, ref_act = select_refusal_text(model, tok, saes, p_harm[:32], cfg)
+            feats, ref_act = select_refusal_text(model, tok, saes, prep.p_harm[:32], cfg)
         else:
-            feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, p_safe, pad_to=8), refusal_ids, cfg)
+            feats = select_features(model, tok, saes, harm_tok, encode_batch(tok, prep.p_safe, pad_to=8),
+                                    prep.refusal_ids, cfg)
     clamps = make_clamps(saes, feats, cfg, ref_act)
     check_clamps(model, clamps)
     with C.stage("feature statistics"):
-        stats = feature_stats(model, tok, clamps, p_harm)
-
-    # 3-4. clamped answers and strict-valid flips
+        stats = feature_stats(model, tok, clamps, prep.p_harm)
     with C.stage("clamped answers"):
         clamp_texts = gen_with(model, tok, harm_tok, clamps, cfg, desc="clamped")
-    valid = [judges.strict_valid(b, c) for b, c in zip(base_texts, clamp_texts)]
-    flips = [i for i, v in enumerate(valid) if (v or not cfg.require_flip) and len(base_ids[i]) >= 4][: cfg.max_flips]
-    C.say(f"strict-valid flips: {sum(valid)} of {len(harmful)}; recovering {len(flips)}")
+    valid = np.asarray([judges.strict_valid(b, c) for b, c in zip(prep.base_texts, clamp_texts)], bool)
+    flips = [i for i, v in enumerate(valid) if (v or not cfg.require_flip) and len(prep.base_ids[i]) >= 4][: cfg.max_flips]
+    C.say(f"strict-valid flips: {int(valid.sum())} of {len(prep.harmful)}; recovering {len(flips)}")
     if len(flips) < cfg.max_flips:
         C.say(f"WARNING: asked for {cfg.max_flips} flips, found {len(flips)}: the table reports N = {len(flips)}")
-    summary: dict[str, Any] = {
-        "config": dataclasses.asdict(cfg),
-        "features": {str(s): f.tolist() for s, f in feats.items()},
+    info: dict[str, Any] = {
+        "n_features": k, "features": {str(s): f.tolist() for s, f in feats.items()},
         "clamp_values": {str(s): np.asarray(c.values).tolist() for s, c in clamps.items()},
-        "n_prompts": len(harmful), "base_refusals": base_refusals,
+        "n_prompts": len(prep.harmful), "base_refusals": sum(judges.is_refusal(t) for t in prep.base_texts),
         "clamp_refusals": sum(judges.is_effective_refusal(t) for t in clamp_texts),
-        "strict_valid": sum(valid), "recovered_on": len(flips), "methods": {}, "feature_stats": stats,
+        "strict_valid": int(valid.sum()), "recovered_on": len(flips), "feature_stats": stats,
+        "n_valid_flips": int(valid.sum()),
     }
-    records: list[dict[str, Any]] = []
     if not flips:
-        summary["no_flips"] = no_flip_reason(summary)
-        C.say(summary["no_flips"] + " Raise --clamp-value or --n-features, or try --clamp-mode floor.")
-        return {"summary": summary, "records": records, "modes": {}, "n_valid_flips": 0, "n_recovered_on": 0}
+        info["no_flips"] = no_flip_reason(info)
+        C.say(info["no_flips"] + " Raise --clamp-value or --n-features, or try --clamp-mode floor.")
+    records = [{"prompt_index": i} for i in range(len(prep.harmful))]
+    return D_.Case(clamps, None, valid, records, O.refusal_stage2, O.continuation_success, info, sorted(clamps)[0],
+                   used=np.asarray(flips, np.int64))
 
-    site = sorted(clamps)[0]
-    pf = [p_harm[i] for i in flips]
-    bids = [base_ids[i] for i in flips]
-    btx = [base_texts[i] for i in flips]
-    keep: dict[str, Any] = {}
-    # each finished method is saved under <out>/checkpoints (checkpoint.save_result, the one resume
-    # scheme), keyed by the config and the flips: a killed run resumes at the first unfinished method
-    # and gives the same results
-    ck = out / "checkpoints" if store is None else store
-    run_key = hashlib.sha1(json.dumps({
-        **dataclasses.asdict(cfg), "out": "", "save_text": False, "flips": flips, "version": __version__,
-        "model": model_fp, "saes": C.tree_fingerprint(saes),
-        "features": summary["features"], "clamp_values": summary["clamp_values"],
-    }, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    stale = [f.name for f in ck.glob("*_*") if f.is_dir() and not f.name.startswith((run_key, "base_"))]
-    if stale:
-        C.say(f"resume: {len(stale)} checkpoint(s) in {ck} belong to another model/SAE/config; starting fresh")
-    for method in cfg.methods:
-        saved = ckpt.load_result(ck, f"{run_key}_{method}")
-        if saved is not None:
-            arrays, meta = saved
-            rows, info, dsite = meta["rows"], meta["info"], Site.parse(meta["dsite"])
-            deltas, slots = arrays["deltas"], arrays["slots"]
-            batch = build_batch(tok, pf, bids, cfg, suffix=cfg.suffix_len if method == "soft_suffix" else 0)
-            prompts = (batch.tokens[:, : info["P"]], batch.valid[:, : info["P"]])
-            C.say(f"recovery: {method} (resumed from {ck / f'{run_key}_{method}'})")
+
+def methods(prep: Prepared, case: D_.Case, used: np.ndarray) -> list[D_.Method]:
+    """``cfg.methods`` on the flips: pairs at one delta site, budget, steps and lr (jacobian / none_cross
+    cross layer, encoder / none single layer) and the soft suffix (its own lr and budget)."""
+    cfg, out = prep.cfg, []
+    for name in cfg.methods:
+        ex, slots, dsite, batch = method_examples(prep, name, used)
+        rows = len(slots)
+        median = float(np.median(row_norms_at(prep.model, case.clamps, dsite, ex)))
+        extra = {"slots": slots, "P": batch.prompt_len, "prompts": (batch.tokens[:, : batch.prompt_len],
+                                                                     batch.valid[:, : batch.prompt_len])}
+        if name == "soft_suffix":
+            budget = cfg.suffix_budget or cfg.budget_rel * median * np.sqrt(rows)
+            out.append(D_.Method(name, "none", dsite, ex, config={"lr": cfg.suffix_lr, "seed": cfg.seed},
+                                 budget=float(budget), extra=extra, desc=name))
         else:
-            with C.stage(f"{method}: solve"):
-                recs, deltas, slots, dsite, prompts, info, batch = recover_method(method, model, tok, clamps, saes, feats, cfg, flips, bids, pf, discouraged, site)
-            with C.stage(f"{method}: generation"):
-                texts = gen_with(model, tok, prompts, clamps, cfg, dsite, deltas, np.tile(slots, (len(flips), 1)), info["P"], desc=method)
-            rows = []
-            for i, (r, j) in enumerate(zip(recs, judge(texts, btx))):
-                if r["status"] == "non_finite":  # a non-finite delta is never a recovery, whatever it generates
-                    j = {**j, "non_refusal": False, "base_like": False, "strict_base_like": False}
-                row = {"method": method, "prompt_index": flips[i], "status": r["status"], **j, **{k: r.get(k) for k in ("drift_rel", "floor_violation", "drift_abs", "delta_norm", "delta_rel", "final_objective", "clamped_objective", "base_objective")}}
-                if cfg.save_text:
-                    row["text"] = texts[i]
-                rows.append(row)
-            ckpt.save_result(ck, f"{run_key}_{method}", {"deltas": np.asarray(deltas), "slots": np.asarray(slots)},
-                             {"rows": rows, "info": info, "dsite": str(dsite)})
-        records.extend(rows)
-        keep[method] = (deltas, slots, dsite, prompts, info["P"], batch)
-        summary["methods"][method] = {**info, **method_summary(rows)}
-
-    # 7. attribution of the first delta-site method
-    # decompose a delta that lives where an SAE reads (the paper decomposes at the clamped layer)
-    attr_method = next((m for m in ("jacobian", "encoder", "none") if m in keep and keep[m][2] in saes), None)
-    if attr_method is not None and cfg.attribution:
-        deltas, slots, dsite, prompts, P, batch = keep[attr_method]
-        with C.stage("attribution"):
-            summary["attribution"] = attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, attr_method)
-    modes = {}
-    for m in summary["methods"]:
-        rows = [{**r, "recovered": r["non_refusal"]} for r in records if r["method"] == m]
-        modes[m] = {**S.mode_summary(rows), **summary["methods"][m]}
-    return {"summary": summary, "records": records, "modes": modes, "n_valid_flips": summary["strict_valid"],
-            "n_recovered_on": len(flips), "n_features": cfg.n_features}
+            config = {"jacobian": cfg.jacobian, "probes": cfg.probes, "drift_penalty": cfg.drift_penalty, "seed": cfg.seed}
+            out.append(D_.Method(name, "none" if name == "none_cross" else name, dsite, ex, config=config,
+                                 budget_scale=(median, rows), extra=extra, desc=name,
+                                 replay=name in ("encoder", "none") and dsite in prep.sae))
+    # the attribution decomposes the first delta that lives where an SAE reads (paper: the clamped layer)
+    first = next((i for n in ("jacobian", "encoder", "none") for i, m in enumerate(out) if m.name == n and m.delta_site in prep.sae), None)
+    return [dataclasses.replace(m, replay=i == first) for i, m in enumerate(out)]
 
 
-def method_summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "non_refusal": C.rates(rs, "non_refusal"), "base_like": C.rates(rs, "base_like"),
-        "strict_base_like": C.rates(rs, "strict_base_like"),
-        "drift_rel": C.mean_ci(rs, "drift_rel"), "floor_violation": C.mean_ci(rs, "floor_violation"),
-        "delta_norm": C.mean_ci(rs, "delta_norm"), "delta_rel": C.mean_ci(rs, "delta_rel"),
-    }
-
-
-def attribution(model, tok, clamps, saes, feats, cfg, dsite, deltas, slots, prompts, P, batch, btx, records, method):
-    """Decompose each delta at its site and replay every part under the clamp (paper App. J).
-
-    Every row is decomposed against the defended residual of the teacher-forced pass (prompt + base
-    answer) at its slot, where the delta was optimised."""
-    C.say(f"attribution of the {method} delta")
-    sae, feat = saes[dsite], feats[dsite]
-    n = len(deltas)
-    tokens, valid = batch.tokens, batch.valid
-
-    def hdef(model, clamps, t, v):
-        cap = capture(model, t, (dsite,), clamps, valid=v)
-        return clamps[dsite](cap[dsite], jnp.arange(t.shape[0], dtype=jnp.int32))[jnp.asarray(slots)]
-
-    h_def = jax.jit(jax.vmap(hdef, in_axes=(None, None, 0, 0)))(model, clamps, jnp.asarray(tokens[:n]), jnp.asarray(valid[:n]))
-    parts = S.replay_components(sae, feat, h_def, deltas, topk=cfg.topk_attr)
-    out: dict[str, Any] = {"method": method, "norms": {k: float(np.mean(np.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))) for k, v in parts.items()}}
-    rows = []
-    # every component of every example in ONE batched generation (one compile, full batches)
-    names = list(parts)
-    stacked = np.concatenate([np.asarray(parts[k]) for k in names])
-    all_prompts = tuple(np.concatenate([p] * len(names)) for p in prompts)
-    all_texts = gen_with(model, tok, all_prompts, clamps, cfg, dsite, stacked, np.tile(slots, (n * len(names), 1)), P,
-                         desc="replays")
-    for c, name in enumerate(names):
-        texts = all_texts[c * n : (c + 1) * n]
-        js = judge(texts, btx)
-        rows.append({"component": name, **{k: C.rates(js, k)["cell"] for k in ("non_refusal", "base_like", "strict_base_like")},
-                     "mean_norm": out["norms"][name], "paper_non_refusal": PAPER_REPLAY.get(name, "--")})
-        for i, j in enumerate(js):
-            records.append({"method": f"replay:{name}", "prompt_index": i, **j})
-    out["table"] = rows
+def judge(prep: Prepared, case: D_.Case, method: D_.Method, used: np.ndarray, deltas: np.ndarray) -> list[dict[str, Any]]:
+    """Regenerate under the clamp with each delta (rows at their slots; ``deltas`` may stack several
+    sets of the flips) and judge it against the base answer: recovered = non-refusal."""
+    cfg, x = prep.cfg, method.extra
+    reps = len(deltas) // len(used)
+    prompts = tuple(np.concatenate([p] * reps) for p in x["prompts"])
+    texts = gen_with(prep.model, prep.tok, prompts, case.clamps, cfg, method.delta_site, deltas,
+                     np.tile(x["slots"], (len(deltas), 1)), x["P"], desc=method.name)
+    bases = [prep.base_texts[i] for i in used] * reps
+    out = []
+    for t, b in zip(texts, bases):
+        q = judges.assess_recovery_quality(t, b)
+        out.append({"non_refusal": q.non_refusal, "base_like": q.base_like, "strict_base_like": q.strict_base_like,
+                    "safety_cue": q.safety_cue, "jaccard": q.jaccard, "recovered": q.non_refusal,
+                    **({"text": t} if cfg.save_text else {})})
     return out
 
 
-def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_start: float) -> dict[str, Any]:
-    summary["wall_s"] = time.time() - t_start
-    summary["stage_s"] = C.stage_times(reset=True)
-    report.write_jsonl(out / "results.jsonl", records)
-    report.write_json(out / "summary.json", summary)
+def summarise(prep: Prepared, rs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    return {**S.mode_summary(rs), "seconds": seconds,
+            "non_refusal": C.rates(rs, "non_refusal"), "base_like": C.rates(rs, "base_like"),
+            "strict_base_like": C.rates(rs, "strict_base_like"),
+            "drift_rel": C.mean_ci(rs, "drift_rel"), "floor_violation": C.mean_ci(rs, "floor_violation"),
+            "delta_norm": C.mean_ci(rs, "delta_norm"), "delta_rel": C.mean_ci(rs, "delta_rel")}
+
+
+REPLAYS = tuple((p, f"replay:{p}") for p in ("full", "residual", "other_features", "topk_features", "clamped_features",
+                                             "topk_knockout"))
+
+
+def finalise(prep: Prepared, res: dict[str, Any]) -> dict[str, Any]:
+    """The attribution table (paper App. J) from the replay modes."""
+    rows = [{"component": part, **{k: res["modes"][mode][k]["cell"] for k in ("non_refusal", "base_like", "strict_base_like")},
+             "mean_norm": (res["modes"][mode].get("delta_norm") or {}).get("mean"),
+             "paper_non_refusal": PAPER_REPLAY.get(part, "--")} for part, mode in REPLAYS if mode in res["modes"]]
+    if rows:
+        res["attribution"] = {"method": res.get("attribution_method"), "table": rows}
+    return res
+
+
+def _methods(res: dict[str, Any]) -> dict[str, Any]:
+    return {m: s for m, s in res["modes"].items() if not m.startswith("replay:")}
+
+
+def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    if not res["modes"]:
+        return [{"method": "--", "result": f"No recovery: {res.get('no_flips') or no_flip_reason(res)}"}]
     rows = []
-    for m, s in summary["methods"].items():
+    for m, s in _methods(res).items():
         p = PAPER.get(m, {})
         rows.append({
             "method": m, "non-refusal": s["non_refusal"]["cell"], "base-like": s["base_like"]["cell"],
@@ -748,40 +666,45 @@ def finish(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], t_
             "random dir. (same norm)": (s.get("random_control") or {}).get("random", {}).get("cell", "--"),
             "paper non-ref": p.get("nonref", "--"), "paper base-like": p.get("base_like", "--"), "paper drift": p.get("drift", "--"),
         })
-    report.write_csv(out / "methods.csv", rows) if rows else None
-    sections = [
-        ("Setup", f"prompts {summary['n_prompts']}, base refusals {summary['base_refusals']}, clamped refusals "
-                  f"{summary['clamp_refusals']}, strict-valid {summary['strict_valid']}, recovered on {summary['recovered_on']}; "
-                  f"features {summary['features']}; wall {summary['wall_s']:.0f} s\n"),
-        ("Recovery (Wilson / bootstrap 95% CIs; paper = AdvBench, Gemma-2-2B-it)",
-         report.markdown_table(rows) if rows else f"No recovery: {summary.get('no_flips') or no_flip_reason(summary)}\n"),
-        ("Random-direction control", "For each method, every delta that met the solver's own success "
-                  "criterion (greedy decoding reproduces every teacher-forced base-answer token) is replaced by "
-                  f"{summary['config'].get('random_control', 0)} random deltas of the same norm in the same constraint "
-                  "subspace (encoder-null, Jacobian-null at delta = 0, or unconstrained) and judged by the same "
-                  "criterion under the clamp: the column gives k/n pooled over seeds (Wilson 95%). Pairs at one "
-                  "delta site, budget, steps and lr: jacobian / none_cross (cross layer) and encoder / none "
-                  "(single layer).\n"),
-        ("Where the time went (wall s)", report.markdown_table([{"stage": k, "seconds": f"{v:.1f}"} for k, v in summary["stage_s"].items()])),
-    ]
-    if summary.get("feature_stats"):
-        per_feature, per_text = feature_stats_tables(summary["feature_stats"])
-        sections.append(("Clamped features: activation statistics (clean model)",
-                         "Fraction of positions where each clamped feature is active (z > 0) and its mean activation "
-                         "when active: on every prompt position but the first, on the last prompt token, and on "
-                         "refusal / compliant answer text teacher-forced after the same prompts.\n\n"
-                         + report.markdown_table(per_feature) + "\nWhat the clamp writes into the residual "
-                         "(‖clamp(h) - h‖ = ‖D(clamp(z)) - D(z)‖, error term kept), per position:\n\n"
-                         + report.markdown_table(per_text)))
-    if "attribution" in summary:
-        sections.append(("Recovery-path attribution (replay under the clamp)", report.markdown_table(summary["attribution"]["table"])))
-    report.write_markdown(out / "table.md", "Refusal steering recovery", sections)
-    if rows:
-        ms = list(summary["methods"])
-        report.bar_plot(out / "recovery.png", ms, {
-            "non-refusal": [summary["methods"][m]["non_refusal"]["rate"] or 0 for m in ms],
-            "base-like": [summary["methods"][m]["base_like"]["rate"] or 0 for m in ms],
-            "drift (rel)": [summary["methods"][m]["drift_rel"]["mean"] or 0 for m in ms],
-        }, ylabel="rate / drift", title="Refusal recovery under the clamp")
-    print((out / "table.md").read_text())
-    return summary
+    return rows
+
+
+def notes(prep: Prepared, res: dict[str, Any]) -> str:
+    parts = [f"Setup: prompts {res['n_prompts']}, base refusals {res['base_refusals']}, clamped refusals "
+             f"{res['clamp_refusals']}, strict-valid {res['strict_valid']}, recovered on {res['recovered_on']}; "
+             f"features {res['features']}.\n"]
+    if not res["modes"]:
+        parts.append(f"No recovery: {res.get('no_flips') or no_flip_reason(res)}\n")
+    parts.append("Random-direction control: for each method, every delta that met the solver's own success "
+                 "criterion (greedy decoding reproduces every teacher-forced base-answer token) is replaced by "
+                 f"{prep.cfg.random_control} random deltas of the same norm in the same constraint "
+                 "subspace (encoder-null, Jacobian-null at delta = 0, or unconstrained) and judged by the same "
+                 "criterion under the clamp: the column gives k/n pooled over seeds (Wilson 95%). Pairs at one "
+                 "delta site, budget, steps and lr: jacobian / none_cross (cross layer) and encoder / none "
+                 "(single layer). Rates: Wilson 95%; means: bootstrap 95%. Paper = AdvBench, Gemma-2-2B-it.\n")
+    if res.get("feature_stats"):
+        per_feature, per_text = feature_stats_tables(res["feature_stats"])
+        parts.append("### Clamped features: activation statistics (clean model)\n\nFraction of positions where each "
+                     "clamped feature is active (z > 0) and its mean activation when active: on every prompt position "
+                     "but the first, on the last prompt token, and on refusal / compliant answer text teacher-forced "
+                     "after the same prompts.\n\n" + report.markdown_table(per_feature) + "\nWhat the clamp writes "
+                     "into the residual (‖clamp(h) - h‖ = ‖D(clamp(z)) - D(z)‖, error term kept), per position:\n\n"
+                     + report.markdown_table(per_text))
+    if "attribution" in res:
+        parts.append("### Recovery-path attribution (replay under the clamp)\n\n"
+                     + report.markdown_table(res["attribution"]["table"]))
+    return "\n".join(parts)
+
+
+def plot(out: Path, res: dict[str, Any]) -> None:
+    ms = _methods(res)
+    report.bar_plot(out / "recovery.png", list(ms), {
+        "non-refusal": [s["non_refusal"]["rate"] or 0 for s in ms.values()],
+        "base-like": [s["base_like"]["rate"] or 0 for s in ms.values()],
+        "drift (rel)": [s["drift_rel"]["mean"] or 0 for s in ms.values()],
+    }, ylabel="rate / drift", title="Refusal recovery under the clamp")
+
+
+SETTING = D_.Setting(name="refusal", title="Refusal steering recovery", Config=Config, load=load, prepare=prepare,
+                     case=case, methods=methods, judge=judge, summarise=summarise, finalise=finalise,
+                     table_rows=table_rows, notes=notes, plot=plot, csv_rows=table_rows, replay_parts=REPLAYS)

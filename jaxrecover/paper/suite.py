@@ -17,7 +17,7 @@ The helpers never loop over examples in Python on the hot path: every array op i
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover import compat
-from jaxrecover import projections as proj
 from jaxrecover import recovery as R
 from jaxrecover import runner
 from jaxrecover import report
@@ -324,16 +322,6 @@ def stack(examples: Sequence[R.Example]) -> R.Example:
 REPLAYED_PARTS = (("clamped_features", "replay_clamped_feature"), ("residual", "replay_sae_residual"))
 
 
-def replay_parts(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any], sae: SAE,
-                 features: Any, delta: Any) -> dict[str, Run]:
-    """The clamped-feature and SAE-residual parts of ``delta`` (``replay_components``) each replayed
-    under the clamp: ``{table mode: Run}`` for ioi and unlearning (refusal replays every part through
-    its own batched generation)."""
-    ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(model, examples, clamps)
-    parts = replay_components(sae, features, ctx0.h_def_rows, delta)
-    return {mode: evaluate_deltas(solver, model, examples, clamps, parts[part]) for part, mode in REPLAYED_PARTS}
-
-
 def take(tree: Any, idx: Sequence[int] | np.ndarray) -> Any:
     idx = np.asarray(idx, dtype=np.int32)
     return jax.tree.map(lambda a: a[idx], tree)
@@ -422,60 +410,6 @@ class Prepared:
     site: Site
     sae: Any
     sae_path: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """What a setting provides to the one driver (``run_setting``) and to the sweeps.
-
-    ``prepare(cfg) -> prep`` (model, SAE, data, clean and clamped passes; ``prep.sae_path``,
-    ``prep.site``, ``prep.seconds``); ``evaluate(prep, n_features=, budget=, constraint=) -> res``
-    (valid flips, recovery per method, judged; ``res["modes"]``, ``res["records"]``); optionally
-    ``evaluate(prep, budgets=(b1, b2, ...), constraint=) -> [res per budget]``, one joint solve over
-    budgets x examples (``run_solver_budgets``; the budget sweeps use it when present);
-    ``table_rows(res)`` (ours next to the paper's numbers); ``notes(prep, res)``; ``plot(out, res)``.
-    """
-
-    name: str
-    title: str
-    prepare: Callable[[Any], Any]
-    evaluate: Callable[..., dict[str, Any]]
-    table_rows: Callable[[dict[str, Any]], list[dict[str, Any]]]
-    notes: Callable[[Any, dict[str, Any]], str]
-    plot: Callable[[Path, dict[str, Any]], None]
-    csv_rows: Callable[[Mapping[str, Any]], list[dict[str, Any]]] = mode_csv_rows
-
-
-def run_setting(setting: Setting, cfg: Any) -> dict[str, Any]:
-    """THE driver of a setting: checks the output folder before anything is loaded, times each stage,
-    writes results.jsonl, summary.json, table.md, ``<name>.csv`` and ``<name>.png``, prints the table."""
-    from jaxrecover.paper import common as C
-
-    t0 = time.time()
-    out = default_out(cfg.out, setting.name)
-    C.check_writable(out)
-    sae = resolve_sae(cfg.sae[0] if cfg.sae else "", cfg.layers[0])  # cheap: fail before the model loads
-    compat.check_run(cfg.model_dir, [sae[1]], [sae[2]], setting=setting.name)  # width, site, tokenizer
-    if cfg.n_features > sae[1].d_sae:
-        raise SystemExit(f"--n-features {cfg.n_features}: the SAE {sae[2]} has {sae[1].d_sae} features.")
-    try:  # every setting driven here runs the encoder-projected method
-        proj.check_encoder_null_space(sae[1].W_enc.shape[0], cfg.n_features)
-    except ValueError as e:
-        raise SystemExit(f"--n-features {cfg.n_features}: {e}") from None
-    with C.stage("prepare (model, SAE, data, clean and clamped passes)"):
-        prep = setting.prepare(cfg, sae=sae)
-    res = setting.evaluate(prep, store=out / "checkpoints")
-    records = res.pop("records")
-    summary = {"config": dataclasses.asdict(cfg), "sae_path": prep.sae_path, "site": str(prep.site),
-               "prepare_seconds": prep.seconds, "wall_seconds": time.time() - t0, **res}
-    table = write_outputs(out, name=setting.name, records=records, summary=summary,
-                          table_rows=setting.table_rows(res), csv_rows=setting.csv_rows(res),
-                          notes=setting.notes(prep, res), title=setting.title)
-    if res["modes"]:
-        setting.plot(out, res)
-    print(table)
-    say(f"{setting.name}: wrote {out} in {time.time() - t0:.0f} s")
-    return summary
 
 
 def finite(x: Any) -> float | None:

@@ -35,13 +35,13 @@ Run: ``jaxrecover run sweeps --setting unlearning --kind budget``.
 
 import dataclasses
 import importlib
-import inspect
 import time
 from pathlib import Path
 from typing import Any
 
 
 from jaxrecover.paper import common as C
+from jaxrecover.paper import driver as D_
 from jaxrecover.paper import suite as S
 from jaxrecover import report
 
@@ -66,9 +66,9 @@ class Config(C.RunConfig):
     joint_budgets: bool = F_(default=True, metadata={
         "help": "budget sweep: solve every budget x example in one sharded batch (off: point by point)"})
     relative: bool = F_(default=False, metadata={
-        "help": "refusal budget sweep: the grid is budget_rel, a multiple of the defended residual norm at each "
-                "method's own delta site (layer 6 for jacobian / none_cross, 9 for encoder / none), so the "
-                "methods are compared at equal relative size; other settings take absolute budgets"})
+        "help": "budget sweep: the grid is budget_rel, a multiple of the defended residual norm at each "
+                "method's own delta rows (refusal: layer 6 for jacobian / none_cross, 9 for encoder / none), so "
+                "methods and models are compared at equal relative size"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,9 +78,6 @@ class Config(C.RunConfig):
         if self.setting != "refusal" and set(self.constraints) - {"none", "encoder"}:
             raise ValueError(f"--constraints {','.join(self.constraints)}: {self.setting} is single-layer; "
                              "jacobian and none_cross are refusal's cross-layer methods (use none, encoder).")
-        if self.relative and self.setting != "refusal":
-            raise ValueError(f"--relative true: only refusal's budget is relative (budget_rel); {self.setting} "
-                             "takes absolute budgets (its table reports ||delta|| / ||h_def|| next to them).")
         for k in self.ks:
             C.check_range("ks", k, 1)
         for b in self.budgets:
@@ -106,25 +103,26 @@ def _sub_config(cfg: Config, mod: Any) -> Any:
 
 
 def run_sweep(cfg: Config, mod: Any, prepared: Any = None, store: Path | None = None) -> dict[str, Any]:
-    """Evaluate every grid point for every constraint (finished solves resumable from ``store``);
-    returns points + records."""
-    prep = prepared if prepared is not None else mod.prepare(_sub_config(cfg, mod))
+    """Evaluate every grid point for every constraint through the one driver (finished solves
+    resumable from ``store``); returns points + records. ``mod`` is a setting module (its ``SETTING``)."""
+    setting = mod.SETTING
+    prep = prepared if prepared is not None else setting.prepare(_sub_config(cfg, mod))
     grid = list(cfg.ks) if cfg.kind == "k" else list(cfg.budgets)
     results: dict[tuple[Any, str], tuple[dict[str, Any], float]] = {}  # (x, constraint) -> (result, seconds)
-    joint = (cfg.kind == "budget" and cfg.joint_budgets and not cfg.relative
-             and "budgets" in inspect.signature(mod.evaluate).parameters)
+    # a judged setting (refusal) regenerates per point; relative budgets differ per method: point by point
+    joint = cfg.kind == "budget" and cfg.joint_budgets and not cfg.relative and setting.judge is None
     for c in cfg.constraints if joint else ():  # one solve per constraint over budgets x examples
         t0 = time.time()
-        per_point = mod.evaluate(prep, constraint=c, store=store, budgets=tuple(float(x) for x in grid))
+        per_point = D_.evaluate(setting, prep, constraint=c, store=store, budgets=tuple(float(x) for x in grid))
         share = (time.time() - t0) / len(grid)
         for x, res in zip(grid, per_point, strict=True):
             results[x, c] = res, share
     for x in grid if not joint else ():
         for c in cfg.constraints:
-            kw = ({"n_features": int(x)} if cfg.kind == "k" else
-                  {"budget_rel" if cfg.relative else "budget": float(x)})
+            kw = ({"n_features": int(x), "budgets": None} if cfg.kind == "k" else
+                  {"budgets": (float(x),), "relative": cfg.relative})
             t0 = time.time()
-            results[x, c] = mod.evaluate(prep, constraint=c, store=store, **kw), time.time() - t0
+            results[x, c] = D_.evaluate(setting, prep, constraint=c, store=store, **kw)[0], time.time() - t0
     points, records = [], []
     for x in grid:  # grid-major, as the point-by-point loop runs
         for c in cfg.constraints:

@@ -26,7 +26,6 @@ Run: ``jaxrecover run tpp``; ``--help`` lists the options.
 
 import dataclasses
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import numpy as np
 from jaxrecover.probes import train_linear_probes
 
 from jaxrecover.paper import common as C
+from jaxrecover.paper import driver as D_
 from jaxrecover.paper import suite as S
 from jaxrecover import datasets as D
 from jaxrecover import features as F
@@ -137,16 +137,10 @@ def select_features(prep: Prepared, c: int, k: int) -> Any:
     return F.top_attribution(F.attribution(prep.sae, resid, grad, jnp.asarray(prep.pool[idx])), k)
 
 
-def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None,
-             budgets: Sequence[float] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
-    """Valid flips per class for K = ``n_features``, then recovery per constraint (both when None).
-
-    With ``budgets`` (a budget sweep): a list with one result per budget, each what ``budget=b``
-    gives, from ONE solve per constraint over every budget x flip (``suite.run_solver_budgets``)."""
+def case(prep: Prepared, k: int) -> D_.Case:
+    """Per class, the top-K features of its probe zero-ablated; valid flips are the class's test bios
+    whose probe logit the ablation turns from > 0 to <= 0 (at most ``max_flips`` per class)."""
     cfg = prep.cfg
-    k = n_features or cfg.n_features
-    grid = [float(b) for b in budgets] if budgets is not None else [budget if budget is not None else cfg.budget]
     site = prep.site
     n_cls = len(prep.labels)
     feats = jnp.stack([select_features(prep, c, k) for c in range(n_cls)])  # [n_cls, k]
@@ -186,14 +180,9 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
             "other_probe_acc_ablated": float(np.mean([acc(abl_logits[c], j) for j in others])),
             "features": np.asarray(feats[c]).tolist(),
         }
-    outs: list[dict[str, Any]] = [
-        {"n_features": k, "budget": b, "labels": prep.labels, "probe_acc": prep.probe_acc, "per_class": per_class,
-         "n_valid_flips": sum(pc["n_valid_flips"] for pc in per_class.values()),
-         "n_recovered_on": len(ex_idx), "modes": {}, "records": []} for b in grid]
-    if not ex_idx:
-        S.say("tpp: no valid flips")
-        return outs if budgets is not None else outs[0]
-    ex_idx_a, ex_cls_a = np.asarray(ex_idx), np.asarray(ex_cls)
+    info = {"n_features": k, "budget": None, "labels": prep.labels, "probe_acc": prep.probe_acc, "per_class": per_class,
+            "n_valid_flips": sum(pc["n_valid_flips"] for pc in per_class.values()), "n_recovered_on": len(ex_idx)}
+    ex_idx_a, ex_cls_a = np.asarray(ex_idx, np.int64), np.asarray(ex_cls, np.int64)
     seq = prep.tokens.shape[1]
     pool = prep.pool[ex_idx_a]
     delta_slots = np.where(pool, np.arange(seq)[None], -1).astype(np.int32)
@@ -203,31 +192,30 @@ def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | N
         target=O.ProbeTarget(w=prep.W[ex_cls_a], b=prep.b[ex_cls_a], mask=jnp.asarray(pool, jnp.float32)),
     )
     clamp = Clamp(prep.sae, feats[ex_cls_a], jnp.zeros((len(ex_idx), k), jnp.float32), mode="zero")
-    axes = {site: Clamp(None, 0, 0, None, mode="zero")}
-    problem = R.RecoveryProblem(delta_site=site, clamp_sites=(site,), readout="resid", readout_site=site)
-    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=grid[0])
-    base_rec = [{"bio": int(i), "label": prep.labels[c]} for i, c in zip(ex_idx, ex_cls, strict=True)]
-    for m in [constraint] if constraint else ["none", "encoder"]:
-        solver = R.make_solver(problem, rcfg.replace(constraint=m), O.probe_logit, O.probe_success)
-        runs = S.run_solver_budgets(solver, prep.model, examples, {site: clamp}, grid, clamp_axes=axes,
-                                    desc=f"tpp {m} K={k}", progress=progress, store=store)
-        for out, run in zip(outs, runs, strict=True):
-            recs = [{**b, **r, "mode": m, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
-            for r in recs:
-                r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))
-            out["records"].extend(recs)
-            out["modes"][m] = S.with_random_control(
-                {"all_flips": S.mode_summary(recs), "seconds": run.seconds,
-                 "per_class": {lab: S.mode_summary([r for r in recs if r["label"] == lab]) for lab in prep.labels}},
-                cfg, solver, prep.model, examples, {site: clamp}, run, clamp_axes=axes)
-            # target means (unweighted over classes with flips), the paper's Table 2 aggregation
-            pcs = [s for s in out["modes"][m]["per_class"].values() if s["n"]]
-            out["modes"][m]["target_mean"] = {
-                key: float(np.mean([(s[key]["rate"] if "rate" in s[key] else s[key]["mean"]) for s in pcs]))
-                for key in ("recovered", "react_frac", "drift_abs", "decode_drift", "zero_reactivation", "drift_rel")
-                if all(key in s and (s[key].get("rate", s[key].get("mean")) is not None) for s in pcs)
-            }
-    return outs if budgets is not None else outs[0]
+    records = [{"bio": int(i), "label": prep.labels[c]} for i, c in zip(ex_idx, ex_cls, strict=True)]
+    return D_.Case({site: clamp}, examples, np.ones(len(ex_idx), bool), records, O.probe_logit, O.probe_success,
+                   info, site, problem={"readout": "resid", "readout_site": site},
+                   clamp_axes={site: Clamp(None, 0, 0, None, mode="zero")}, used=np.arange(len(ex_idx)))
+
+
+def methods(prep: Prepared, case: D_.Case, used: np.ndarray) -> list[D_.Method]:
+    """Unconstrained and encoder-projected, delta rows at every pooled position."""
+    k = case.info["n_features"]
+    return [D_.Method(m, m, desc=f"tpp {m} K={k}") for m in ("none", "encoder")]
+
+
+def summarise(prep: Prepared, recs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """All flips, per class, and the paper's Table 2 aggregation: target means, unweighted over the
+    classes with flips."""
+    out = {"all_flips": S.mode_summary(recs), "seconds": seconds,
+           "per_class": {lab: S.mode_summary([r for r in recs if r["label"] == lab]) for lab in prep.labels}}
+    pcs = [s for s in out["per_class"].values() if s["n"]]
+    out["target_mean"] = {
+        key: float(np.mean([(s[key]["rate"] if "rate" in s[key] else s[key]["mean"]) for s in pcs]))
+        for key in ("recovered", "react_frac", "drift_abs", "decode_drift", "zero_reactivation", "drift_rel")
+        if all(key in s and (s[key].get("rate", s[key].get("mean")) is not None) for s in pcs)
+    }
+    return out
 
 
 def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -285,9 +273,10 @@ def plot(out: Path, res: dict[str, Any]) -> None:
                     ylabel="rate", title=f"TPP recovery per target (K={res['n_features']})")
 
 
-SETTING = S.Setting(name=NAME, title="TPP latent-level recovery (paper §5.1, Table 2)", prepare=prepare, evaluate=evaluate,
-                    table_rows=table_rows, notes=notes, plot=plot, csv_rows=table_rows)
+SETTING = D_.Setting(name=NAME, title="TPP latent-level recovery (paper §5.1, Table 2)", Config=Config,
+                     prepare=prepare, case=case, methods=methods, summarise=summarise, table_rows=table_rows,
+                     notes=notes, plot=plot, csv_rows=table_rows)
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    return S.run_setting(SETTING, cfg)
+    return D_.run(SETTING, cfg)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrecover.paper import common as C
+from jaxrecover.paper import driver as D_
 from jaxrecover.paper import suite as S
 from jaxrecover import datasets as D
 from jaxrecover import features as F
@@ -322,85 +323,47 @@ def clamp_grid(prep: Prepared, ks: Sequence[int], multipliers: Sequence[float]) 
     return rows
 
 
-def evaluate(prep: Prepared, *, n_features: int | None = None, budget: float | None = None,
-             constraint: str | None = None, progress: bool = True, store: Path | None = None,
-             budgets: Sequence[float] | None = None) -> dict[str, Any] | list[dict[str, Any]]:
-    """Valid flips for K = ``n_features`` among the base-correct permutations, then recovery.
-
-    With ``budgets`` (a budget sweep): a list with one result per budget, each what ``budget=b``
-    gives, from ONE solve per constraint over every budget x flip (``suite.run_solver_budgets``)."""
+def case(prep: Prepared, k: int) -> D_.Case:
+    """The forget-vs-retain clamp at K, its side effect on the retain orders, and its valid flips: the
+    base-right forget orders it makes wrong (taken round-robin over questions)."""
     cfg = prep.cfg
-    k = n_features or cfg.n_features
-    grid = [float(b) for b in budgets] if budgets is not None else [budget if budget is not None else cfg.budget]
     clamp = make_clamp(prep, k)
-    site = prep.site
-    clamps = {site: clamp}
     objective, success = _task(cfg.scoring)
-    rcfg = R.RecoveryConfig(steps=cfg.steps, lr=cfg.lr, budget=grid[0], constraint="none")
-    problem = R.RecoveryProblem(delta_site=site, clamp_sites=(site,))
-    out: dict[str, Any] = {
+    info: dict[str, Any] = {
         "n_features": k, "multiplier": cfg.multiplier, "budget": None, "scoring": cfg.scoring,
         "kept_questions": [prep.questions[q].id for q in prep.kept], "relaxed": prep.relaxed,
         "min_correct": cfg.relax_to if prep.relaxed else cfg.min_correct,
         "correct_counts": {prep.questions[q].id: c for q, c in prep.correct_counts.items()},
-        "n_base_correct_perms": len(prep.items), "modes": {}, "records": [],
+        "n_base_correct_perms": len(prep.items),
     }
     if not prep.items:
-        out.update(n_valid_flips=0, n_recovered_on=0)
-        outs = [{**out, "budget": b, "modes": {}, "records": []} for b in grid]
-        return outs if budgets is not None else outs[0]
-    ex_all = _examples(prep.items, cfg.scoring, prep.P, prep.A)
+        return D_.Case({prep.site: clamp}, None, np.zeros(0, bool), [], objective, success, info, prep.site)
     clamped_ok, retain_kept = clamp_effect(prep, clamp)
     if retain_kept is not None:
-        out["retain_kept"] = retain_kept
+        info["retain_kept"] = retain_kept
     flips = np.nonzero(~clamped_ok)[0]
-    pool = flips if cfg.require_flip else np.arange(len(prep.items))
-    pool = interleave_questions(pool, [prep.items[i].q for i in pool])
-    used = pool[: cfg.max_flips] if cfg.max_flips else pool
-    out.update(n_valid_flips=int(len(flips)), n_recovered_on=int(len(used)),
-               flips_per_question={prep.questions[q].id: int(sum(prep.items[i].q == q for i in flips)) for q in prep.kept})
-    outs = [{**out, "budget": b, "modes": {}, "records": []} for b in grid]
-    if not len(used):
-        S.say(f"unlearning: K={k}: the clamp flips none of {len(prep.items)} base-correct permutations")
-        return outs if budgets is not None else outs[0]
-    items = [prep.items[i] for i in used]
-    ex = S.take(ex_all, used)
-    base_rec = [{"question": prep.questions[it.q].id, "perm_id": it.perm.perm_id, "gold": it.perm.answer,
-                 "valid_flip": not bool(clamped_ok[i])} for it, i in zip(items, used, strict=True)]
-    none_runs: list[S.Run | None] = [None] * len(grid)
-    for m in [constraint] if constraint else ["none", "encoder"]:
-        solver = R.make_solver(problem, rcfg.replace(constraint=m), objective, success)
-        runs = S.run_solver_budgets(solver, prep.model, ex, clamps, grid, desc=f"unlearning {m} K={k}",
-                                    progress=progress, store=store)
-        for j, (out, run) in enumerate(zip(outs, runs, strict=True)):
-            none_runs[j] = run if m == "none" else none_runs[j]
-            _collect(out, m, run, base_rec)
-            out["modes"][m] = S.with_random_control(out["modes"][m], cfg, solver, prep.model, ex, clamps, run)
-    # the contrasts run only without a named constraint (never in a sweep), per budget
-    for out, b, none_run in zip(outs, grid, none_runs, strict=True):
-        rc = rcfg.replace(budget=b)
-        if cfg.attribution and none_run is not None and constraint is None:
-            solver = R.make_solver(problem, rc, objective, success)
-            for mode, run in S.replay_parts(solver, prep.model, ex, clamps, prep.sae, clamp.features,
-                                            none_run.result.delta).items():
-                _collect(out, mode, run, base_rec)
-        if cfg.suffix and constraint is None:
-            bang = _ids(prep.tok, "!")[-1]
-            sex = _examples(items, cfg.scoring, prep.P, prep.A, [bang] * cfg.suffix_len)
-            sproblem = R.RecoveryProblem(delta_site=Site(0, "resid_pre"), clamp_sites=(site,))
-            solver = R.make_solver(sproblem, rc, objective, success)
-            _collect(out, "soft_suffix", S.run_solver(solver, prep.model, sex, clamps,
-                                                      desc="unlearning soft suffix", progress=progress, store=store), base_rec)
-    return outs if budgets is not None else outs[0]
+    info["flips_per_question"] = {prep.questions[q].id: int(sum(prep.items[i].q == q for i in flips)) for q in prep.kept}
+    records = [{"question": prep.questions[it.q].id, "perm_id": it.perm.perm_id, "gold": it.perm.answer,
+                "valid_flip": not bool(clamped_ok[i])} for i, it in enumerate(prep.items)]
+    return D_.Case({prep.site: clamp}, _examples(prep.items, cfg.scoring, prep.P, prep.A), ~clamped_ok, records,
+                   objective, success, info, prep.site,
+                   order=lambda pool: interleave_questions(pool, [prep.items[i].q for i in pool]))
 
 
-def _collect(out: dict, mode: str, run: S.Run, base_rec: list[dict]) -> None:
-    recs = [{**b, **r, "mode": mode, "seconds": run.seconds} for b, r in zip(base_rec, run.records, strict=True)]
-    for r in recs:
-        r["clamp_flipped"] = r["valid_flip"]  # flips come from the plain prompts
-        r["zero_reactivation"] = bool(r["recovered"]) and bool(r.get("no_reactivation", True))
-    out["records"].extend(recs)
-    out["modes"][mode] = {**S.mode_summary(recs), "seconds": run.seconds}
+def methods(prep: Prepared, case: D_.Case, used: np.ndarray) -> list[D_.Method]:
+    """Unconstrained and encoder-projected, one delta row at the last prompt slot."""
+    k = case.info["n_features"]
+    return [D_.Method(m, m, replay=m == "none", desc=f"unlearning {m} K={k}") for m in ("none", "encoder")]
+
+
+def contrasts(prep: Prepared, case: D_.Case, used: np.ndarray) -> tuple[list[D_.Method], dict[str, Any]]:
+    """The soft suffix: ``suffix_len`` '!' embeddings after the prompt, learned with the clamp on."""
+    cfg = prep.cfg
+    if not cfg.suffix:
+        return [], {}
+    sex = _examples([prep.items[i] for i in used], cfg.scoring, prep.P, prep.A, [_ids(prep.tok, "!")[-1]] * cfg.suffix_len)
+    return [D_.Method("soft_suffix", delta_site=Site(0, "resid_pre"), examples=sex, random_control=False,
+                      desc="unlearning soft suffix")], {}
 
 
 def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -453,9 +416,10 @@ def plot(out: Path, res: dict[str, Any]) -> None:
                     ylabel="value", title=f"Unlearning recovery (K={res['n_features']}, budget {res['budget']})")
 
 
-SETTING = S.Setting(name=NAME, title="Unlearning (WMDP-Bio style) output-level recovery (paper §5.2)", prepare=prepare, evaluate=evaluate,
-                    table_rows=table_rows, notes=notes, plot=plot, csv_rows=S.mode_csv_rows)
+SETTING = D_.Setting(name=NAME, title="Unlearning (WMDP-Bio style) output-level recovery (paper §5.2)", Config=Config,
+                     prepare=prepare, case=case, methods=methods, contrasts=contrasts, table_rows=table_rows,
+                     notes=notes, plot=plot)
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    return S.run_setting(SETTING, cfg)
+    return D_.run(SETTING, cfg)
