@@ -82,7 +82,9 @@ def test_a_setting_defined_in_one_file_runs_through_driver_sweeps_and_report(tmp
     for m in ("none", "encoder"):  # the driver's random control, per recovered delta
         rc = summary["modes"][m].get("random_control")
         assert rc is None or rc["random"]["n"] == 2 * rc["n_recovered"]
-    assert "stage_s" in json.loads((out / "summary.json").read_text())
+    stages = json.loads((out / "summary.json").read_text())["stage_s"]
+    for m in ("none", "encoder"):  # one wall time per solve: the method's seconds are its stage's
+        assert abs(summary["modes"][m]["seconds"] - stages[f"solve: toy {m}"]) <= 0.1 * stages[f"solve: toy {m}"] + 0.5
     # the sweeps drive it through the same driver: budget 0 leaves delta at 0
     module = types.SimpleNamespace(SETTING=SETTING, Config=Config)
     prep = prepare(cfg)

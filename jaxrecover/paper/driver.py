@@ -264,6 +264,7 @@ def evaluate(setting: Setting, prep: Any, *, n_features: int | None = None, budg
     for out in outs:
         out.setdefault("n_valid_flips", int(np.sum(case.is_flip)))
         out.setdefault("n_recovered_on", int(len(used)))
+        out.setdefault("flip_indices", [int(i) for i in used])
     if not len(used):
         S.say(f"{setting.name}: K={k}: no valid flips among {len(case.is_flip)} candidates")
         return outs
