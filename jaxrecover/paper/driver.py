@@ -170,16 +170,23 @@ def _collect(setting: Setting, prep: Any, out: dict, mode: str, run: S.Run, base
     return recs
 
 
+def _inputs(prep: Any, case: Case, m: Method, used: np.ndarray) -> tuple[Any, dict, Any, Any, list]:
+    """``(model, clamps, clamp_axes, examples, base records)`` of ``m``: its own, or the case's."""
+    if m.clamps is None:
+        clamps, axes = case.clamps, case.clamp_axes
+    else:
+        clamps, axes = dict(m.clamps), m.clamp_axes
+    ex = S.take(case.examples, used) if m.examples is None else m.examples
+    base = [case.records[i] for i in used] if m.records is None else list(m.records)
+    return (prep.model if m.model is None else m.model), clamps, axes, ex, base
+
+
 def _run_method(setting: Setting, prep: Any, case: Case, m: Method, used: np.ndarray, grid: list[float],
                 relative: bool, outs: list[dict], *, store: Path | None, progress: bool) -> list[S.Run]:
     from jaxrecover.paper import common as C
 
     cfg = prep.cfg
-    model = prep.model if m.model is None else m.model
-    clamps = case.clamps if m.clamps is None else dict(m.clamps)
-    axes = case.clamp_axes if m.clamps is None else m.clamp_axes
-    ex = S.take(case.examples, used) if m.examples is None else m.examples
-    base = [case.records[i] for i in used] if m.records is None else list(m.records)
+    model, clamps, axes, ex, base = _inputs(prep, case, m, used)
     if m.budget is not None:
         budgets = [float(m.budget)] * len(grid)
     elif relative:
@@ -220,10 +227,7 @@ def _replays(setting: Setting, prep: Any, case: Case, m: Method, used: np.ndarra
              budget: float) -> None:
     """The attribution of ``m``'s delta (paper App. J): its parts at the delta site, each replayed
     under the clamp and judged like the method itself."""
-    model = prep.model if m.model is None else m.model
-    clamps = case.clamps if m.clamps is None else dict(m.clamps)
-    ex = S.take(case.examples, used) if m.examples is None else m.examples
-    base = [case.records[i] for i in used] if m.records is None else list(m.records)
+    model, clamps, _, ex, base = _inputs(prep, case, m, used)
     site = m.delta_site or case.site
     solver = _solver(case, m, prep.cfg, budget, clamps)
     ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(model, ex, clamps)
