@@ -21,9 +21,9 @@ if str(ROOT) not in sys.path:  # `python benchmarks/bench_forward.py` as well as
 import jax  # noqa: E402
 
 from benchmarks import _timing  # noqa: E402
-from jaxrecover.io_hf import load_transformer  # noqa: E402
+from jaxrecover.io.hf import load_transformer  # noqa: E402
 from jaxrecover.testing import random_transformer, tiny_config  # noqa: E402
-from jaxrecover.transformer import forward  # noqa: E402
+from jaxrecover.model.transformer import forward  # noqa: E402
 
 SMOLLM2_135M = dict(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_head=64, d_mlp=1536, d_vocab=49152,
                     n_ctx=8192, norm_eps=1e-5, rope_theta=100000.0, tied_embeddings=True)

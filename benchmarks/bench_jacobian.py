@@ -66,7 +66,7 @@ def prepare(path: Path, n: int) -> dict[str, Any]:
     import numpy as np
 
     from benchmarks.bench_recovery import refusal_setup
-    from jaxrecover.embedded import default_model_dir, load_default
+    from jaxrecover.io.embedded import default_model_dir, load_default
 
     model, _ = load_default()
     t0 = time.perf_counter()
@@ -83,13 +83,13 @@ def _problem(npz: Path, batch: int) -> tuple[Any, Any, Any, Any, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxrecover import objectives as O
-    from jaxrecover import recovery as R
-    from jaxrecover.embedded import load_default
-    from jaxrecover.interventions import Clamp
-    from jaxrecover.sae_io import load_sae
-    from jaxrecover.shipped import shipped_sae
-    from jaxrecover.sites import Site
+    from jaxrecover.recover import objectives as O
+    from jaxrecover.recover import solver as R
+    from jaxrecover.io.embedded import load_default
+    from jaxrecover.sae.clamp import Clamp
+    from jaxrecover.sae.files import load_sae
+    from jaxrecover.io.shipped import shipped_sae
+    from jaxrecover.core.sites import Site
 
     from benchmarks.bench_recovery import REFUSAL_LAYER
 
@@ -120,8 +120,8 @@ def cell(npz: Path, mode: str, batch: int, steps: int, chunk: int, chunk_sweep: 
     """Time and measure one (mode, batch) cell in this process."""
     import jax
 
-    from jaxrecover import objectives as O
-    from jaxrecover import recovery as R
+    from jaxrecover.recover import objectives as O
+    from jaxrecover.recover import solver as R
 
     model, clamps, ex, problem, budget = _problem(npz, batch)
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # child: mode,batch,npz
     args = ap.parse_args(argv)
-    from jaxrecover.projections import JACOBIAN_CHUNK
+    from jaxrecover.recover.projections import JACOBIAN_CHUNK
 
     chunk = args.chunk or JACOBIAN_CHUNK
     if args.cell:

@@ -132,7 +132,7 @@ def random_checkpoint(preset: str, dtype: str, seed: int = 0) -> Path:
 
 def resolve_model(spec: str, dtype: str, seed: int) -> Path:
     if spec == "smollm2":
-        from jaxrecover.embedded import default_model_dir
+        from jaxrecover.io.embedded import default_model_dir
 
         return default_model_dir()
     if spec.startswith("random:"):
@@ -202,7 +202,7 @@ def device_name() -> str:
 class Problem:
     """The same recovery problem for both frameworks."""
 
-    jax_examples: Any  # stacked jaxrecover.recovery.Example
+    jax_examples: Any  # stacked jaxrecover.recover.solver.Example
     jax_clamps: dict
     jax_problem: Any
     jax_cfg: Any
@@ -216,7 +216,7 @@ class Problem:
 
 def random_sae(key: jax.Array, d_in: int, d_sae: int) -> Any:
     """A relu SAE with unit-norm decoder rows and a positive encoder bias (features fire)."""
-    from jaxrecover.sae import SAE
+    from jaxrecover.sae.autoencoder import SAE
 
     k1, k2 = jax.random.split(key)
     W_enc = jax.random.normal(k1, (d_in, d_sae), jnp.float32) * d_in**-0.5
@@ -253,10 +253,10 @@ def build_problem(
     import torch
 
     from benchmarks.torch_reference import TorchClamp, TorchExamples, TorchRecoveryConfig, TorchSAE
-    from jaxrecover import objectives as O
-    from jaxrecover.interventions import Clamp
-    from jaxrecover.recovery import Example, RecoveryConfig, RecoveryProblem
-    from jaxrecover.sites import Site
+    from jaxrecover.recover import objectives as O
+    from jaxrecover.sae.clamp import Clamp
+    from jaxrecover.recover.solver import Example, RecoveryConfig, RecoveryProblem
+    from jaxrecover.core.sites import Site
 
     cfg = model.cfg
     rng = np.random.default_rng(seed)
@@ -337,7 +337,7 @@ class RefusalSetup:
 def _chat_tokens(tok: Any, prompt: str, length: int) -> list[int]:
     """SmolLM2 chat tokens of ``prompt + REFUSAL_FILLER`` with the user text trimmed (at token level)
     so that the whole prompt, system turn and assistant opening included, is exactly ``length``."""
-    from jaxrecover import datasets
+    from jaxrecover.data import datasets as datasets
 
     enc = lambda text: tok.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     head = enc(f"<|im_start|>system\n{datasets.SMOLLM2_SYSTEM}<|im_end|>\n<|im_start|>user\n")
@@ -351,14 +351,14 @@ def _chat_tokens(tok: Any, prompt: str, length: int) -> list[int]:
 
 def refusal_setup(model: Any, folder: Path, n: int) -> RefusalSetup:
     """Prompts, base answers, features and floor values of the refusal-shaped problem (``n`` examples)."""
-    from jaxrecover import datasets
-    from jaxrecover.generate import generate
-    from jaxrecover.interventions import Clamp
-    from jaxrecover.sae_io import load_sae
-    from jaxrecover.shipped import shipped_sae
-    from jaxrecover.sites import Site
-    from jaxrecover.tokenizer import decode, load_tokenizer
-    from jaxrecover.transformer import run_to
+    from jaxrecover.data import datasets as datasets
+    from jaxrecover.model.generate import generate
+    from jaxrecover.sae.clamp import Clamp
+    from jaxrecover.sae.files import load_sae
+    from jaxrecover.io.shipped import shipped_sae
+    from jaxrecover.core.sites import Site
+    from jaxrecover.model.tokenizer import decode, load_tokenizer
+    from jaxrecover.model.transformer import run_to
 
     tok = load_tokenizer(folder)
     site = Site(REFUSAL_LAYER, "resid_post")
@@ -380,7 +380,7 @@ def refusal_setup(model: Any, folder: Path, n: int) -> RefusalSetup:
         features, floor = np.asarray(feats[site], np.int32), 4.0 * np.asarray(ref_act[site], np.float32)
         source = "jaxrecover.paper.refusal.select_refusal_text, floor = 4 x mean refusal-text activation"
     except Exception as err:  # noqa: BLE001 - the benchmark must not depend on the experiment's internals
-        from jaxrecover.sae import encode
+        from jaxrecover.sae.autoencoder import encode
 
         z = np.asarray(jax.vmap(lambda t: encode(sae, run_to(model, t, REFUSAL_LAYER + 1)))(jnp.asarray(tokens)))
         mean = z[:, P - 1 :].reshape(-1, sae.d_sae).mean(0)
@@ -402,10 +402,10 @@ def build_refusal_problem(setup: RefusalSetup, *, batch: int, steps: int = 10, l
     import torch
 
     from benchmarks.torch_reference import TorchClamp, TorchExamples, TorchRecoveryConfig, TorchSAE
-    from jaxrecover import objectives as O
-    from jaxrecover.interventions import Clamp
-    from jaxrecover.recovery import Example, RecoveryConfig, RecoveryProblem
-    from jaxrecover.sites import Site
+    from jaxrecover.recover import objectives as O
+    from jaxrecover.sae.clamp import Clamp
+    from jaxrecover.recover.solver import Example, RecoveryConfig, RecoveryProblem
+    from jaxrecover.core.sites import Site
 
     if batch > setup.tokens.shape[0]:
         raise ValueError(f"refusal problem: batch {batch} > {setup.tokens.shape[0]} prepared examples.")
@@ -449,7 +449,7 @@ CACHED_MODES = ("jax", "jax_bf16", "torch_cached")
 
 def jax_solver(p: Problem, steps: int | None = None, **changes: Any) -> Any:
     """The engine's ``recovery.Solver`` for ``p`` (optionally another step count or config fields)."""
-    from jaxrecover import recovery as R
+    from jaxrecover.recover import solver as R
 
     task = jax_task(p.objective)
     cfg = p.jax_cfg.replace(**changes) if steps is None else p.jax_cfg.replace(steps=steps, **changes)
@@ -458,7 +458,7 @@ def jax_solver(p: Problem, steps: int | None = None, **changes: Any) -> Any:
 
 def jax_window(p: Problem, mode: str = "jax") -> Any:
     """The window the engine plans for ``p`` in ``mode`` (``FULL`` for ``jax_full``)."""
-    from jaxrecover import recovery as R
+    from jaxrecover.recover import solver as R
 
     return R.plan_window(jax_solver(p, **JAX_MODES[mode]), p.jax_examples)
 
@@ -467,7 +467,7 @@ def jax_solve_fn(p: Problem, steps: int | None = None, mode: str = "jax") -> Cal
     """``(model, examples, clamps) -> RecoveryResult`` of the engine as the experiments run it
     (``runner.solve_batch``: jit(vmap) of init / advance / finish, window planned from the data;
     ``mode="jax_full"`` forces the full path, ``"jax_bf16"`` bf16 compute)."""
-    from jaxrecover import runner
+    from jaxrecover.recover import batch as runner
 
     solver = jax_solver(p, steps, **JAX_MODES[mode])
 
@@ -479,7 +479,7 @@ def jax_solve_fn(p: Problem, steps: int | None = None, mode: str = "jax") -> Cal
 
 
 def jax_task(objective: str) -> Any:
-    from jaxrecover import objectives as O
+    from jaxrecover.recover import objectives as O
 
     return {"logit_diff": O.LOGIT_DIFF, "choice_margin": O.CHOICE_MARGIN, "continuation_logprob": O.LOGPROB}[objective]
 
@@ -494,10 +494,10 @@ def jax_minimal_fn(p: Problem, cache_prefix: bool, steps: int | None = None) -> 
     """
     import optax
 
-    from jaxrecover import projections as proj
-    from jaxrecover.interventions import AddDelta, compose
-    from jaxrecover.objectives import Readout
-    from jaxrecover.transformer import forward, run_from, run_to
+    from jaxrecover.recover import projections as proj
+    from jaxrecover.sae.clamp import AddDelta, compose
+    from jaxrecover.recover.objectives import Readout
+    from jaxrecover.model.transformer import forward, run_from, run_to
 
     task = jax_task(p.objective)
     site = p.jax_problem.delta_site
@@ -615,8 +615,8 @@ def _measure(fn: Callable, args: tuple, repeats: int, compiled: bool) -> dict[st
 def _jax_advance_s(solve: Callable, model: Any, p: Problem) -> dict[str, Any]:
     """Seconds of ONE call of the engine's compiled ``advance`` piece (the ``steps`` optimisation steps
     in one ``lax.scan``; compiled already by ``solve``), from the state ``init`` gives."""
-    from jaxrecover import recovery as R
-    from jaxrecover import runner
+    from jaxrecover.recover import solver as R
+    from jaxrecover.recover import batch as runner
 
     solver = solve.solver
     window = R.plan_window(solver, p.jax_examples)
@@ -1067,7 +1067,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import transformers
 
     from benchmarks.torch_reference import load_hf_model
-    from jaxrecover.io_hf import load_transformer
+    from jaxrecover.io.hf import load_transformer
 
     t_start = time.perf_counter()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -35,7 +35,7 @@ from benchmarks import bench_recovery as BR  # noqa: E402
 
 def load_setup(jmodel, folder: Path, n: int, path: Path) -> BR.RefusalSetup:
     """``bench_recovery.refusal_setup`` for ``n`` examples, cached in ``path`` (the SAE is reloaded)."""
-    from jaxrecover.sae_io import load_sae
+    from jaxrecover.sae.files import load_sae
 
     sae_dir = ROOT / "sae_weights" / "smollm2-135m-instruct-res" / f"blocks.{BR.REFUSAL_LAYER}.hook_resid_post"
     if path.is_file():
@@ -58,7 +58,7 @@ VARIANTS = ("split", "stacked", "before")
 
 def _einsum_projections():
     """The pre-issue-21 attention projections (3-D einsums), to patch into ``transformer``."""
-    from jaxrecover import transformer as T
+    from jaxrecover.model import transformer as T
 
     def proj_in(x, W):
         return jnp.einsum("sd,dhk->shk", x, W)
@@ -72,10 +72,10 @@ def _einsum_projections():
 
 def engine_step_fn(p: BR.Problem, jmodel, variant: str = "split"):
     """``(advance, args, window)``: the engine's jitted ``advance`` (``steps`` steps) and its arguments."""
-    from jaxrecover import recovery as R
-    from jaxrecover import runner
+    from jaxrecover.recover import solver as R
+    from jaxrecover.recover import batch as runner
 
-    from jaxrecover import transformer as T
+    from jaxrecover.model import transformer as T
 
     runner._compiled.cache_clear()
     patches = []
@@ -94,8 +94,8 @@ def engine_step_fn(p: BR.Problem, jmodel, variant: str = "split"):
 
 
 def _engine_step_fn(p: BR.Problem, jmodel):
-    from jaxrecover import recovery as R
-    from jaxrecover import runner
+    from jaxrecover.recover import solver as R
+    from jaxrecover.recover import batch as runner
 
     solver = BR.jax_solver(p)
     window = R.plan_window(solver, p.jax_examples)
@@ -131,9 +131,9 @@ def torch_step_s(tmodel, p: BR.Problem) -> tuple[float, float]:
 def pieces(p: BR.Problem, jmodel, rounds: int) -> dict[str, float]:
     """Seconds of the window's pieces for the whole batch: forward (readout + Phi), forward+VJP
     (the step's gradient), and the unembedding of the read slots with its VJP."""
-    from jaxrecover import recovery as R
-    from jaxrecover import runner
-    from jaxrecover.transformer import unembed
+    from jaxrecover.recover import solver as R
+    from jaxrecover.recover import batch as runner
+    from jaxrecover.model.transformer import unembed
 
     solver = BR.jax_solver(p)
     window = R.plan_window(solver, p.jax_examples)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from benchmarks.torch_reference import load_hf_model
-    from jaxrecover.io_hf import load_transformer
+    from jaxrecover.io.hf import load_transformer
 
     torch.set_num_threads(args.torch_threads)
     batches = [int(b) for b in args.batches.split(",")]

@@ -2,7 +2,7 @@
 
 Question: what text can an SAE be trained on here, with no hub datasets? Answer: a shuffled JSONL
 of documents from WordNet glosses, the Python 3.11 docs, fortunes, Shakespeare and Milton, and the
-project's own prompt sets (see `jaxrecover.corpus`). The corpus itself is large and lives outside
+project's own prompt sets (see `jaxrecover.data.corpus`). The corpus itself is large and lives outside
 git; this script writes it plus a small manifest (documents, characters and SmolLM2 tokens per
 source) next to it.
 
@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from jaxrecover import corpus
+from jaxrecover.data import corpus as corpus
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrecover import judges
-from jaxrecover.paper import common as C
+from jaxrecover.recover import judges as judges
+from jaxrecover.experiment import common as C
 from jaxrecover.paper import refusal
-from jaxrecover.tokenizer import encode_batch
+from jaxrecover.model.tokenizer import encode_batch
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
             "values": ", ".join(f"{v:.3g}" for v in s["values"]) if mode == "floor" and ref else "",
         })
         C.say(f"try {label}: {rows[-1]['strict-valid flips']} strict-valid flips")
-    from jaxrecover import report
+    from jaxrecover.runtime import report as report
 
     body = report.markdown_table(rows).replace("||", "‖")
     (out / "TRIES.md").write_text(

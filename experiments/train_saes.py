@@ -1,5 +1,5 @@
 """Train residual SAEs for the embedded default (SmolLM2-135M-Instruct) or any model: a thin caller of
-``jaxrecover.train_sae.train_sae_on_model``, the function behind ``jaxrecover train-sae``.
+``jaxrecover.sae.train.train_sae_on_model``, the function behind ``jaxrecover train-sae``.
 
 Defaults are the shipped TopK release's (``sae_weights/smollm2-135m-instruct-res``: layers 9 and 15,
 width 4608, k 64, batch 1024, lr 1e-3, AuxK 288, ~1.2M tokens seen). The corpus is ``--corpus``:
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxrecover import train_sae as ts
+from jaxrecover.sae import train as ts
 
 RELEASE_CORPUS = "/work/corpus/corpus.jsonl"
 
@@ -44,8 +44,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
     """One ``train_sae_on_model`` call per layer; returns their metrics."""
-    from jaxrecover import embedded, io_hf, resolve
-    from jaxrecover.tokenizer import load_tokenizer
+    from jaxrecover.io import embedded as embedded
+    from jaxrecover.io import hf as io_hf
+    from jaxrecover.io import resolve as resolve
+    from jaxrecover.model.tokenizer import load_tokenizer
 
     args = parse(argv)
     specs = [ts.SAERun(layer=layer, activation=args.activation, width=args.width, k=args.k, tokens=args.tokens,

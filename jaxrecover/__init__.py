@@ -1,7 +1,7 @@
 """jaxrecover: post-intervention recovery stress tests for SAE feature clamps, in JAX.
 
-The public surface is small; everything else lives in its module (``jaxrecover.transformer``,
-``jaxrecover.generate``, ``jaxrecover.projections``, ...). See the README's "Python API".
+The public surface is small; everything else lives in its module (``jaxrecover.model.transformer``,
+``jaxrecover.model.generate``, ``jaxrecover.recover.projections``, ...). See the README's "Python API".
 
 >>> import jaxrecover as jxr
 >>> model, tok = jxr.load_default()                                   # SmolLM2-135M-Instruct
@@ -12,14 +12,14 @@ The public surface is small; everything else lives in its module (``jaxrecover.t
 >>> result = jxr.solve_batch(solver, model, examples, clamps)
 """
 
-__version__ = "0.2.0"  # also in pyproject.toml; part of every resume key
+from jaxrecover._version import __version__ as __version__
 
-from jaxrecover import objectives as objectives
-from jaxrecover.embedded import load_default as load_default
-from jaxrecover.generate import generate as generate
-from jaxrecover.interventions import AddDelta as AddDelta, Clamp as Clamp, compose as compose
-from jaxrecover.io_hf import load_transformer as load_transformer
-from jaxrecover.objectives import (
+from jaxrecover.recover import objectives as objectives
+from jaxrecover.io.embedded import load_default as load_default
+from jaxrecover.model.generate import generate as generate
+from jaxrecover.sae.clamp import AddDelta as AddDelta, Clamp as Clamp, compose as compose
+from jaxrecover.io.hf import load_transformer as load_transformer
+from jaxrecover.recover.objectives import (
     AnswerTarget as AnswerTarget,
     ChoiceTarget as ChoiceTarget,
     Continuation as Continuation,
@@ -27,7 +27,7 @@ from jaxrecover.objectives import (
     LogitDiffTarget as LogitDiffTarget,
     ProbeTarget as ProbeTarget,
 )
-from jaxrecover.recovery import (
+from jaxrecover.recover.solver import (
     EncoderNull as EncoderNull,
     Example as Example,
     JacobianNull as JacobianNull,
@@ -37,8 +37,8 @@ from jaxrecover.recovery import (
     Unconstrained as Unconstrained,
     make_solver as make_solver,
 )
-from jaxrecover.runner import run_recovery as run_recovery, solve_batch as solve_batch
-from jaxrecover.sae_io import load_sae as load_sae
-from jaxrecover.shipped import shipped_sae as shipped_sae
-from jaxrecover.sites import Site as Site
-from jaxrecover.transformer import forward as forward
+from jaxrecover.recover.batch import run_recovery as run_recovery, solve_batch as solve_batch
+from jaxrecover.sae.files import load_sae as load_sae
+from jaxrecover.io.shipped import shipped_sae as shipped_sae
+from jaxrecover.core.sites import Site as Site
+from jaxrecover.model.transformer import forward as forward

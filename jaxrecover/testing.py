@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover.config import TransformerConfig
-from jaxrecover.io_hf import build_transformer, param_shapes
-from jaxrecover.transformer import Transformer
+from jaxrecover.model.config import TransformerConfig
+from jaxrecover.io.hf import build_transformer, param_shapes
+from jaxrecover.model.transformer import Transformer
 
 _TINY: dict[str, dict[str, Any]] = {
     "llama": dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_mlp=64, d_vocab=97, n_ctx=64),
@@ -151,7 +151,7 @@ def word_level_tokenizer(texts: list[str]) -> Any:
     (ids 0 pad, 1 eos, 2 unknown): lets experiment pipelines run end to end on a tiny random model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from jaxrecover.tokenizer import TextTokenizer
+    from jaxrecover.model.tokenizer import TextTokenizer
 
     pre = pre_tokenizers.Whitespace()
     words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
@@ -163,7 +163,7 @@ def word_level_tokenizer(texts: list[str]) -> Any:
 
 def random_sae(d_in: int, d_sae: int, *, seed: int = 0, hook_name: str = "", activation: str = "relu") -> Any:
     """A random SAE with unit-norm decoder rows and ``W_enc = W_dec.T`` (tied), zero biases."""
-    from jaxrecover.sae import SAE
+    from jaxrecover.sae.autoencoder import SAE
 
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((d_sae, d_in)).astype(np.float32)

@@ -8,7 +8,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
-from jaxrecover import compile_cache  # noqa: E402
+from jaxrecover.runtime import compile_cache as compile_cache  # noqa: E402
 
 # Persistent compilation cache, one folder per machine for every test process: pytest-xdist workers
 # (JAX locks the folder around each read/write) and the CLI subprocesses tests start (they inherit

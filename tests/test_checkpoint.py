@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover import checkpoint as ckpt
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import runner
-from jaxrecover.interventions import Clamp
-from jaxrecover.sae import SAE
-from jaxrecover.sites import Site
+from jaxrecover.runtime import checkpoint as ckpt
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.recover import batch as runner
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.sae.autoencoder import SAE
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_transformer, tiny_config
 
 SEQ, D = 5, 16

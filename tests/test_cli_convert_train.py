@@ -10,9 +10,11 @@ import pytest
 from safetensors.numpy import load_file
 from test_gguf import write_tiny_gguf
 
-from jaxrecover import cli, io_hf, train_sae
-from jaxrecover.gguf_convert import gguf_to_hf_folder
-from jaxrecover.sae_io import load_sae
+from jaxrecover.cli import app as cli
+from jaxrecover.io import hf as io_hf
+from jaxrecover.sae import train as train_sae
+from jaxrecover.io.gguf import gguf_to_hf_folder
+from jaxrecover.sae.files import load_sae
 from jaxrecover.testing import write_tiny_hf_checkpoint
 
 

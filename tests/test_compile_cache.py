@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from jaxrecover import cli, compile_cache
+from jaxrecover.cli import app as cli
+from jaxrecover.runtime import compile_cache as compile_cache
 
 DEFAULT = Path("/default/xla")
 
 # a program that compiles in well over MIN_COMPILE_TIME_S on any CPU (~0.5 s here), so it is written
 _PROGRAM = """
 import sys
-from jaxrecover import compile_cache
+from jaxrecover.runtime import compile_cache as compile_cache
 print("FOLDER", compile_cache.enable())
 import jax, jax.numpy as jnp
 

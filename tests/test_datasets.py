@@ -1,4 +1,4 @@
-"""Packaged data files and loaders (jaxrecover.datasets) and the corpus builder (jaxrecover.corpus).
+"""Packaged data files and loaders (jaxrecover.data.datasets) and the corpus builder (jaxrecover.data.corpus).
 
 Every packaged file must load and validate; loaders on tiny temp files must parse CSV/JSON/JSONL
 and fail with messages naming the file and the field. The single-token checks use the SmolLM2
@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from jaxrecover import corpus, datasets
-from jaxrecover.datasets import MCQ, DatasetError
+from jaxrecover.data import corpus as corpus
+from jaxrecover.data import datasets as datasets
+from jaxrecover.data.datasets import MCQ, DatasetError
 
 def _local_gguf() -> Path | None:
     """The embedded default's GGUF if it is already on this machine (no download in tests)."""
-    from jaxrecover import embedded
+    from jaxrecover.io import embedded as embedded
 
     try:
         return embedded.locate_gguf(allow_download=False)

@@ -1,4 +1,4 @@
-"""Defences (jaxrecover.defences) on a tiny random Llama and random SAEs.
+"""Defences (jaxrecover.recover.defences) on a tiny random Llama and random SAEs.
 
 Formulas against direct computations: the error-free splice is D(clamp(E(h))); a span ablation leaves
 nothing in the span, and the game's attacker perturbation after it is orthogonal to the span; a
@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import defences as DF
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import runner
-from jaxrecover.generate import generate, generate_uncached
-from jaxrecover.interventions import AddDelta, Clamp, compose
-from jaxrecover.sae import SAE, reconstruct
-from jaxrecover.sites import Site
+from jaxrecover.recover import defences as DF
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.recover import batch as runner
+from jaxrecover.model.generate import generate, generate_uncached
+from jaxrecover.sae.clamp import AddDelta, Clamp, compose
+from jaxrecover.sae.autoencoder import SAE, reconstruct
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_transformer, tiny_config
-from jaxrecover.transformer import embed, forward, run_blocks, run_to, unembed
+from jaxrecover.model.transformer import embed, forward, run_blocks, run_to, unembed
 
 SEQ, D, D_SAE, N = 6, 16, 32, 4
 SITE = Site(1, "resid_pre")

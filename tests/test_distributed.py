@@ -69,11 +69,11 @@ def _problem():
     """A tiny llama, one clamp, 6 examples; the same arrays in every process (numpy seeds)."""
     import jax.numpy as jnp
 
-    from jaxrecover import objectives as O
-    from jaxrecover import recovery as R
-    from jaxrecover.interventions import Clamp
-    from jaxrecover.sae import SAE
-    from jaxrecover.sites import Site
+    from jaxrecover.recover import objectives as O
+    from jaxrecover.recover import solver as R
+    from jaxrecover.sae.clamp import Clamp
+    from jaxrecover.sae.autoencoder import SAE
+    from jaxrecover.core.sites import Site
     from jaxrecover.testing import random_transformer, tiny_config
 
     import jax
@@ -98,7 +98,7 @@ def _problem():
 
 def _join(layout: str, port: int, pid: int) -> None:
     """Start the distributed runtime for a several-process layout; check the global device count."""
-    from jaxrecover import distributed
+    from jaxrecover.runtime import distributed as distributed
 
     n_proc = int(layout.split("x")[0])
     if n_proc > 1:
@@ -112,7 +112,7 @@ def lean_worker(out: str, layout: str, port: int, pid: int) -> None:
     """One ``solve_batch`` call (all steps in one scan: three compiles), saved to
     ``{out}/lean_{layout}_{pid}.npz``."""
     _join(layout, port, pid)
-    from jaxrecover import runner
+    from jaxrecover.recover import batch as runner
 
     solver, model, ex, clamps = _problem()
     res = runner.solve_batch(solver, model, ex, clamps)
@@ -125,9 +125,9 @@ def lean_worker(out: str, layout: str, port: int, pid: int) -> None:
 def worker(out: str, layout: str, port: int, pid: int) -> None:
     """Run one layout's share and save what this process holds to ``{out}/{layout}_{pid}.npz``."""
     _join(layout, port, pid)
-    from jaxrecover import runner
-    from jaxrecover.generate import generate
-    from jaxrecover.interventions import AddDelta, Clamp, compose
+    from jaxrecover.recover import batch as runner
+    from jaxrecover.model.generate import generate
+    from jaxrecover.sae.clamp import AddDelta, Clamp, compose
 
     solver, model, ex, clamps = _problem()
     t0 = time.time()
@@ -159,10 +159,10 @@ def worker(out: str, layout: str, port: int, pid: int) -> None:
 
 def handshake_worker(port: int, pid: int, version: str) -> None:
     """Join a 2-process run claiming ``version``: the handshake must refuse a mixed pair."""
-    import jaxrecover
-    from jaxrecover import distributed
+    from jaxrecover import _version
+    from jaxrecover.runtime import distributed as distributed
 
-    jaxrecover.__version__ = version
+    _version.__version__ = version
     distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=20)
 
 
@@ -261,7 +261,7 @@ def test_killed_multiprocess_run_resumes_to_the_same_records(layouts):
 
 
 def test_options_are_checked_before_anything_starts(monkeypatch):
-    from jaxrecover import distributed
+    from jaxrecover.runtime import distributed as distributed
 
     for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(k, raising=False)
@@ -280,7 +280,7 @@ def test_options_are_checked_before_anything_starts(monkeypatch):
 def test_bad_launch_fails_within_seconds(case, tmp_path):
     port = _free_port()  # nobody listens there in the second case
     pid = "0" if case == "too_few_processes" else "1"  # process 0 serves the coordinator itself
-    cmd = [sys.executable, "-m", "jaxrecover.cli", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+    cmd = [sys.executable, "-m", "jaxrecover.cli.app", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
            "--process-id", pid, "--init-timeout", "3", "run", "refusal", "--out", str(tmp_path)]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)

@@ -23,9 +23,9 @@ def _load(name):
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer, (site, sae, label)) shared by every test of this module."""
-    from jaxrecover import datasets as D
+    from jaxrecover.data import datasets as D
     from jaxrecover import testing
-    from jaxrecover.sites import Site
+    from jaxrecover.core.sites import Site
 
     texts = [t for _, _, t in D.load_ioi_templates()]
     texts += list(D.load_ioi_names()) + list(D.load_ioi_places()) + list(D.load_ioi_objects())
@@ -42,12 +42,13 @@ def tiny():
 @pytest.fixture
 def patched(tiny, monkeypatch):
     model, tok, sae = tiny
-    from jaxrecover.paper import common, suite
+    from jaxrecover.experiment import common as common
+    from jaxrecover.experiment import suite as suite
 
     monkeypatch.setattr(common, "load_model", lambda *a, **k: (model, tok))
     monkeypatch.setattr(suite, "resolve_sae", lambda *a, **k: sae)
     # the compatibility checks read the model's config.json: here the model is the tiny one above
-    from jaxrecover import compat
+    from jaxrecover.io import compat as compat
 
     monkeypatch.setattr(compat, "model_facts", lambda *a, **k: compat.ModelFacts(
         "tiny-random", model.cfg.d_model, model.cfg.n_layers, (), None))
@@ -83,7 +84,7 @@ def test_ioi_small(patched, tmp_path, monkeypatch):
     rc = summary["modes"]["encoder"]["random_control"]  # random deltas of the same norm, 3 seeds each
     assert rc["random"]["n"] == 3 * rc["n_recovered"]
     # a rerun reads every finished solve back from <out>/checkpoints: solving again is an error
-    from jaxrecover import runner
+    from jaxrecover.recover import batch as runner
 
     def no_solve(*a, **k):
         raise AssertionError("a resumed run must not solve again")

@@ -4,9 +4,9 @@ never fires changes nothing."""
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover.features import activation_stats
-from jaxrecover.interventions import Clamp
-from jaxrecover.sae import SAE
+from jaxrecover.sae.features import activation_stats
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.sae.autoencoder import SAE
 
 
 def _sae() -> SAE:

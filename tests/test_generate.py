@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 # names, not the module: jaxrecover/__init__ re-exports the function ``generate``, which shadows the
-# submodule attribute ``jaxrecover.generate``
-from jaxrecover.generate import _generate_cached_jit, bucket_length, generate, generate_uncached, prefill
-from jaxrecover.interventions import AddDelta, Clamp, compose
-from jaxrecover.sae import SAE
-from jaxrecover.sites import Site
+# submodule attribute ``jaxrecover.model.generate``
+from jaxrecover.model.generate import _generate_cached_jit, bucket_length, generate, generate_uncached, prefill
+from jaxrecover.sae.clamp import AddDelta, Clamp, compose
+from jaxrecover.sae.autoencoder import SAE
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_transformer, tiny_config
-from jaxrecover.transformer import forward
+from jaxrecover.model.transformer import forward
 
 NEW = 4  # new tokens per test: enough to cover prefill, decode steps and a generated-slot delta
 ATOL = 1e-4

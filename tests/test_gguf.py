@@ -1,4 +1,4 @@
-"""GGUF -> Hugging Face folder conversion (jaxrecover.gguf_convert) and the embedded default (jaxrecover.embedded).
+"""GGUF -> Hugging Face folder conversion (jaxrecover.io.gguf) and the embedded default (jaxrecover.io.embedded).
 
 Fast tests write their own tiny llama GGUF with ``gguf.GGUFWriter`` (F32, F16, Q8_0 and Q4_1
 tensors, Q/K stored in llama.cpp's RoPE-permuted row order). The ``slow`` test converts the real
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from jaxrecover import embedded
-from jaxrecover.gguf_convert import GGUFError, gguf_to_hf_folder, sha256_file
+from jaxrecover.io import embedded as embedded
+from jaxrecover.io.gguf import GGUFError, gguf_to_hf_folder, sha256_file
 
 Q8_0, Q4_1, F16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.F16
 

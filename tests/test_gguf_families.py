@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import tokenizers
 from test_gguf import TINY_MERGES, TINY_TOKENS
 
-from jaxrecover.gguf_convert import GGUFError, gguf_to_hf_folder
-from jaxrecover.io_hf import load_transformer
-from jaxrecover.tokenizer import encode_batch, load_tokenizer, tokenizer_from_gguf
-from jaxrecover.transformer import forward
+from jaxrecover.io.gguf import GGUFError, gguf_to_hf_folder
+from jaxrecover.io.hf import load_transformer
+from jaxrecover.model.tokenizer import encode_batch, load_tokenizer, tokenizer_from_gguf
+from jaxrecover.model.transformer import forward
 
 RTOL = 1e-4  # of the largest |logit|, fp32
 SEQ = 12  # > the sliding window (4): local layers really differ from global ones

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import judges
-from jaxrecover.interventions import AddDelta, Clamp, check_clamps, compose, validate_clamp
-from jaxrecover.sites import Site
+from jaxrecover.recover import judges as judges
+from jaxrecover.sae.clamp import AddDelta, Clamp, check_clamps, compose, validate_clamp
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_sae, tiny_config
 
 D, D_SAE = 32, 48  # tiny_config("llama") has d_model 32, 2 layers

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrecover import datasets
-from jaxrecover.paper import common as C
+from jaxrecover.data import datasets as datasets
+from jaxrecover.experiment import common as C
 from jaxrecover.paper import refusal
-from jaxrecover.sites import Site
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_transformer, tiny_config
 
 
@@ -65,7 +65,7 @@ def test_more_features_than_the_sae_has_fails_before_the_model_loads(tmp_path, m
 
 
 def test_hook_outside_the_model_is_an_error_not_ignored():
-    from jaxrecover.transformer import forward
+    from jaxrecover.model.transformer import forward
 
     model = random_transformer(jax.random.key(0), tiny_config("llama"))
     with pytest.raises(ValueError, match="outside the model"):
@@ -73,7 +73,7 @@ def test_hook_outside_the_model_is_an_error_not_ignored():
 
 
 def test_resume_does_not_reuse_results_made_with_another_sae(tmp_path, monkeypatch):
-    from jaxrecover import datasets as D
+    from jaxrecover.data import datasets as D
     from jaxrecover import testing
 
     texts = [i.prompt for i in D.load_harmful() + D.load_harmless()] + ["!"]
@@ -84,7 +84,7 @@ def test_resume_does_not_reuse_results_made_with_another_sae(tmp_path, monkeypat
     cfg = refusal.Config(n_prompts=2, n_harmless=2, n_features=2, max_new_tokens=5, answer_tokens=2, max_flips=2,
                          steps=1, methods=("encoder",), attribution=False, require_flip=False, batch_size=2)
     calls = []
-    from jaxrecover import runner
+    from jaxrecover.recover import batch as runner
 
     real = runner.solve_batch  # every solve of the driver goes through it
     monkeypatch.setattr(runner, "solve_batch", lambda *a, **k: calls.append(1) or real(*a, **k))

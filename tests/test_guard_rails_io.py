@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxrecover import checkpoint as ckpt
-from jaxrecover import embedded, io_hf, report
-from jaxrecover.io_hf import CheckpointError, load_transformer, save_transformer
-from jaxrecover.sae_io import SAEFormatError, load_sae
+from jaxrecover.runtime import checkpoint as ckpt
+from jaxrecover.io import embedded as embedded
+from jaxrecover.io import hf as io_hf
+from jaxrecover.runtime import report as report
+from jaxrecover.io.hf import CheckpointError, load_transformer, save_transformer
+from jaxrecover.sae.files import SAEFormatError, load_sae
 from jaxrecover.testing import random_transformer, tiny_config
 
 D_IN, D_SAE = 6, 10
@@ -225,7 +227,7 @@ def fake_embedded(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "locate_gguf", lambda cache_dir=None, allow_download=True: gguf)
     monkeypatch.setattr(embedded, "gguf_to_hf_folder", convert)
     monkeypatch.setattr(embedded, "sha256_file", counting_sha)
-    monkeypatch.setattr(embedded, "_VERIFIED", {})
+    embedded._sha256_of.cache_clear()
     return calls
 
 
@@ -254,7 +256,7 @@ def test_embedded_flipped_bytes_are_reconverted(tmp_path, fake_embedded, monkeyp
     data[100:4196] = bytes(b ^ 0xFF for b in data[100:4196])
     model.write_bytes(bytes(data))
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # bit rot keeps the mtime
-    monkeypatch.setattr(embedded, "_VERIFIED", {})  # a new process
+    embedded._sha256_of.cache_clear()  # a new process
     assert embedded.default_model_dir(tmp_path) == folder
     assert len(fake_embedded["convert"]) == 2
     assert "does not match" in capsys.readouterr().err

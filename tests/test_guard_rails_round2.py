@@ -1,14 +1,15 @@
 """Guard rails, round 2 (issue 22): a user who brings their own model and SAE gets one line and exit
-code 2 BEFORE the model loads, for every incompatibility (``jaxrecover.compat``)."""
+code 2 BEFORE the model loads, for every incompatibility (``jaxrecover.io.compat``)."""
 
 import json
 
 import pytest
 
-from jaxrecover import cli, compat
-from jaxrecover.io_hf import to_hf_config
-from jaxrecover.paper import common as C
-from jaxrecover.sae_io import load_sae, save_sae
+from jaxrecover.cli import app as cli
+from jaxrecover.io import compat as compat
+from jaxrecover.io.hf import to_hf_config
+from jaxrecover.experiment import common as C
+from jaxrecover.sae.files import load_sae, save_sae
 from jaxrecover.testing import random_sae, tiny_config
 
 
@@ -190,10 +191,10 @@ def test_refusal_help_and_readme_say_the_features_do_not_follow_the_prompts(caps
 
 def test_inspect_checks_the_sae_against_the_model_before_loading_it(tmp_path, monkeypatch, capsys):
     # before: inspect loaded the model first, then died on Site.parse / check_clamps (exit 1)
-    from jaxrecover import inspect as I
+    from jaxrecover.cli import inspect as I
 
     monkeypatch.setattr(I, "load_transformer", _no_model, raising=False)
-    import jaxrecover.io_hf as io_hf
+    import jaxrecover.io.hf as io_hf
 
     monkeypatch.setattr(io_hf, "load_transformer", _no_model)
     wide = _model_folder(tmp_path / "wide", d_model=640, n_layers=18)

@@ -13,10 +13,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxrecover import cli, report
-from jaxrecover.paper import common as C
-from jaxrecover.sae import SAE, encode, encode_features, encode_pre
-from jaxrecover.sae_io import load_sae
+from jaxrecover.cli import app as cli
+from jaxrecover.runtime import report as report
+from jaxrecover.experiment import common as C
+from jaxrecover.sae.autoencoder import SAE, encode, encode_features, encode_pre
+from jaxrecover.sae.files import load_sae
 
 BF16 = ml_dtypes.bfloat16
 
@@ -64,7 +65,7 @@ def test_bf16_subset_encoder_matches_the_full_encoder():
 
 
 def test_float32_sae_is_unchanged_for_float32_input():
-    from jaxrecover.sae import astype
+    from jaxrecover.sae.autoencoder import astype
 
     sae = astype(_bf16_sae(), jnp.float32)
     x = (np.random.default_rng(3).standard_normal((4, 64)) * 30).astype(np.float32)
@@ -224,7 +225,7 @@ def test_a_kill_mid_write_leaves_no_partial_file_and_its_temp_is_removed(tmp_pat
 
 
 def test_runner_writes_through_the_one_atomic_writer(tmp_path, monkeypatch):
-    from jaxrecover import runner
+    from jaxrecover.recover import batch as runner
 
     seen = []
     real = report.atomic_write_bytes
@@ -246,8 +247,8 @@ def test_runner_writes_through_the_one_atomic_writer(tmp_path, monkeypatch):
 def test_resume_after_a_changed_solver_flag_starts_fresh(tmp_path, capsys):
     from test_checkpoint import _problem
 
-    from jaxrecover import recovery as R
-    from jaxrecover import runner
+    from jaxrecover.recover import solver as R
+    from jaxrecover.recover import batch as runner
 
     solver, model, ex, clamps = _problem()  # 3 examples, 6 steps in chunks of 2; one batch on 4 devices
     assert runner.run_recovery(solver, model, ex, clamps, tmp_path / "a", run_id="r", batch_size=4, progress=False,
@@ -272,8 +273,8 @@ def test_resume_after_a_changed_solver_flag_starts_fresh(tmp_path, capsys):
 def test_content_keyed_store_never_reads_a_result_of_other_flags(tmp_path):
     from test_checkpoint import _problem
 
-    from jaxrecover import recovery as R
-    from jaxrecover.paper import suite as S
+    from jaxrecover.recover import solver as R
+    from jaxrecover.experiment import suite as S
 
     solver, model, ex, clamps = _problem()
     store = tmp_path / "checkpoints"
@@ -331,8 +332,8 @@ def test_garbage_environment_is_one_line_exit_2(tmp_path, monkeypatch, capsys, e
 def test_sae_training_resume_marker_is_written_atomically(llama_model, tmp_path, monkeypatch):
     # before: harvest's '<file>.done' marker (int() read back on resume) was written in place: a kill
     # mid-write left '' and the rerun died on int('')
-    from jaxrecover import train_sae as ts
-    from jaxrecover.sites import Site
+    from jaxrecover.sae import train as ts
+    from jaxrecover.core.sites import Site
 
     written = []
     real = ts.replace_file

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover.interventions import (
+from jaxrecover.sae.clamp import (
     AddDelta,
     Clamp,
     Identity,
@@ -13,7 +13,7 @@ from jaxrecover.interventions import (
     compose,
     reencoding_error,
 )
-from jaxrecover.sae import SAE, decode, encode, encode_features
+from jaxrecover.sae.autoencoder import SAE, decode, encode, encode_features
 
 D, D_SAE, SEQ = 8, 12, 5
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxrecover import io_hf
-from jaxrecover.io_hf import CheckpointError, flatten_transformer, load_transformer, save_transformer
+from jaxrecover.io import hf as io_hf
+from jaxrecover.io.hf import CheckpointError, flatten_transformer, load_transformer, save_transformer
 from jaxrecover.testing import random_transformer, tiny_config
 
 

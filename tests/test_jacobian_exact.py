@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import objectives as O
-from jaxrecover import projections as P
-from jaxrecover import recovery as R
-from jaxrecover.interventions import Clamp
-from jaxrecover.sites import Site
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import projections as P
+from jaxrecover.recover import solver as R
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_sae, random_transformer, tiny_config
 
 ROWS, D, SEQ, K = 3, 8, 5, 4  # delta [ROWS, D]; Phi [SEQ, K]

@@ -10,16 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
 from jaxrecover import testing
-from jaxrecover.interventions import Clamp
+from jaxrecover.sae.clamp import Clamp
 from jaxrecover.paper import all as A
-from jaxrecover.paper import common as C
-from jaxrecover.paper import driver as D
-from jaxrecover.paper import suite as S
+from jaxrecover.experiment import common as C
+from jaxrecover.experiment import driver as D
+from jaxrecover.experiment import suite as S
 from jaxrecover.paper import sweeps
-from jaxrecover.sites import Site
+from jaxrecover.core.sites import Site
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

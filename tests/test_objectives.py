@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import objectives as O
+from jaxrecover.recover import objectives as O
 
 V, S = 7, 4
 

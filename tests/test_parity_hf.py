@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxrecover.io_hf import load_transformer, save_transformer  # noqa: E402
-from jaxrecover.transformer import forward  # noqa: E402
+from jaxrecover.io.hf import load_transformer, save_transformer  # noqa: E402
+from jaxrecover.model.transformer import forward  # noqa: E402
 from jaxrecover.testing import write_tiny_hf_checkpoint  # noqa: E402
 
 FAMILIES = ["llama", "llama_untied", "qwen2", "gpt2", "gemma2", "gemma3"]
@@ -90,7 +90,7 @@ def test_report_max_diffs():
 @pytest.mark.slow
 def test_smollm2_real_weights():
     """Real SmolLM2-135M (converted from the bundled GGUF) against transformers, fp32."""
-    embedded = pytest.importorskip("jaxrecover.embedded", reason="jaxrecover.embedded not available")
+    embedded = pytest.importorskip("jaxrecover.io.embedded", reason="jaxrecover.io.embedded not available")
     try:  # never download inside a test: use a wheel/GGUF already installed or cached
         folder = embedded.default_model_dir(allow_download=False)
     except FileNotFoundError as err:

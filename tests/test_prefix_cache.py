@@ -10,11 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import runner
-from jaxrecover.interventions import Clamp
-from jaxrecover.sites import Site
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.recover import batch as runner
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_sae, random_transformer, tiny_config
 
 SEQ, N_EX, N_VAR, D_SAE = 12, 3, 2, 48

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover.probes import train_linear_probes
+from jaxrecover.recover.probes import train_linear_probes
 
 
 def test_probes_separate_linearly_separable_classes():

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover.interventions import Clamp
-from jaxrecover.paper import suite as S
-from jaxrecover.sae import SAE
-from jaxrecover.sites import Site
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.experiment import suite as S
+from jaxrecover.sae.autoencoder import SAE
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_transformer, tiny_config
 
 SEQ, D = 6, 16

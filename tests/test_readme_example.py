@@ -17,7 +17,7 @@ def _example() -> str:
 
 
 def test_readme_example_runs_as_written(tmp_path, capsys):
-    from jaxrecover import embedded
+    from jaxrecover.io import embedded as embedded
 
     try:
         embedded.default_model_dir()

@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import objectives as O
-from jaxrecover import projections as P
-from jaxrecover import recovery as R
-from jaxrecover import runner
-from jaxrecover.interventions import Clamp
-from jaxrecover.metrics import bootstrap_mean_ci, summarize, wilson_interval
-from jaxrecover.sae import SAE
-from jaxrecover.sites import Site
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import projections as P
+from jaxrecover.recover import solver as R
+from jaxrecover.recover import batch as runner
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.recover.metrics import bootstrap_mean_ci, summarize, wilson_interval
+from jaxrecover.sae.autoencoder import SAE
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_transformer, tiny_config
-from jaxrecover.transformer import forward, run_from, run_to
+from jaxrecover.model.transformer import forward, run_from, run_to
 
 SEQ, D, D_SAE = 6, 16, 32
 SITE = Site(1, "resid_pre")

@@ -6,16 +6,16 @@ import json
 import jax
 import pytest
 
-from jaxrecover import runner
-from jaxrecover.paper import driver
+from jaxrecover.recover import batch as runner
+from jaxrecover.experiment import driver as driver
 
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from jaxrecover import datasets as D
+    from jaxrecover.data import datasets as D
     from jaxrecover import testing
-    from jaxrecover.sites import Site
+    from jaxrecover.core.sites import Site
 
     texts = [i.prompt for i in D.load_harmful() + D.load_harmless()] + ["!", "I'm sorry, I cannot help."]
     tok = testing.word_level_tokenizer(texts)

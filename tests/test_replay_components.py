@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover.paper import suite as S
-from jaxrecover.sae import SAE, encode
+from jaxrecover.experiment import suite as S
+from jaxrecover.sae.autoencoder import SAE, encode
 
 
 def test_parts_add_up_and_isolate_the_clamped_features():

@@ -33,7 +33,7 @@ def test_report_from_committed_results(tmp_path):
 
 
 def test_markdown_cells_keep_their_columns():
-    from jaxrecover import report
+    from jaxrecover.runtime import report as report
 
     header, rule, row = report.markdown_table([{"||delta||": 3.0, "method": "a|b"}]).splitlines()
     # an unescaped "|" would split a cell: every line has exactly the 2 columns' 3 separators

@@ -1,4 +1,4 @@
-"""Model and SAE resolution (jaxrecover.resolve) against fake Hugging Face cache layouts in tmp_path:
+"""Model and SAE resolution (jaxrecover.io.resolve) against fake Hugging Face cache layouts in tmp_path:
 ``models--org--name/{blobs/<hash>, snapshots/<rev>/<file> -> ../../blobs/<hash>, refs/main}``, as
 ``huggingface_hub`` writes them. Nothing is downloaded."""
 
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from test_gguf import write_tiny_gguf
 
-from jaxrecover import io_hf, resolve
-from jaxrecover.sae_io import load_sae, save_sae
+from jaxrecover.io import hf as io_hf
+from jaxrecover.io import resolve as resolve
+from jaxrecover.sae.files import load_sae, save_sae
 from jaxrecover.testing import random_sae, write_tiny_hf_checkpoint
 
 REV = "0123456789abcdef0123456789abcdef01234567"

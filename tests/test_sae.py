@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover.sae import SAE, astype, decode, encode, encode_features, encode_pre, reconstruct
+from jaxrecover.sae.autoencoder import SAE, astype, decode, encode, encode_features, encode_pre, reconstruct
 
 D_IN, D_SAE, SEQ = 6, 10, 4
 

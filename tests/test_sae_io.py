@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxrecover.sae import SAE, decode, encode, reconstruct
-from jaxrecover.sae_io import SAEFormatError, detect_format, load_sae, load_sae_with_cfg, save_sae
+from jaxrecover.sae.autoencoder import SAE, decode, encode, reconstruct
+from jaxrecover.sae.files import SAEFormatError, detect_format, load_sae, load_sae_with_cfg, save_sae
 
 D_IN, D_SAE = 6, 10
 DATA = Path(__file__).parent / "data"

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover.sharding import BATCH_AXIS, batch_mesh, batch_sharding, pad_batch, replicated, shard_batch
-from jaxrecover.transformer import forward
+from jaxrecover.runtime.sharding import BATCH_AXIS, batch_mesh, batch_sharding, pad_batch, replicated, shard_batch
+from jaxrecover.model.transformer import forward
 
 N_DEV = 4
 
@@ -50,7 +50,7 @@ def test_explicit_mesh_subset():
 
 
 def test_to_host_and_map_batched():
-    from jaxrecover.sharding import map_batched, to_host
+    from jaxrecover.runtime.sharding import map_batched, to_host
 
     x = shard_batch(jnp.arange(8.0).reshape(4, 2))
     host = to_host({"x": x, "none": None})

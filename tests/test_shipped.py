@@ -2,9 +2,9 @@
 
 import pytest
 
-from jaxrecover import shipped
-from jaxrecover.sae import SAE
-from jaxrecover.sae_io import load_sae
+from jaxrecover.io import shipped as shipped
+from jaxrecover.sae.autoencoder import SAE
+from jaxrecover.sae.files import load_sae
 
 
 def _fake_release(root, release: str, hook: str) -> None:
@@ -54,8 +54,8 @@ def test_experiments_compute_the_shipped_bf16_saes_in_float32():
     # latents that did not move then read as ~1e-2 relative drift
     import jax.numpy as jnp
 
-    from jaxrecover.paper import common as C
-    from jaxrecover.paper import suite as S
+    from jaxrecover.experiment import common as C
+    from jaxrecover.experiment import suite as S
 
     path = str(shipped.shipped_sae(9, release="jumprelu"))
     (sae,) = C.load_saes((path,), (9,)).values()

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import inspect, surgery, testing
-from jaxrecover.interventions import AddDelta, Clamp, compose
-from jaxrecover.sae import SAE, encode, reconstruct
-from jaxrecover.transformer import (
+from jaxrecover import testing
+from jaxrecover.cli import inspect as inspect
+from jaxrecover.sae import surgery as surgery
+from jaxrecover.sae.clamp import AddDelta, Clamp, compose
+from jaxrecover.sae.autoencoder import SAE, encode, reconstruct
+from jaxrecover.model.transformer import (
     MLP,
     Norm,
     attend,
@@ -175,7 +177,7 @@ def test_save_html_sections(model, tmp_path):
 
 def test_inspect_command_writes_html(tmp_path):
     pytest.importorskip("transformers")
-    from jaxrecover.sae_io import save_sae
+    from jaxrecover.sae.files import save_sae
 
     model_dir = testing.write_tiny_hf_checkpoint(tmp_path / "model", "llama", seed=0)
     hook = "blocks.1.hook_resid_post"

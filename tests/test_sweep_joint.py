@@ -4,7 +4,7 @@
 ``Example.budget`` (the post-step clip reads it instead of ``cfg.budget``). Per grid point it must give
 what a separate solve with ``cfg.budget = b`` gives: the same decisions, and deltas and objectives
 within 1e-6 relative in fp32. Both run with one example per device per call
-(``runner.PER_DEVICE_BATCH = 1``): the joint batch is 3x larger, and XLA's fp32 sums follow the
+(``JAXRECOVER_PER_DEVICE_BATCH=1``): the joint batch is 3x larger, and XLA's fp32 sums follow the
 per-device batch shape (README "Scale-out"), so with that shape fixed the two agree (measured:
 bitwise); without it, 6 unclipped Adam steps grew a last-bit difference to 1.1e-6 in one of 96 delta
 entries.
@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import runner
-from jaxrecover.interventions import Clamp
-from jaxrecover.paper import suite as S
-from jaxrecover.sae import SAE
-from jaxrecover.sites import Site
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.recover import batch as runner
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.experiment import suite as S
+from jaxrecover.sae.autoencoder import SAE
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_transformer, tiny_config
 
 N_EX, SEQ, D, D_SAE = 3, 5, 16, 24
@@ -61,7 +61,7 @@ def problem():
 
 def test_joint_budget_grid_equals_point_by_point(problem, monkeypatch):
     solver, model, ex, clamps, axes = problem
-    monkeypatch.setattr(runner, "PER_DEVICE_BATCH", 1)
+    monkeypatch.setenv("JAXRECOVER_PER_DEVICE_BATCH", "1")
     joint = S.run_solver_budgets(solver, model, ex, clamps, BUDGETS, clamp_axes=axes, progress=False)
     assert len(joint) == len(BUDGETS)
     for b, got in zip(BUDGETS[1:], joint[1:], strict=True):  # budget 0 is checked below: delta == 0

@@ -1,4 +1,4 @@
-"""jaxrecover.tokenizer: ids vs transformers' GGUF tokenizer, chat template, left padding.
+"""jaxrecover.model.tokenizer: ids vs transformers' GGUF tokenizer, chat template, left padding.
 
 Ids are checked against transformers' ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` on the
 tiny test GGUF (always) and on the real SmolLM2 file (when it is available locally).
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import regex
 
-from jaxrecover import embedded
-from jaxrecover.gguf_convert import gguf_to_hf_folder
-from jaxrecover.tokenizer import (
+from jaxrecover.io import embedded as embedded
+from jaxrecover.io.gguf import gguf_to_hf_folder
+from jaxrecover.model.tokenizer import (
     TextTokenizer,
     apply_chat_template,
     decode,

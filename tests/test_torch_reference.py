@@ -40,10 +40,10 @@ from benchmarks.torch_reference import (  # noqa: E402
     site_hooks,
 )
 from benchmarks.torch_reference.recovery import _hooks_with  # noqa: E402
-from jaxrecover.interventions import AddDelta, compose  # noqa: E402
-from jaxrecover.io_hf import load_transformer  # noqa: E402
+from jaxrecover.sae.clamp import AddDelta, compose  # noqa: E402
+from jaxrecover.io.hf import load_transformer  # noqa: E402
 from jaxrecover.testing import write_tiny_hf_checkpoint  # noqa: E402
-from jaxrecover.transformer import forward  # noqa: E402
+from jaxrecover.model.transformer import forward  # noqa: E402
 
 SEQ, BATCH, STEPS = 12, 3, 20
 RTOL = 1e-4

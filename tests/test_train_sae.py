@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import train_sae as ts
-from jaxrecover.sae import SAE, decode, encode, encode_pre
-from jaxrecover.sites import Site
-from jaxrecover.transformer import run_to
+from jaxrecover.sae import train as ts
+from jaxrecover.sae.autoencoder import SAE, decode, encode, encode_pre
+from jaxrecover.core.sites import Site
+from jaxrecover.model.transformer import run_to
 
 D_IN, M_TRUE = 32, 64
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover.config import TransformerConfig
-from jaxrecover.io_hf import build_transformer, param_shapes
-from jaxrecover.sites import POINTS, Site
+from jaxrecover.model.config import TransformerConfig
+from jaxrecover.io.hf import build_transformer, param_shapes
+from jaxrecover.core.sites import POINTS, Site
 from jaxrecover.testing import random_transformer, tiny_config
-from jaxrecover.transformer import embed, forward, run_blocks, run_from, run_to
+from jaxrecover.model.transformer import embed, forward, run_blocks, run_from, run_to
 
 SEQ = 10  # > sliding_window (4) of the tiny Gemma configs, so local layers are exercised
 TOL = dict(atol=1e-5, rtol=1e-5)

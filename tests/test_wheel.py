@@ -15,9 +15,11 @@ import json, sys
 from pathlib import Path
 import jax
 import jaxrecover
-from jaxrecover import cli, datasets as D, testing
+from jaxrecover import testing
+from jaxrecover.cli import app as cli
+from jaxrecover.data import datasets as D
 from jaxrecover.paper import refusal
-from jaxrecover.sites import Site
+from jaxrecover.core.sites import Site
 
 target = Path(sys.argv[1]).resolve()
 assert Path(jaxrecover.__file__).resolve().is_relative_to(target), jaxrecover.__file__
@@ -70,7 +72,7 @@ def test_cli_refuses_a_bad_value_before_loading_anything(wheel_target, tmp_path)
     for flags, needle in ((["--steps", "-5"], "--steps"), (["--attribution", "ture"], "true or false"),
                           (["--decode-delta", "foo"], "--decode-delta"), (["--budget", "-1"], "--budget"),
                           (["--lr", "nan"], "--lr"), (["--n-prompts", "0"], "--n-prompts")):
-        run = subprocess.run([sys.executable, "-m", "jaxrecover.cli", "run", "refusal", *flags], cwd=tmp_path, env=env,
+        run = subprocess.run([sys.executable, "-m", "jaxrecover.cli.app", "run", "refusal", *flags], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
         assert run.returncode != 0, flags
         assert needle in run.stderr and "Traceback" not in run.stderr, (flags, run.stderr[-1500:])

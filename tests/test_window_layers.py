@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import runner
-from jaxrecover.interventions import Clamp
-from jaxrecover.sites import Site
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.recover import batch as runner
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.core.sites import Site
 from jaxrecover.testing import random_sae, random_transformer, tiny_config
-from jaxrecover.transformer import embed, run_layers, seq_info, split_blocks
+from jaxrecover.model.transformer import embed, run_layers, seq_info, split_blocks
 
 SEQ = 10
 

@@ -5,13 +5,13 @@ out, layout = sys.argv[1], sys.argv[2]
 n_proc, n_dev = map(int, layout.split("x"))
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_dev}"
 t_start = time.time()
-from jaxrecover import distributed
+from jaxrecover.runtime import distributed as distributed
 if n_proc > 1:
     distributed.initialize(f"127.0.0.1:{sys.argv[3]}", n_proc, int(sys.argv[4]), timeout_s=60)
 import jax, jax.numpy as jnp, numpy as np
 import jaxrecover as jxr
-from jaxrecover.tokenizer import apply_chat_template, encode_batch
-from jaxrecover.interventions import AddDelta, Clamp, compose
+from jaxrecover.model.tokenizer import apply_chat_template, encode_batch
+from jaxrecover.sae.clamp import AddDelta, Clamp, compose
 
 model, tok = jxr.load_default()
 sae = jxr.load_sae(jxr.shipped_sae(9))

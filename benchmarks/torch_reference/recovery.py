@@ -1,6 +1,6 @@
 """PyTorch reference of single-layer post-intervention recovery, in the paper's own style.
 
-What it computes (the same problem as ``jaxrecover.recovery``):
+What it computes (the same problem as ``jaxrecover.recover.solver``):
 
 - The defended state at one residual site ``blocks.{L}.hook_{resid_pre|resid_post}``: a closed-form
   SAE clamp that keeps the SAE error term, ``h_def = h + (clamp(z_S) - z_S) @ W_dec[S]``. ``z_S`` is
@@ -27,7 +27,7 @@ Two execution modes, same numbers:
   elementwise), the loss is the sum of per-example losses (examples do not interact), and the budget
   clip is per example.
 - ``recover_batched(cache=True)``: the same, plus the JAX engine's sequence-axis caching and
-  read-slot unembedding (``jaxrecover.recovery.Window``). Once per solve, ONE pass over the whole
+  read-slot unembedding (``jaxrecover.recover.solver.Window``). Once per solve, ONE pass over the whole
   sequence from block ``L`` on (clamps on, ``delta = 0``) records the keys/values of the slots before
   the first delta slot ``cut`` at every block (``prefix_kv``; causal attention: ``delta`` cannot change
   them). Each step then runs only slots ``cut..seq`` through the HF decoder layers, whose attention
@@ -60,7 +60,7 @@ _MSG_SITE = "site {site!r}: the torch reference supports 'blocks.{{L}}.hook_resi
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TorchRecoveryConfig:
-    """Hyper-parameters of one recovery run; mirrors ``jaxrecover.recovery.RecoveryConfig``.
+    """Hyper-parameters of one recovery run; mirrors ``jaxrecover.recover.solver.RecoveryConfig``.
 
     Attributes:
         layer: block index of the site.
@@ -73,7 +73,7 @@ class TorchRecoveryConfig:
         reproject: also project ``delta`` itself after each Adam step (Adam's scaling leaves the null space).
         clip_eps: the ``1e-8`` in ``delta * budget / (||delta|| + clip_eps)``.
         objective: ``"continuation_logprob" | "logit_diff" | "choice_margin"``; "recovered" is the
-            matching ``jaxrecover.objectives`` success predicate at the final ``delta``.
+            matching ``jaxrecover.recover.objectives`` success predicate at the final ``delta``.
     """
 
     layer: int
@@ -117,7 +117,7 @@ class TorchSAE:
 
     @classmethod
     def from_jax(cls, sae: Any, device: str | torch.device = "cpu") -> "TorchSAE":
-        """Copy a ``jaxrecover.sae.SAE`` (float32)."""
+        """Copy a ``jaxrecover.sae.autoencoder.SAE`` (float32)."""
         import numpy as np
 
         t = lambda a: None if a is None else torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731
@@ -131,7 +131,7 @@ class TorchSAE:
         """Latents of the selected features only: ``[..., d_in] -> [..., k]`` (float32).
 
         relu/jumprelu read only the selected encoder columns; top-k needs every pre-activation to
-        rank them (``relu(pre) * (pre >= k-th largest)``, as ``jaxrecover.sae.activate``)."""
+        rank them (``relu(pre) * (pre >= k-th largest)``, as ``jaxrecover.sae.autoencoder.activate``)."""
         x = x.float()
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
@@ -147,7 +147,7 @@ class TorchSAE:
 
 
 def clamp_latents(mode: str, z_S: Tensor, values: Tensor) -> Tensor:
-    """Defended values of the selected latents (same table as ``jaxrecover.interventions``)."""
+    """Defended values of the selected latents (same table as ``jaxrecover.sae.clamp``)."""
     if mode == "set":
         return values.expand_as(z_S)
     if mode == "zero":
@@ -233,7 +233,7 @@ class TorchExamples:
         tokens: long ``[batch, seq]``.
         delta_slots: long ``[batch, rows]``: token positions of the ``delta`` rows.
         target: the objective's fields, each with a leading ``batch`` axis, named as the fields of the
-            matching ``jaxrecover.objectives`` target (variant axis dropped):
+            matching ``jaxrecover.recover.objectives`` target (variant axis dropped):
 
             - ``continuation_logprob``: ``ids [b, seq]`` (next-token targets), ``weights [b, seq]``.
             - ``logit_diff``: ``slot [b]``, ``io [b]``, ``s [b]``.
@@ -265,7 +265,7 @@ def _choice_logits(logits: Tensor, t: dict[str, Tensor]) -> Tensor:
 def objective_values(name: str, logits: Tensor, t: dict[str, Tensor]) -> Tensor:
     """Per-example objective ``[batch]`` from logits ``[batch, seq, vocab]`` (higher is better).
 
-    Same definitions as ``jaxrecover.objectives`` (one variant per example):
+    Same definitions as ``jaxrecover.recover.objectives`` (one variant per example):
 
     - ``continuation_logprob``: weighted mean of ``log p(ids[t] | logits[t])`` over slots.
     - ``logit_diff``: ``logit[io] - logit[s]`` at ``slot``.
@@ -288,7 +288,7 @@ def objective_values(name: str, logits: Tensor, t: dict[str, Tensor]) -> Tensor:
 
 
 def success_values(name: str, logits: Tensor, t: dict[str, Tensor]) -> Tensor:
-    """Per-example "recovered" decision ``[batch]`` (bool), as ``jaxrecover.objectives``' predicates.
+    """Per-example "recovered" decision ``[batch]`` (bool), as ``jaxrecover.recover.objectives``' predicates.
 
     - ``continuation_logprob``: greedy argmax reproduces every scored target token.
     - ``logit_diff``: ``logit[io] > logit[s]``.
@@ -648,7 +648,7 @@ def recover_per_example(model: Any, clamps: Any, examples: TorchExamples, cfg: T
 
 @dataclasses.dataclass(frozen=True)
 class TorchWindow:
-    """Slot window of a cached step (same meaning as ``jaxrecover.recovery.Window``): run slots
+    """Slot window of a cached step (same meaning as ``jaxrecover.recover.solver.Window``): run slots
     ``cut..seq`` against cached keys/values of the slots before ``cut``; unembed slots ``read..seq``.
     ``TorchWindow()`` is the full path."""
 

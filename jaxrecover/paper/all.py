@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxrecover import report
-from jaxrecover.paper import common as C
+from jaxrecover.runtime import report as report
+from jaxrecover.experiment import common as C
 
 F_ = dataclasses.field
 SETTINGS = ("refusal", "ioi", "unlearning", "tpp")
@@ -68,7 +68,7 @@ def _frac(cell: Any) -> tuple[int, int] | None:
 
 def rate_verdict(ours: dict | str | None, paper: float) -> str:
     """Ours vs the paper's rate (see the module docstring)."""
-    from jaxrecover.metrics import wilson_interval
+    from jaxrecover.recover.metrics import wilson_interval
 
     kn = _frac(ours) if ours is not None else None
     if not kn or not kn[1]:
@@ -120,7 +120,7 @@ def route_statistic(res: dict[str, Any]) -> str:
 def claims(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     """One row per claim of the paper that these settings test, with our number and a verdict."""
     from jaxrecover.paper import ioi, refusal, tpp, unlearning
-    from jaxrecover.paper import suite as S
+    from jaxrecover.experiment import suite as S
 
     rows: list[dict[str, str]] = []
 

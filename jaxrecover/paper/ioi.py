@@ -40,17 +40,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover.paper import common as C
-from jaxrecover.paper import driver as D_
-from jaxrecover.paper import suite as S
-from jaxrecover import datasets as D
-from jaxrecover import features as F
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import report
-from jaxrecover.interventions import Clamp
-from jaxrecover.sites import Site
-from jaxrecover.tokenizer import encode_batch
+from jaxrecover.experiment import common as C
+from jaxrecover.experiment import driver as D_
+from jaxrecover.experiment import suite as S
+from jaxrecover.data import datasets as D
+from jaxrecover.sae import features as F
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.runtime import report as report
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.core.sites import Site
+from jaxrecover.model.tokenizer import encode_batch
 
 NAME = "ioi"
 F_ = dataclasses.field
@@ -77,7 +77,7 @@ class Config(C.RunConfig):
     max_flips: int = F_(default=0, metadata={"help": "recover at most this many valid flips (0 = all)"})
     shared_delta: bool = F_(default=False, metadata={"help": "one delta shared by all valid flips (authors' code)"})
     suffix: bool = F_(default=True, metadata={"help": "run the soft-suffix baseline"})
-    knockout_heads: int = F_(default=16, metadata={"help": "circuit-ablation contrast: knock out (jaxrecover.surgery) up to this many attention heads above the SAE layer, chosen greedily by their effect on the logit diff, and recover with an unconstrained delta at the SAE site (0 = off)"})
+    knockout_heads: int = F_(default=16, metadata={"help": "circuit-ablation contrast: knock out (jaxrecover.sae.surgery) up to this many attention heads above the SAE layer, chosen greedily by their effect on the logit diff, and recover with an unconstrained delta at the SAE site (0 = off)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -187,8 +187,8 @@ def head_knockout(prep: Prepared, max_heads: int, scan_prompts: int = 16) -> tup
     ... (at most ``max_heads``) are knocked out together until at least half of the prompts with a
     positive clean diff flip. Returns ``(defended model, [(layer, head)], diff under knockout [n])``;
     runs from the cached residual at the site, so the blocks below it are never recomputed."""
-    from jaxrecover import surgery
-    from jaxrecover.transformer import run_blocks, unembed
+    from jaxrecover.sae import surgery as surgery
+    from jaxrecover.model.transformer import run_blocks, unembed
 
     model, site, end = prep.model, prep.site, prep.tokens.shape[1] - 1
     start, stop = site.layer + 1, model.cfg.n_layers  # resid_post of L enters block L+1

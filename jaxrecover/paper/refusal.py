@@ -43,17 +43,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover.paper import common as C
-from jaxrecover.paper import driver as D_
-from jaxrecover.paper import suite as S
-from jaxrecover import checkpoint as ckpt
-from jaxrecover import compat, datasets, features, judges, report
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover.interventions import AddDelta, Clamp, Compose, check_clamps, compose
-from jaxrecover.sae import encode
-from jaxrecover.sites import Site
-from jaxrecover.transformer import capture, run_blocks, run_to, unembed
+from jaxrecover.experiment import common as C
+from jaxrecover.experiment import driver as D_
+from jaxrecover.experiment import suite as S
+from jaxrecover.runtime import checkpoint as ckpt
+from jaxrecover.io import compat as compat
+from jaxrecover.data import datasets as datasets
+from jaxrecover.sae import features as features
+from jaxrecover.recover import judges as judges
+from jaxrecover.runtime import report as report
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.sae.clamp import AddDelta, Clamp, Compose, check_clamps, compose
+from jaxrecover.sae.autoencoder import encode
+from jaxrecover.core.sites import Site
+from jaxrecover.model.transformer import capture, run_blocks, run_to, unembed
 
 PAPER = {  # AdvBench, 24 strict-valid (Fig. 5 / Table 3 / Table 10)
     "jacobian": {"nonref": "23/24", "base_like": "15/24", "strict": "12/24", "drift": 0.131, "floor": 0.127},
@@ -100,7 +104,7 @@ class Config(C.RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from jaxrecover.interventions import CLAMP_MODES
+        from jaxrecover.sae.clamp import CLAMP_MODES
 
         C.check_choice("feature_method", self.feature_method, ("refusal_text", "steering"))
         C.check_choice("clamp_mode", self.clamp_mode, CLAMP_MODES)
@@ -221,7 +225,7 @@ COMPLIANCES = (
 
 def teacher_forced(tok, prompts: list[str], answers: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(tokens, valid, answer_mask)``: ``answers[i % len(answers)]`` appended to each prompt, left-padded."""
-    from jaxrecover.tokenizer import encode_batch
+    from jaxrecover.model.tokenizer import encode_batch
 
     full = [p + answers[i % len(answers)] for i, p in enumerate(prompts)]
     _, pv = encode_batch(tok, prompts, pad_to=8)
@@ -278,7 +282,7 @@ def feature_stats(model, tok, clamps: dict[Site, Clamp], prompts: list[str]) -> 
     (``REFUSALS``) and compliant text (``COMPLIANCES``) teacher-forced after the same prompts.
 
     Returns ``{site: {"features", "mode", "values", text: stats}}`` as lists and floats."""
-    from jaxrecover.tokenizer import encode_batch
+    from jaxrecover.model.tokenizer import encode_batch
 
     sites = sorted(clamps)
     pt, pv = encode_batch(tok, prompts, pad_to=8)
@@ -363,7 +367,7 @@ class Batch:
 
 
 def build_batch(tok, prompt_texts, base_ids, cfg, suffix: int = 0) -> Batch:
-    from jaxrecover.tokenizer import encode_batch
+    from jaxrecover.model.tokenizer import encode_batch
 
     ptok, pval = encode_batch(tok, prompt_texts, pad_to=8)
     n, P = ptok.shape
@@ -512,7 +516,7 @@ class Prepared(S.Prepared):
 def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: dict | None = None, out: Path | None = None) -> Prepared:
     """Model, SAEs, prompts and the base model's own answers (cached in ``out``, keyed by the model's
     contents, the prompts and the package version)."""
-    from jaxrecover import __version__
+    from jaxrecover._version import __version__
 
     t0 = time.time()
     out = C.out_dir(cfg.out, "refusal") if out is None else out
@@ -545,7 +549,7 @@ def prepare(cfg: Config, model: Any = None, tok: Any = None, sae: dict | None = 
 def case(prep: Prepared, k: int) -> D_.Case:
     """Features for K, the clamp, its activation statistics, the clamped answers and the strict-valid
     flips (base neither refuses nor cues safety, the clamped model refuses; base answers of >= 4 tokens)."""
-    from jaxrecover.tokenizer import encode_batch
+    from jaxrecover.model.tokenizer import encode_batch
 
     cfg = dataclasses.replace(prep.cfg, n_features=k)
     model, tok, saes = prep.model, prep.tok, prep.sae

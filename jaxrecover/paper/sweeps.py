@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 
-from jaxrecover.paper import common as C
-from jaxrecover.paper import driver as D_
-from jaxrecover.paper import suite as S
-from jaxrecover import report
+from jaxrecover.experiment import common as C
+from jaxrecover.experiment import driver as D_
+from jaxrecover.experiment import suite as S
+from jaxrecover.runtime import report as report
 
 NAME = "sweeps"
 F_ = dataclasses.field
@@ -164,6 +164,11 @@ def _smallest_cell(x: dict[str, Any] | None, relative: bool) -> str:
 
 
 def main(cfg: Config) -> dict[str, Any]:
+    with C.stage_clock():  # this sweep's stage timings only
+        return _main(cfg)
+
+
+def _main(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     mod = _load(cfg.setting)  # Config already refused unknown settings and kinds
     out = S.default_out(cfg.out, f"sweeps/{cfg.setting}_{cfg.kind}")
@@ -218,9 +223,3 @@ def main(cfg: Config) -> dict[str, Any]:
     S.say(f"sweeps: wrote {out} in {time.time() - t0:.0f} s")
     return summary
 
-
-if __name__ == "__main__":
-    from jaxrecover.cli import config_parser
-
-    p = config_parser(Config, "sweeps", __doc__)
-    main(Config(**vars(p.parse_args())))

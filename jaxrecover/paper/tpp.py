@@ -8,7 +8,7 @@ Adapted to the project (paper-notes 2.1):
 - Representation: residual at the SAE site (default ``blocks.9.hook_resid_post``) mean-pooled over the
   valid non-first tokens (the first token is the attention sink, as SAEBench masks BOS). Readout
   "resid": no later layer is run.
-- Probes: one-vs-rest logistic regression per class (`jaxrecover.probes`: flax Dense head + TrainState, Adam, class-balanced BCE + L2) on the
+- Probes: one-vs-rest logistic regression per class (`jaxrecover.recover.probes`: flax Dense head + TrainState, Adam, class-balanced BCE + L2) on the
   train split.
 - Features for target class c: top ``--n-features`` (20) by attribution to the probe logit,
   ``a_f = mean_{train examples of c, pooled positions} z_f * (W_dec[f] . w_c)`` with a_f > 0 first
@@ -33,18 +33,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxrecover.probes import train_linear_probes
+from jaxrecover.recover.probes import train_linear_probes
 
-from jaxrecover.paper import common as C
-from jaxrecover.paper import driver as D_
-from jaxrecover.paper import suite as S
-from jaxrecover import datasets as D
-from jaxrecover import features as F
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import report
-from jaxrecover.interventions import Clamp
-from jaxrecover.tokenizer import encode_batch
+from jaxrecover.experiment import common as C
+from jaxrecover.experiment import driver as D_
+from jaxrecover.experiment import suite as S
+from jaxrecover.data import datasets as D
+from jaxrecover.sae import features as F
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.runtime import report as report
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.model.tokenizer import encode_batch
 
 NAME = "tpp"
 F_ = dataclasses.field

@@ -45,18 +45,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrecover.paper import common as C
-from jaxrecover.paper import driver as D_
-from jaxrecover.paper import suite as S
-from jaxrecover import datasets as D
-from jaxrecover import features as F
-from jaxrecover import objectives as O
-from jaxrecover import recovery as R
-from jaxrecover import report
-from jaxrecover.interventions import Clamp
-from jaxrecover.sae import encode
-from jaxrecover.sites import Site
-from jaxrecover.transformer import forward
+from jaxrecover.experiment import common as C
+from jaxrecover.experiment import driver as D_
+from jaxrecover.experiment import suite as S
+from jaxrecover.data import datasets as D
+from jaxrecover.sae import features as F
+from jaxrecover.recover import objectives as O
+from jaxrecover.recover import solver as R
+from jaxrecover.runtime import report as report
+from jaxrecover.sae.clamp import Clamp
+from jaxrecover.sae.autoencoder import encode
+from jaxrecover.core.sites import Site
+from jaxrecover.model.transformer import forward
 
 NAME = "unlearning"
 F_ = dataclasses.field
@@ -182,7 +182,9 @@ def _examples(items: list[Item], scoring: str, P: int, A: int, suffix_ids: list[
 
 
 def _task(scoring: str) -> tuple[Any, Any]:
-    return (O.answer_logprob, O.answer_success) if scoring == "answer" else (O.choice_ce, O.choice_success)
+    """(objective, success) of the scoring rule: the answer's log-prob, or the cross-entropy over the letters."""
+    task = O.ANSWER if scoring == "answer" else O.CHOICE_CE
+    return task.objective, task.success
 
 
 def _success(model: Any, ex: R.Example, hooks: dict | None, scoring: str, batch: int = 32) -> np.ndarray:
@@ -204,7 +206,7 @@ def _success(model: Any, ex: R.Example, hooks: dict | None, scoring: str, batch:
 
 def _latents(model: Any, tok: Any, site: Site, sae: Any, texts: list[str]) -> Any:
     """SAE latents at every valid non-first token of ``texts`` -> ``[n_tokens, d_sae]``."""
-    from jaxrecover.tokenizer import encode_batch
+    from jaxrecover.model.tokenizer import encode_batch
 
     tokens, valid = encode_batch(tok, texts, pad_to=8)
     resid = jax.jit(jax.vmap(lambda m, t, v: S.resid_at(m, t, v, site), in_axes=(None, 0, 0)))(

@@ -1,0 +1,1 @@
+"""Layer 9 (top): the ``jaxrecover`` command line (``app``) and ``jaxrecover inspect``."""

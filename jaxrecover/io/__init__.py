@@ -1,0 +1,1 @@
+"""Layer 6: getting real checkpoints in: Hugging Face folders (``hf``), GGUF conversion (``gguf``), the embedded default, shipped SAEs, name resolution (HF cache, SAE registry) and pre-load compatibility checks."""

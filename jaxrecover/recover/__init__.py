@@ -1,0 +1,1 @@
+"""Layer 5: the recovery method: objectives, null-space projections, the solver (``solver``: init / advance / finish), the batched and resumable verb (``batch``), metrics, judges, probes and defences."""

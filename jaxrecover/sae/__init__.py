@@ -1,0 +1,1 @@
+"""Layer 4: sparse autoencoders (``autoencoder``), their files (SAELens / Gemma Scope / dictionary_learning), the clamp transform (``clamp``), feature selection, training and model surgery. Imports the layers below."""
