@@ -126,8 +126,7 @@ def cell(npz: Path, mode: str, batch: int, steps: int, chunk: int, chunk_sweep: 
     model, clamps, ex, problem, budget = _problem(npz, batch)
 
     def solver_for(ch: int) -> Any:
-        cfg = R.RecoveryConfig(steps=steps, lr=0.05, budget=budget, constraint="jacobian", jacobian=mode, probes=8,
-                               drift_probe=True, jacobian_chunk=ch)
+        cfg = R.RecoveryConfig(steps=steps, lr=0.05, budget=budget, constraint=R.JacobianNull(mode, probes=8, drift_probe=True, chunk=ch))
         return R.make_solver(problem, cfg, O.LOGPROB.objective, O.LOGPROB.success)
 
     solver = solver_for(chunk)

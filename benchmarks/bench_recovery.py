@@ -255,7 +255,7 @@ def build_problem(
     from benchmarks.torch_reference import TorchClamp, TorchExamples, TorchRecoveryConfig, TorchSAE
     from jaxrecover.recover import objectives as O
     from jaxrecover.sae.clamp import Clamp
-    from jaxrecover.recover.solver import Example, RecoveryConfig, RecoveryProblem
+    from jaxrecover.recover.solver import EncoderNull, Example, RecoveryConfig, RecoveryProblem
     from jaxrecover.core.sites import Site
 
     cfg = model.cfg
@@ -303,8 +303,7 @@ def build_problem(
     jex = Example(tokens=jnp.asarray(tokens[:, None]), valid=jnp.ones((B, 1, T), bool),
                   delta_slots=jnp.asarray(slots), measure_mask=jnp.ones((B, T), bool), target=jt)
     tex = TorchExamples(tokens=t(tokens), delta_slots=t(slots), target=tt)
-    jcfg = RecoveryConfig(steps=steps, lr=lr, budget=budget, constraint="encoder", projector=projector,
-                          reproject_delta=reproject)
+    jcfg = RecoveryConfig(steps=steps, lr=lr, budget=budget, constraint=EncoderNull(projector, reproject=reproject))
     tcfg = TorchRecoveryConfig(layer=layer, point=point, steps=steps, lr=lr, budget=budget,
                                projection=projector, reproject=reproject, objective=objective)
     return Problem(jex, jclamps, RecoveryProblem(site, tuple(jclamps)), jcfg, objective, tex, tclamps, tcfg,
@@ -404,7 +403,7 @@ def build_refusal_problem(setup: RefusalSetup, *, batch: int, steps: int = 10, l
     from benchmarks.torch_reference import TorchClamp, TorchExamples, TorchRecoveryConfig, TorchSAE
     from jaxrecover.recover import objectives as O
     from jaxrecover.sae.clamp import Clamp
-    from jaxrecover.recover.solver import Example, RecoveryConfig, RecoveryProblem
+    from jaxrecover.recover.solver import EncoderNull, Example, RecoveryConfig, RecoveryProblem
     from jaxrecover.core.sites import Site
 
     if batch > setup.tokens.shape[0]:
@@ -429,8 +428,7 @@ def build_refusal_problem(setup: RefusalSetup, *, batch: int, steps: int = 10, l
                                      features=t(setup.features.astype(np.int64)),
                                      values=t(setup.floor, torch.float32), mode="floor")}
     tex = TorchExamples(tokens=t(tokens), delta_slots=t(slots), target=dict(ids=t(ids), weights=t(weights, torch.float32)))
-    jcfg = RecoveryConfig(steps=steps, lr=lr, budget=setup.budget, constraint="encoder", projector="pinv",
-                          reproject_delta=True)
+    jcfg = RecoveryConfig(steps=steps, lr=lr, budget=setup.budget, constraint=EncoderNull("pinv", reproject=True))
     tcfg = TorchRecoveryConfig(layer=REFUSAL_LAYER, point="resid_post", steps=steps, lr=lr, budget=setup.budget,
                                projection="pinv", reproject=True, objective="continuation_logprob")
     desc = (f"refusal-shaped: SmolLM2 chat prompt {P} tokens + {A} teacher-forced base-answer tokens, delta rows at "
@@ -504,7 +502,7 @@ def jax_minimal_fn(p: Problem, cache_prefix: bool, steps: int | None = None) -> 
     cfg = p.jax_cfg
     n_steps = cfg.steps if steps is None else steps
     clamp = p.jax_clamps[site]
-    basis = proj.encoder_null_projector(clamp.sae, clamp.features, method=cfg.projector, ridge=cfg.ridge)
+    basis = proj.encoder_null_projector(clamp.sae, clamp.features, method=cfg.constraint.projector, ridge=cfg.constraint.ridge)
     tx = optax.adam(cfg.lr)
 
     def one(model: Any, ex: Any, clamps: dict) -> Any:
@@ -1139,7 +1137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             w = jax_window(p)
             descs[name] = p.describe or (
                 f"synthetic: random tokens, seq {seq}, delta site {p.jax_problem.delta_site}, random 4-feature SAE clamp "
-                f"(set 0), delta on the last 2 slots, {p.objective}, encoder-null ({p.jax_cfg.projector}), Adam lr "
+                f"(set 0), delta on the last 2 slots, {p.objective}, encoder-null ({p.jax_cfg.constraint.projector}), Adam lr "
                 f"{p.jax_cfg.lr}, budget {p.jax_cfg.budget}")
             windows[name] = {"cut": w.cut, "read": w.read, "seq": seq}
             cell_modes = list(modes)

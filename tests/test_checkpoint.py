@@ -33,7 +33,7 @@ def _problem():
     ex = R.Example(tokens=toks, valid=jnp.ones((n, 1, SEQ), bool), delta_slots=jnp.full((n, 1), SEQ - 1, jnp.int32),
                    measure_mask=jnp.ones((n, SEQ), bool),
                    target=O.Continuation(ids=ids, weights=jnp.ones((n, 1, SEQ), jnp.float32)))
-    cfg_r = R.RecoveryConfig(steps=6, steps_per_chunk=2, lr=0.1, budget=4.0)
+    cfg_r = R.RecoveryConfig(steps=6, lr=0.1, budget=4.0)
     solver = R.make_solver(R.RecoveryProblem(SITE, (SITE,)), cfg_r, O.continuation_logprob, O.continuation_success)
     return solver, model, ex, {SITE: clamp}
 
@@ -55,14 +55,14 @@ def test_state_round_trip(tmp_path):
 
 def test_killed_run_resumes_to_identical_results(tmp_path):
     solver, model, ex, clamps = _problem()
-    full = runner.run_recovery(solver, model, ex, clamps, tmp_path / "a", run_id="r", batch_size=4, progress=False)
+    full = runner.run_recovery(solver, model, ex, clamps, tmp_path / "a", run_id="r", batch_size=4, progress=False, steps_per_chunk=2)
     assert full is not None and full["all"]["n"] == 3
     # kill after one chunk, then after two more (mid-run, checkpoint restored each time), then finish
-    assert runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False,
+    assert runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False, steps_per_chunk=2,
                           stop_after_chunks=1) is None
-    assert runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False,
+    assert runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False, steps_per_chunk=2,
                           stop_after_chunks=1) is None
-    runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False)
+    runner.run_recovery(solver, model, ex, clamps, tmp_path / "b", run_id="r", batch_size=4, progress=False, steps_per_chunk=2)
     a = (tmp_path / "a" / "r.jsonl").read_text()
     b = (tmp_path / "b" / "r.jsonl").read_text()
     assert a == b
@@ -73,12 +73,12 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
 
 def test_resume_with_other_inputs_starts_fresh(tmp_path, capsys):
     solver, model, ex, clamps = _problem()
-    assert runner.run_recovery(solver, model, ex, clamps, tmp_path, run_id="r", batch_size=4, progress=False,
+    assert runner.run_recovery(solver, model, ex, clamps, tmp_path, run_id="r", batch_size=4, progress=False, steps_per_chunk=2,
                                stop_after_chunks=1) is None
     (site, clamp), = clamps.items()
     other = {site: dataclasses.replace(clamp, values=clamp.values + 0.5)}  # same shapes, other defence
-    runner.run_recovery(solver, model, ex, other, tmp_path, run_id="r", batch_size=4, progress=False)
+    runner.run_recovery(solver, model, ex, other, tmp_path, run_id="r", batch_size=4, progress=False, steps_per_chunk=2)
     assert "starting fresh" in capsys.readouterr().err
-    fresh = runner.run_recovery(solver, model, ex, other, tmp_path / "ref", run_id="r", batch_size=4, progress=False)
+    fresh = runner.run_recovery(solver, model, ex, other, tmp_path / "ref", run_id="r", batch_size=4, progress=False, steps_per_chunk=2)
     assert (tmp_path / "r.jsonl").read_text() == (tmp_path / "ref" / "r.jsonl").read_text()
     assert fresh["all"]["n"] == 3

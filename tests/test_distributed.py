@@ -91,7 +91,7 @@ def _problem():
                    delta_slots=np.tile(np.array([[SEQ - 2, SEQ - 1]], np.int32), (N_EX, 1)),
                    measure_mask=np.ones((N_EX, SEQ), bool),
                    target=O.Continuation(ids=ids, weights=np.ones((N_EX, 1, SEQ), np.float32)))
-    rc = R.RecoveryConfig(steps=6, steps_per_chunk=2, lr=0.1, budget=4.0)
+    rc = R.RecoveryConfig(steps=6, lr=0.1, budget=4.0)
     solver = R.make_solver(R.RecoveryProblem(site, (site,)), rc, O.continuation_logprob, O.continuation_success)
     return solver, model, ex, {site: clamp}
 
@@ -131,9 +131,9 @@ def worker(out: str, layout: str, port: int, pid: int) -> None:
 
     solver, model, ex, clamps = _problem()
     t0 = time.time()
-    res = runner.solve_batch(solver, model, ex, clamps, progress=True)  # in chunks: the driver's programs
+    res = runner.solve_batch(solver, model, ex, clamps, progress=True, steps_per_chunk=2)  # in chunks: the driver's programs
     t_solve = time.time() - t0
-    fixed = runner.solve_batch(solver, model, ex, clamps, progress=True, per_device_batch=2)  # 1x1: 3 calls of 2
+    fixed = runner.solve_batch(solver, model, ex, clamps, progress=True, per_device_batch=2, steps_per_chunk=2)  # 1x1: 3 calls of 2
     # generation under clamp + the recovered deltas (one row each), greedy, sharded over the rows
     (site, clamp), = clamps.items()
     hooks = {site: compose(clamp, AddDelta(res.delta, ex.delta_slots))}
@@ -143,7 +143,7 @@ def worker(out: str, layout: str, port: int, pid: int) -> None:
     # resumable driver (one batch of solve_batch's shape: no new compile), killed after one chunk,
     # resumed from the checkpoint all processes wrote, finished; a third call finds it all done
     run_dir = Path(out) / f"run_{layout}"
-    kw = dict(run_id="r", batch_size=N_EX, progress=False)
+    kw = dict(run_id="r", batch_size=N_EX, progress=False, steps_per_chunk=2)
     assert runner.run_recovery(solver, model, ex, clamps, run_dir, stop_after_chunks=1, **kw) is None
     summary = runner.run_recovery(solver, model, ex, clamps, run_dir, **kw)
     assert runner.run_recovery(solver, model, ex, clamps, run_dir, **kw) == summary

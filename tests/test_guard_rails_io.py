@@ -227,7 +227,7 @@ def fake_embedded(tmp_path, monkeypatch):
     monkeypatch.setattr(embedded, "locate_gguf", lambda cache_dir=None, allow_download=True: gguf)
     monkeypatch.setattr(embedded, "gguf_to_hf_folder", convert)
     monkeypatch.setattr(embedded, "sha256_file", counting_sha)
-    embedded._sha256_of.cache_clear()
+    monkeypatch.setattr(embedded, "_VERIFIED", {})
     return calls
 
 
@@ -256,7 +256,7 @@ def test_embedded_flipped_bytes_are_reconverted(tmp_path, fake_embedded, monkeyp
     data[100:4196] = bytes(b ^ 0xFF for b in data[100:4196])
     model.write_bytes(bytes(data))
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # bit rot keeps the mtime
-    embedded._sha256_of.cache_clear()  # a new process
+    monkeypatch.setattr(embedded, "_VERIFIED", {})  # a new process
     assert embedded.default_model_dir(tmp_path) == folder
     assert len(fake_embedded["convert"]) == 2
     assert "does not match" in capsys.readouterr().err

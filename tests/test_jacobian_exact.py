@@ -122,8 +122,7 @@ def _solver_setup(method: str, chunk: int = 3):
     ex = R.Example(tokens=jnp.asarray(tokens), valid=jnp.ones((1, seq), bool),
                    delta_slots=jnp.array([6, 7, 8], jnp.int32), measure_mask=jnp.ones((seq,), bool),
                    target=O.Continuation(ids=jnp.asarray(np.roll(tokens, -1, -1)), weights=jnp.asarray(w)))
-    rc = R.RecoveryConfig(steps=1, optimizer="sgd", lr=1.0, budget=1e6, constraint="jacobian", jacobian=method,
-                          jacobian_chunk=chunk)
+    rc = R.RecoveryConfig(steps=1, optimizer="sgd", lr=1.0, budget=1e6, constraint=R.JacobianNull(method, chunk=chunk))
     solver = R.make_solver(R.RecoveryProblem(site, (clamp_site,)), rc, O.LOGPROB.objective, O.LOGPROB.success)
     return solver, model, clamps, ex, rows
 
@@ -143,7 +142,7 @@ def test_solver_exact_step_is_in_the_dense_jacobian_null_space():
     assert float(jnp.linalg.norm(J)) > 0 and float(jnp.linalg.norm(step)) > 0
     assert float(jnp.max(jnp.abs(J @ step.reshape(-1)))) <= 1e-5 * float(jnp.linalg.norm(J, 2) * jnp.linalg.norm(step))
     # the config knob reaches the strategy (chunk invariance: the float64 test above)
-    assert solver.cfg.constraint_obj.chunk == 3
-    assert R.RecoveryConfig(constraint="jacobian").constraint_obj.chunk == P.JACOBIAN_CHUNK
-    with pytest.raises(ValueError, match="jacobian_chunk"):
-        R.RecoveryConfig(jacobian_chunk=0)
+    assert solver.cfg.constraint.chunk == 3
+    assert R.RecoveryConfig(constraint="jacobian").constraint.chunk == P.JACOBIAN_CHUNK
+    with pytest.raises(ValueError, match="JacobianNull.chunk=0"):
+        R.JacobianNull(chunk=0)

@@ -56,8 +56,9 @@ def test_layer_packages_reexport_nothing() -> None:
 
 
 # What a process has, not what a run has: the JAX distributed runtime (jax.distributed is itself
-# process-wide) and the lock files this process holds (released at exit).
-PROCESS_WIDE = ("runtime/distributed.py", "runtime/report.py")
+# process-wide), the lock files this process holds (released at exit), and the memo of file hashes
+# keyed by file identity (device, inode, size, mtime: the same file always hashes the same).
+PROCESS_WIDE = ("runtime/distributed.py", "runtime/report.py", "io/embedded.py")
 MUTATORS = {"append", "extend", "update", "clear", "pop", "popitem", "setdefault", "add", "discard", "remove",
             "insert", "__setitem__"}
 

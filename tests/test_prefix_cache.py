@@ -58,9 +58,9 @@ def problem(arch: str):
 
 CONFIGS = {
     "encoder": R.RecoveryConfig(steps=4, lr=0.05, budget=3.0, constraint="encoder"),
-    "jacobian_exact": R.RecoveryConfig(steps=3, budget=3.0, constraint="jacobian", jacobian="exact",
+    "jacobian_exact": R.RecoveryConfig(steps=3, budget=3.0, constraint=R.JacobianNull("exact"),
                                        optimizer="sgd", lr=0.5),
-    "jacobian_sketch": R.RecoveryConfig(steps=3, budget=3.0, constraint="jacobian", jacobian="sketch", probes=3, drift_probe=False,
+    "jacobian_sketch": R.RecoveryConfig(steps=3, budget=3.0, constraint=R.JacobianNull("sketch", probes=3, drift_probe=False),
                                         optimizer="sgd", lr=0.5),
     "none_penalty_select": R.RecoveryConfig(steps=4, lr=0.05, budget=3.0, constraint="none", drift_penalty=2.0,
                                             select="drift_constrained", select_every=1),

@@ -111,7 +111,7 @@ def test_every_step_respects_budget_and_null_space(setup):
 def test_reproject_off_projects_only_the_gradient(setup):
     model, clamp, ex, _ = setup
     # SGD on projected gradients stays in the null space without re-projection (sum of projected steps)
-    cfg = BASE.replace(optimizer="sgd", reproject_delta=False, projector="pinv", lr=1.0)
+    cfg = BASE.replace(optimizer="sgd", constraint=R.EncoderNull("pinv", reproject=False), lr=1.0)
     res = jax.jit(solver(cfg).solve)(model, first(ex), {SITE: clamp})
     assert null_residual(clamp, res.delta) < 1e-5
     assert float(jnp.max(res.trace["delta_norm"])) <= cfg.budget * (1 + 1e-6)
@@ -162,8 +162,8 @@ def test_cross_layer_jacobian_recovers_with_small_drift(setup):
 
 def test_code_variant_sketch_penalty_corrections_selection(setup):
     model, clamp, ex, _ = setup
-    cfg = BASE.replace(constraint="jacobian", jacobian="sketch", drift_penalty=200.0, correction_steps=2,
-                       select="drift_constrained", select_every=5, projector="ridge", steps=10)
+    cfg = BASE.replace(constraint=R.JacobianNull("sketch"), drift_penalty=200.0, correction_steps=2,
+                       select="drift_constrained", select_every=5, steps=10)
     res = jax.jit(solver(cfg, site=Site(0, "resid_mid")).solve)(model, first(ex), {SITE: clamp})
     assert int(res.selected_step) in (0, 5, 10)
     assert np.isfinite(float(res.objective))

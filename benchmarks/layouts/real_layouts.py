@@ -36,7 +36,7 @@ for i in range(n):
 ex = jxr.Example(tokens=tokens[:, None], valid=valid[:, None],
                  delta_slots=np.tile(np.arange(S - 1 - R, S - 1, dtype=np.int32), (n, 1)),
                  measure_mask=valid.copy(),
-                 target=jxr.Continuation(ids=np.roll(tokens, -1, axis=1)[:, None], weights=weights[:, None],
+                 target=jxr.objectives.Continuation(ids=np.roll(tokens, -1, axis=1)[:, None], weights=weights[:, None],
                                          answer_start=first.astype(np.int32), discouraged=np.full((n, 1), -1)))
 solver = jxr.make_solver(jxr.RecoveryProblem(delta_site=site, clamp_sites=(site,)),
                          jxr.RecoveryConfig(steps=20, lr=0.05, budget=40.0, constraint=jxr.EncoderNull()),

@@ -141,21 +141,23 @@ def tree_fingerprint(tree: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site, SAE]:
-    """``{site: SAE}`` from explicit paths (comma list) or the shipped SAEs at ``default_layers``."""
+def load_sae_at(path: str | Path) -> tuple[Site, SAE]:
+    """The one SAE loader of the experiments: ``(site, SAE)`` from a folder or file, in float32
+    (``encode`` computes in the SAE's dtype, and a bf16 encoder rounds the input to 8 bits, which reads
+    as ~1e-2 relative drift of latents that did not move); the site comes from its hook name."""
     from jaxrecover.io.compat import sae_site
     from jaxrecover.sae.files import load_sae
 
-    chosen = sae_paths(paths, default_layers)
-    out = {}
-    for p in chosen:
-        if not p.exists():
-            raise SystemExit(f"SAE path {p} does not exist (SAELens folder, Gemma Scope params.npz, or sparsify folder).")
-        # float32 like ``suite.resolve_sae``: ``encode`` computes in the SAE's dtype, and a bf16 encoder
-        # rounds the input to 8 bits, which reads as ~1e-2 relative drift of latents that did not move
-        sae = load_sae(p, dtype="float32")
-        out[sae_site(sae.hook_name, str(p))] = sae
-    return out
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"SAE path {p} does not exist (SAELens folder, Gemma Scope params.npz, or sparsify folder).")
+    sae = load_sae(p, dtype="float32")
+    return sae_site(sae.hook_name, str(p)), sae
+
+
+def load_saes(paths: Sequence[str], default_layers: Sequence[int]) -> dict[Site, SAE]:
+    """``{site: SAE}`` from explicit paths (comma list) or the shipped SAEs at ``default_layers``."""
+    return dict(load_sae_at(p) for p in sae_paths(paths, default_layers))
 
 
 _MSG_OUT_LINK = (

@@ -41,7 +41,8 @@ from jaxrecover.core.sites import Site
 class Method:
     """One way to recover, as the driver runs it. Every ``None`` field means "the case's".
 
-    ``config`` overrides ``RecoveryConfig`` fields (lr, jacobian, ...); ``budget`` fixes this method's
+    ``constraint`` is a strategy (``R.JacobianNull(method="sketch")``) or its name; ``config``
+    overrides other ``RecoveryConfig`` fields (lr, drift_penalty, seed, ...); ``budget`` fixes this method's
     L2 budget (otherwise the grid's); ``budget_scale`` is the norm a relative budget multiplies
     as ``(median row norm, rows)``: ``budget = rel * median * sqrt(rows)`` (None: measured by the driver
     at the delta rows, ``budget_scale``). ``extra`` carries what the setting's judge needs. ``solve_on``
@@ -50,7 +51,7 @@ class Method:
     decomposes and replays."""
 
     name: str
-    constraint: str = "none"
+    constraint: Any = "none"  # a strategy object or its name (R.constraint_named)
     delta_site: Site | None = None
     examples: Any = None
     records: Sequence[Mapping[str, Any]] | None = None

@@ -53,19 +53,15 @@ def default_out(out: str, name: str) -> Path:
 
 
 def resolve_sae(path: str, layer: int) -> tuple[Site, SAE, str]:
-    """``(site, sae, source)`` from ``path`` or the shipped SAE at ``blocks.{layer}.hook_resid_post``."""
-    from jaxrecover.sae.files import load_sae
-
+    """``(site, sae, source)`` from ``path`` or the shipped SAE at ``blocks.{layer}.hook_resid_post``
+    (``common.load_sae_at``: the one loader)."""
+    from jaxrecover.experiment.common import load_sae_at
     from jaxrecover.io.shipped import shipped_sae
 
     p = Path(path) if path else shipped_sae(layer)
     if not p.exists():
         raise SystemExit(_MSG_NO_SAE.format(path=p))
-    sae = load_sae(p)
-    sae = jax.tree.map(lambda a: a.astype(jnp.float32), sae)
-    from jaxrecover.io.compat import sae_site
-
-    return sae_site(sae.hook_name, str(p)), sae, str(p)
+    return (*load_sae_at(p), str(p))
 
 
 def resid_and_grad(model: Any, tokens: Any, valid: Any, site: Site, metric: Any) -> tuple[Any, Any]:

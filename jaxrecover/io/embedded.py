@@ -25,7 +25,6 @@ Contract:
 Not here: the conversion itself (``gguf_convert``), loading into JAX (``io_hf``).
 """
 
-import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -102,6 +101,10 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("sha256") == GGUF_SHA256 else None
 
 
+# sha256 per file identity, once per process (a memo: the same file always hashes the same)
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
+
+
 def _file_key(path: Path) -> tuple[int, int, int, int]:
     st = path.stat()
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
@@ -109,13 +112,10 @@ def _file_key(path: Path) -> tuple[int, int, int, int]:
 
 def _model_sha256(path: Path) -> str:
     """sha256 of ``path``, computed once per process per (device, inode, size, mtime)."""
-    return _sha256_of(_file_key(path), str(path))
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256_of(key: tuple[int, int, int, int], path: str) -> str:
-    """Memo keyed by the file's identity and mtime: a changed file is hashed again."""
-    return sha256_file(path)
+    key = _file_key(path)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    return _VERIFIED[key]
 
 
 def _is_converted(folder: Path, *, say: bool = False) -> bool:

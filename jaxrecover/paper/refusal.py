@@ -603,8 +603,9 @@ def methods(prep: Prepared, case: D_.Case, used: np.ndarray) -> list[D_.Method]:
             out.append(D_.Method(name, "none", dsite, ex, config={"lr": cfg.suffix_lr, "seed": cfg.seed},
                                  budget=float(budget), extra=extra, desc=name))
         else:
-            config = {"jacobian": cfg.jacobian, "probes": cfg.probes, "drift_penalty": cfg.drift_penalty, "seed": cfg.seed}
-            out.append(D_.Method(name, "none" if name == "none_cross" else name, dsite, ex, config=config,
+            config = {"drift_penalty": cfg.drift_penalty, "seed": cfg.seed}
+            constraint = {"jacobian": R.JacobianNull(cfg.jacobian, cfg.probes), "none_cross": "none"}.get(name, name)
+            out.append(D_.Method(name, constraint, dsite, ex, config=config,
                                  budget_scale=(median, rows), extra=extra, desc=name,
                                  replay=name in ("encoder", "none") and dsite in prep.sae))
     # the attribution decomposes the first delta that lives where an SAE reads (paper: the clamped layer)

@@ -4,7 +4,7 @@ and turn results into records. The solver itself (``recovery``) is written for o
 - ``solve_batch``: ``vmap(solve)`` over stacked examples, example axis sharded over ``jax.devices()``
   (padded to a multiple of the device count; padding dropped), window planned from the data
   (``recovery.plan_window``), so a step only recomputes what ``delta`` can change.
-- ``run_recovery``: the same in batches of ``batch_size`` and chunks of ``cfg.steps_per_chunk``
+- ``run_recovery``: the same in batches of ``batch_size`` and chunks of ``steps_per_chunk``
   steps, with an orbax checkpoint per chunk and one records file per finished batch; a rerun after a
   kill resumes and gives identical results. A progress bar moves every chunk.
 - ``result_records``: per-example JSON-able dicts with a ``status`` of ``"recovered"``,
@@ -68,6 +68,7 @@ def _place_clamps(clamps: Any, clamp_axes: Any, size: int) -> Any:
 # the layouts agree (SmolLM2: bitwise; README "Scale-out"). Default: $JAXRECOVER_PER_DEVICE_BATCH, which
 # ``jaxrecover --per-device-batch K`` sets after checking it (read at call time: no module state).
 PER_DEVICE_BATCH_ENV = "JAXRECOVER_PER_DEVICE_BATCH"
+STEPS_PER_CHUNK = 5  # progress bars and checkpoints move every chunk (same result: chunks only split the scan)
 
 
 def default_per_device_batch() -> int | None:
@@ -114,9 +115,10 @@ def compiled(solver: R.Solver, what: str, window: R.Window, n: int = 0, clamp_ax
 
 def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any],
                 window: R.Window | None = None, *, clamp_axes: Any = None, progress: bool = False,
-                desc: str = "recover", per_device_batch: int | None = None) -> R.RecoveryResult:
+                desc: str = "recover", per_device_batch: int | None = None,
+                steps_per_chunk: int = STEPS_PER_CHUNK) -> R.RecoveryResult:
     """All examples at once (``vmap``; sharded and padded when several devices), window planned from
-    the data unless given. With ``progress`` the steps run in chunks of ``cfg.steps_per_chunk`` under
+    the data unless given. With ``progress`` the steps run in chunks of ``steps_per_chunk`` under
     a progress bar (same result: the chunks only split the scan); the trace is returned either way.
     With ``per_device_batch`` (default ``$JAXRECOVER_PER_DEVICE_BATCH``) the examples run in calls of exactly that
     many per device (the last one padded): the same shapes on every device in every layout."""
@@ -129,7 +131,7 @@ def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mappi
         parts = [solve_batch(solver, model, _rows(examples, i, i + size),
                              map_batched(clamps, clamp_axes, lambda c: _rows(c, i, i + size), lambda c: c),  # noqa: B023
                              window, clamp_axes=clamp_axes, progress=progress, desc=f"{desc} {i // size + 1}/{-(-n // size)}",
-                             per_device_batch=per_device_batch)
+                             per_device_batch=per_device_batch, steps_per_chunk=steps_per_chunk)
                  for i in range(0, n, size)]
         return jax.tree.map(lambda *xs: jax.numpy.concatenate(xs), *parts)
     ex = _place(examples, size)
@@ -139,7 +141,7 @@ def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mappi
     steps, traces, done = solver.cfg.steps, [], 0
     bar = tqdm(total=steps * n, desc=desc, disable=not (progress and D.is_writer()), leave=False, unit="ex-step")
     while done < steps:
-        k = min(solver.cfg.steps_per_chunk if progress else steps, steps - done)
+        k = min(steps_per_chunk if progress else steps, steps - done)
         state, trace = compiled(solver, "advance", window, k, clamp_axes)(model, ex, clamps, ctx, state)
         jax.block_until_ready(state.delta)
         traces.append(trace)
@@ -269,12 +271,14 @@ def run_recovery(
     stop_after_chunks: int | None = None,
     window: R.Window | None = None,
     per_device_batch: int | None = None,
+    steps_per_chunk: int = STEPS_PER_CHUNK,
+    checkpoint_every: int = 1,
 ) -> dict[str, Any] | None:
     """Run ``solver`` over stacked ``examples`` in batches, checkpointing, and write results.
 
     Writes ``{out_dir}/{run_id}.jsonl`` (one record per example), ``{out_dir}/{run_id}_deltas.npy``
     (the selected deltas, example order) and ``{out_dir}/{run_id}_summary.json``. Each batch is
-    checkpointed with orbax every ``cfg.checkpoint_every`` chunks of ``cfg.steps_per_chunk`` steps and
+    checkpointed with orbax every ``checkpoint_every`` chunks of ``steps_per_chunk`` steps and
     its records are written atomically when done; a rerun after a kill at any point skips finished
     batches, restores the latest checkpoint of the current one and continues, giving identical
     results (the solver is deterministic and chunk boundaries do not move). ``stop_after_chunks``
@@ -291,7 +295,10 @@ def run_recovery(
     bs = batch_size_for(n_total, batch_size, per_device_batch)
     # the batch size is part of the key: a resume in another layout (device count) or with another
     # batch size would read records files that cover other examples
-    _fresh_unless_same(out, run_id, rec_dir, f"{_run_key(solver, model, examples, clamps)}-bs{bs}")
+    if steps_per_chunk < 1 or checkpoint_every < 1:
+        raise ValueError(f"run_recovery: steps_per_chunk={steps_per_chunk}, checkpoint_every={checkpoint_every}: both must be >= 1.")
+    # the chunk length is in the key too: a checkpoint is only resumable on the same chunk boundaries
+    _fresh_unless_same(out, run_id, rec_dir, f"{_run_key(solver, model, examples, clamps)}-bs{bs}-chunk{steps_per_chunk}")
     if D.is_writer():
         rec_dir.mkdir(parents=True, exist_ok=True)
     D.barrier("records-dir")
@@ -315,13 +322,13 @@ def run_recovery(
         bar.update(n_real * done_steps)
         n_chunks = 0
         while done_steps < cfg.steps:
-            n = min(cfg.steps_per_chunk, cfg.steps - done_steps)
+            n = min(steps_per_chunk, cfg.steps - done_steps)
             state, _ = compiled(solver, "advance", window, n)(model, batch, clamps, ctx, state)
             done_steps += n
             n_chunks += 1
             chunks_run += 1
             bar.update(n_real * n)
-            if n_chunks % cfg.checkpoint_every == 0 or done_steps == cfg.steps:
+            if n_chunks % checkpoint_every == 0 or done_steps == cfg.steps:
                 ckpt.save_state(mngr, done_steps, state)
             if stop_after_chunks is not None and chunks_run >= stop_after_chunks:
                 mngr.close()

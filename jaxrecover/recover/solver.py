@@ -37,9 +37,12 @@ Paper vs authors' code (paper-notes 1.6-1.7, 6); the DEFAULT is the paper:
 =====================  ====================================  =========================================
 field                  paper (default)                       authors' code
 =====================  ====================================  =========================================
+``EncoderNull``:
 ``projector``          ``"pinv"`` exact projector            ``"ridge"`` (1e-4)
-``reproject_delta``    True: delta stays in the null space   False: only the gradient is projected
-``jacobian``           ``"exact"`` row space of J            ``"sketch"``: 8 probes + drift probe
+``reproject``          True: delta stays in the null space   False: only the gradient is projected
+``JacobianNull``:
+``method``             ``"exact"`` row space of J            ``"sketch"``: 8 probes + drift probe
+``RecoveryConfig``:
 ``drift_penalty``      0                                     200 (refusal), unprojected gradient
 ``correction_steps``   0                                     5 steps of GD on the drift (lr 0.05)
 ``select``             ``"final"``                           ``"drift_constrained"`` (0.03 / 80)
@@ -49,7 +52,8 @@ field                  paper (default)                       authors' code
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -84,11 +88,18 @@ _MSG_RANGE = "RecoveryConfig.{name}={value!r}: {why}."
 # ----------------------------------------------------------------------------- constraints
 
 
+def _check_fields(owner: str, checks: tuple[tuple[str, Any, bool, str], ...]) -> None:
+    for name, value, ok, why in checks:
+        if not ok:
+            raise ValueError(f"{owner}.{name}={value!r}: {why}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Unconstrained:
     """No projection (the paper's "no projection" ablation and baseline)."""
 
-    needs_phi = False
+    name: ClassVar[str] = "none"
+    needs_phi: ClassVar[bool] = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +111,14 @@ class EncoderNull:
     projector: str = "pinv"
     ridge: float = 1e-4
     reproject: bool = True
-    needs_phi = False
+    name: ClassVar[str] = "encoder"
+    needs_phi: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _check_fields("EncoderNull", (
+            ("projector", self.projector, self.projector in proj.PROJECTOR_METHODS, f"expected one of {proj.PROJECTOR_METHODS}"),
+            ("ridge", self.ridge, bool(np.isfinite(self.ridge)) and self.ridge > 0, "must be a finite number > 0"),
+        ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +138,28 @@ class JacobianNull:
     method: str = "exact"
     probes: int = 8
     drift_probe: bool = True
-    chunk: int = proj.JACOBIAN_CHUNK
-    needs_phi = True
+    chunk: int = proj.JACOBIAN_CHUNK  # exact: VJPs per lax.map iteration (a memory knob only)
+    name: ClassVar[str] = "jacobian"
+    needs_phi: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_fields("JacobianNull", (
+            ("method", self.method, self.method in proj.JACOBIAN_METHODS, f"expected one of {proj.JACOBIAN_METHODS}"),
+            ("probes", self.probes, isinstance(self.probes, int) and self.probes > 0, "must be an int > 0"),
+            ("chunk", self.chunk, isinstance(self.chunk, int) and self.chunk > 0, "must be an int > 0"),
+        ))
 
 
 Constraint = Unconstrained | EncoderNull | JacobianNull
+STRATEGIES: Mapping[str, type] = MappingProxyType({c.name: c for c in (EncoderNull, JacobianNull, Unconstrained)})
+
+
+def constraint_named(name: str) -> Constraint:
+    """The strategy a name stands for, with its defaults (the paper's): ``"encoder"``, ``"jacobian"``, ``"none"``."""
+    if name not in STRATEGIES:
+        raise ValueError(f"constraint {name!r}; expected one of {CONSTRAINTS} (or an EncoderNull / JacobianNull / "
+                         "Unconstrained object, which carries its own settings).")
+    return STRATEGIES[name]()
 
 
 # ----------------------------------------------------------------------------- static spec
@@ -134,11 +169,13 @@ Constraint = Unconstrained | EncoderNull | JacobianNull
 class RecoveryConfig:
     """Static solver settings (hashable). Defaults follow the paper; see the module table.
 
-    ``constraint`` is a strategy object or its name (then ``projector``, ``ridge``,
-    ``reproject_delta``, ``jacobian``, ``probes``, ``drift_probe``, ``jacobian_chunk`` configure it); ``optimizer`` is an
-    ``optax.GradientTransformation`` or ``"adam"`` / ``"sgd"`` with ``lr``. ``prefix_cache=False``
-    forces the full recompute path. ``compute_dtype="bfloat16"`` runs the transformer in bf16 (losses,
-    projections and norms stay float32).
+    ``constraint`` is a strategy object, which carries its own settings (``EncoderNull(projector,
+    ridge, reproject)``, ``JacobianNull(method, probes, drift_probe, chunk)``, ``Unconstrained()``); a
+    name (``"encoder"``, ``"jacobian"``, ``"none"``) is shorthand for that strategy with the paper's
+    defaults and is replaced by the object. ``optimizer`` is an ``optax.GradientTransformation`` or
+    ``"adam"`` / ``"sgd"`` with ``lr``. ``prefix_cache=False`` forces the full recompute path.
+    ``compute_dtype="bfloat16"`` runs the transformer in bf16 (losses, projections and norms stay
+    float32). How a run is chunked, checkpointed and batched is the runner's (``batch``), not this.
     """
 
     steps: int = 100
@@ -146,14 +183,7 @@ class RecoveryConfig:
     optimizer: Any = "adam"
     budget: float = 20.0
     budget_per: str = "example"
-    constraint: Any = "encoder"
-    projector: str = "pinv"
-    ridge: float = 1e-4
-    reproject_delta: bool = True
-    jacobian: str = "exact"
-    probes: int = 8
-    drift_probe: bool = True
-    jacobian_chunk: int = proj.JACOBIAN_CHUNK  # exact Jacobian: VJPs per lax.map iteration (memory knob)
+    constraint: Constraint | str = EncoderNull()  # a name becomes its strategy object in __post_init__
     drift_penalty: float = 0.0
     drift_loss: str = "relative_mse"
     correction_steps: int = 0
@@ -167,33 +197,29 @@ class RecoveryConfig:
     seed: int = 0
     prefix_cache: bool = True
     compute_dtype: str = "float32"
-    steps_per_chunk: int = 5  # progress bars and checkpoints move every chunk
-    checkpoint_every: int = 1  # in chunks
 
     def __post_init__(self) -> None:
+        if isinstance(self.constraint, str):
+            object.__setattr__(self, "constraint", constraint_named(self.constraint))
+        elif not isinstance(self.constraint, (EncoderNull, JacobianNull, Unconstrained)):
+            raise ValueError(f"RecoveryConfig.constraint={self.constraint!r}; expected one of {CONSTRAINTS} or a "
+                             "strategy object (EncoderNull, JacobianNull, Unconstrained).")
         choices = [
             ("budget_per", self.budget_per, proj.BUDGET_PER),
-            ("projector", self.projector, proj.PROJECTOR_METHODS),
-            ("jacobian", self.jacobian, proj.JACOBIAN_METHODS),
             ("select", self.select, SELECTS),
             ("drift_loss", self.drift_loss, DRIFT_LOSSES),
             ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
         ]
         if isinstance(self.optimizer, str):
             choices.append(("optimizer", self.optimizer, OPTIMIZERS))
-        if isinstance(self.constraint, str):
-            choices.append(("constraint", self.constraint, CONSTRAINTS))
         for name, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"RecoveryConfig.{name}={value!r}; expected one of {allowed}.")
         for name, ok, why in (
             ("steps", self.steps >= 0, "must be >= 0"),
-            ("steps_per_chunk", self.steps_per_chunk > 0, "must be > 0"),
             ("select_every", self.select_every > 0, "must be > 0"),
             ("lr", np.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("budget", not np.isnan(self.budget) and self.budget >= 0, "must be a number >= 0"),
-            ("probes", self.probes > 0, "must be > 0"),
-            ("jacobian_chunk", isinstance(self.jacobian_chunk, int) and self.jacobian_chunk > 0, "must be an int > 0"),
             ("drift_penalty", np.isfinite(self.drift_penalty) and self.drift_penalty >= 0, "must be finite and >= 0"),
             ("correction_steps", self.correction_steps >= 0, "must be >= 0"),
         ):
@@ -202,16 +228,6 @@ class RecoveryConfig:
 
     def replace(self, **changes: Any) -> "RecoveryConfig":
         return dataclasses.replace(self, **changes)
-
-    @property
-    def constraint_obj(self) -> Constraint:
-        if not isinstance(self.constraint, str):
-            return self.constraint
-        if self.constraint == "encoder":
-            return EncoderNull(self.projector, self.ridge, self.reproject_delta)
-        if self.constraint == "jacobian":
-            return JacobianNull(self.jacobian, self.probes, self.drift_probe, self.jacobian_chunk)
-        return Unconstrained()
 
     @property
     def optimizer_tx(self) -> optax.GradientTransformation:
@@ -276,7 +292,7 @@ class Solver:
     success: Callable[[Readout, Any], jax.Array]
 
     def __post_init__(self) -> None:
-        c = self.cfg.constraint_obj
+        c = self.cfg.constraint
         site, measure = self.problem.delta_site, self.problem.measure_sites
         if isinstance(c, EncoderNull) and site not in self.problem.clamp_sites:
             raise ValueError(_MSG_ENCODER_SITE.format(site=site, sites=[str(s) for s in self.problem.clamp_sites]))
@@ -299,7 +315,7 @@ class Solver:
     def needs_phi(self) -> bool:
         """Whether a step needs the measured features (constraint, penalty, corrections, selection)."""
         cfg = self.cfg
-        return (cfg.constraint_obj.needs_phi or cfg.drift_penalty > 0 or cfg.correction_steps > 0
+        return (cfg.constraint.needs_phi or cfg.drift_penalty > 0 or cfg.correction_steps > 0
                 or cfg.select == "drift_constrained")
 
 
@@ -524,7 +540,7 @@ def _rel_drift(phi: tuple, z_ref: tuple, mask: jax.Array, cut: int) -> jax.Array
 def _post(solver: Solver, basis: jax.Array, budget: Any = None) -> Callable[[jax.Array], jax.Array]:
     """Post-step map on delta: re-projection (encoder, reproject on) then the budget clip, at the
     example's own ``budget`` (``Example.budget``) when it carries one, else ``cfg.budget``."""
-    c, cfg = solver.cfg.constraint_obj, solver.cfg
+    c, cfg = solver.cfg.constraint, solver.cfg
     P = proj.EncoderNullProjector(basis)
     radius = cfg.budget if budget is None else budget
 
@@ -548,7 +564,7 @@ def init(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window:
     model = _in_dtype(model, cfg.compute_dtype)
     clamps = _check(problem, clamps)
     site, measure = problem.delta_site, problem.measure_sites
-    if isinstance(cfg.constraint_obj, EncoderNull):  # shapes are static: raised while tracing, before any pass
+    if isinstance(cfg.constraint, EncoderNull):  # shapes are static: raised while tracing, before any pass
         proj.check_encoder_null_space(clamps[site].sae.W_enc.shape[0], clamps[site].features.shape[-1])
     below = {s: c for s, c in clamps.items() if s.layer < site.layer}
     prefix = jax.vmap(lambda t, v: run_to(model, t, site.layer, below, valid=v))(ex.tokens, ex.valid)
@@ -575,7 +591,7 @@ def init(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window:
     k, v, z_ref, h_def, out0, resid0 = jax.vmap(one)(prefix, ex.valid)
     h_def = h_def[0]
     h_def_rows = h_def[jnp.clip(ex.delta_slots, 0, h_def.shape[0] - 1)]
-    c = cfg.constraint_obj
+    c = cfg.constraint
     if isinstance(c, EncoderNull):
         cl = clamps[site]
         basis = proj.encoder_null_projector(cl.sae, cl.features, method=c.projector, ridge=c.ridge).basis
@@ -616,7 +632,7 @@ def _consider(cfg: RecoveryConfig, state: SolverState, delta, obj, drift, t, now
 def _project_grad(solver: Solver, g, phi_vjp: Callable | None, phi, ctx: Context, key, window: Window):
     """The constraint's projection of the loss gradient at ``delta_t``; ``phi_vjp`` is the VJP of
     ``delta -> Phi`` alone (a pass that stops at the last measured site)."""
-    c, cut = solver.cfg.constraint_obj, window.cut
+    c, cut = solver.cfg.constraint, window.cut
     if isinstance(c, EncoderNull):
         return proj.apply(proj.EncoderNullProjector(ctx.basis), g)
     if not isinstance(c, JacobianNull):
@@ -687,7 +703,7 @@ def _step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state:
 
     (obj, phi), vjp, ok = jax.vjp(f, delta, has_aux=True)
     g = vjp((-jnp.ones_like(obj), jax.tree.map(jnp.zeros_like, phi)))[0]  # gradient of the loss = -objective
-    if isinstance(cfg.constraint_obj, JacobianNull):
+    if isinstance(cfg.constraint, JacobianNull):
         # J's rows are VJPs of Phi ALONE: differentiating the whole objective pass (all blocks and
         # the unembedding, with a zero cotangent on the objective) would cost a full backward per row
         phi_j, phi_vjp = jax.vjp(
@@ -798,7 +814,7 @@ def random_direction(solver: Solver, model, ex: Example, clamps: Mapping[Site, A
     ctx = init(solver, model, ex, clamps)[0] if ctx is None else ctx
     rows = (ex.delta_slots >= 0)[:, None]
     g = jnp.where(rows, jax.random.normal(key, delta.shape, jnp.float32), 0.0)
-    if isinstance(solver.cfg.constraint_obj, JacobianNull):
+    if isinstance(solver.cfg.constraint, JacobianNull):
         m = _in_dtype(model, solver.cfg.compute_dtype)
         cl = _check(solver.problem, clamps)
         zero = jnp.zeros_like(g)
