@@ -27,6 +27,7 @@ examples:
   jaxrecover inspect --sae PATH --features 1,2 --out look.html   # treescope page of model + clamp
   jaxrecover convert model.gguf models/my-model     # GGUF (or its parts) -> Hugging Face folder
   jaxrecover train-sae --model models/my-model --layer 6 --out saes/my-model   # an SAE for your model
+  jaxrecover audit my-defence.toml                  # audit your own clamp (audit --help: every key)
 
 several processes (one command per process; same command, its own --process-id):
   jaxrecover --coordinator HOST:PORT --num-processes N --process-id I run refusal
@@ -384,8 +385,81 @@ def cmd_train_sae(argv: list[str]) -> int:
     return 0
 
 
+_AUDIT_DOC = """\
+Audit your own defence. A defence clamps SAE features of a model; the audit measures what the clamp
+takes away (valid flips: prompts the base model gets right and the clamped model does not), then tries
+to give it back with a small residual perturbation delta under the clamp: encoder-null (the clamped
+latents cannot move), unconstrained, or Jacobian-null. It writes the folder every `jaxrecover run`
+setting writes (results.jsonl, summary.json, table.md, audit.csv, audit.png): recovery with Wilson 95%
+intervals, drift of the clamped latents, attribution replays, a random-direction control and stage
+timings. Rerunning into the same --out resumes.
+
+CONFIG.toml holds any of the keys below (flat `key = value`); every key is also a flag, and a flag wins
+over the file. Paths in the file are relative to the file. The commented example shipped with the
+package runs on the embedded default in a few minutes on 2 CPU cores:
+  {example}
+
+examples:
+  jaxrecover audit {example}
+  jaxrecover audit my.toml --model google/gemma-3-270m --sae saes/g3/blocks.9.hook_resid_post
+  jaxrecover audit --model model.gguf --sae saes/x --behaviour logit_diff --prompts pairs.jsonl \\
+                   --clamp-rule explicit --features 12,40 --clamp-mode zero
+  python: jaxrecover.audit.run_audit("my.toml", steps=30)
+
+Bad input (an unknown key, a wrong type, a missing file, a release not in the registry, an SAE that
+does not fit the model, a feature id out of range, no chat template for refusal) is one line and exit
+code 2, before the model loads.
+
+keys / flags (default in brackets):
+"""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (exit 2 through ``main``), never usage + message."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise SystemExit(f"{self.prog}: {message}")
+
+
+def cmd_audit(argv: list[str], launch: dict[str, str] | None = None) -> int:
+    from jaxrecover.audit import config as audit_config  # noqa: PLC0415
+
+    if any(a in ("-h", "--help") for a in argv):
+        import textwrap  # noqa: PLC0415
+
+        print("usage: jaxrecover audit [CONFIG.toml] [--key value ...]\n")
+        print(_AUDIT_DOC.format(example=audit_config.example_path()))
+        for name, f in audit_config.FIELDS.items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"  --{name.replace('_', '-')}  [{default!r}]")
+            print(textwrap.indent(textwrap.fill(audit_config.FIELDS_HELP[name], 96), " " * 6))
+        return 0
+    parser = _OneLineParser(prog="jaxrecover audit", add_help=False, allow_abbrev=False)
+    parser.add_argument("config", nargs="?")
+    for name in audit_config.FIELDS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0].split("=", 1)[0]
+        raise SystemExit(f"jaxrecover audit: {flag}: unknown option" + _near_flag(flag, audit_config.FIELDS) + ".")
+    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    cfg = audit_config.load_config(args.config, flags)  # every value checked, before anything loads
+    start_distributed(launch or {})
+    from jaxrecover.audit import setting  # noqa: PLC0415
+
+    setting.run_audit(cfg)
+    return 0
+
+
+def _near_flag(flag: str, names: Any) -> str:
+    import difflib  # noqa: PLC0415
+
+    near = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(names), n=1)
+    return f" (did you mean --{near[0].replace('_', '-')}?)" if near else ""
+
+
 COMMANDS = {"run": cmd_run, "list": cmd_list, "info": cmd_info, "inspect": cmd_inspect,
-            "convert": cmd_convert, "train-sae": cmd_train_sae}
+            "convert": cmd_convert, "train-sae": cmd_train_sae, "audit": cmd_audit}
 
 # launch options, accepted anywhere on the line (like --debug); they start jax.distributed
 _LAUNCH = {"--coordinator": "coordinator", "--num-processes": "num_processes", "--process-id": "process_id",
@@ -447,15 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a not in ("--debug", "--no-compile-cache")]
     launch, argv = split_launch_options(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__.strip() + "\n\ncommands: run NAME [options] | list | info | inspect | convert | train-sae\n\n" + _EPILOG)
+        print(__doc__.strip() + "\n\ncommands: run NAME [options] | audit CONFIG.toml | list | info | inspect | convert | train-sae\n\n" + _EPILOG)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     if not no_cache:  # before the first compile: a second run loads its XLA programs from disk
         from jaxrecover.runtime import compile_cache as compile_cache  # noqa: PLC0415
 
         compile_cache.enable()
     try:
-        if argv[0] == "run":  # the launch options start jax.distributed once the run's values are checked
-            return cmd_run(argv[1:], launch)
+        if argv[0] in ("run", "audit"):  # the launch options start jax.distributed once the values are checked
+            return COMMANDS[argv[0]](argv[1:], launch)
         return COMMANDS[argv[0]](argv[1:])
     except SystemExit as e:  # bad input everywhere is SystemExit("one line"): print it, exit 2 (compat)
         if isinstance(e.code, str):

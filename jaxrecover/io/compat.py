@@ -10,6 +10,8 @@ its tokenizer files, and the SAE's config and shapes (an ``SAE`` pytree already 
 - ``check_feature_ids``: explicit feature ids are integers in ``[0, d_sae)``;
 - ``check_tokenizer``: ``tokenizer.json`` is there, and a chat template when the setting formats
   prompts as a chat (refusal);
+- ``gguf_facts``: the same facts of a ``.gguf`` file from its header (the audit checks SAEs against a
+  GGUF model before converting it);
 - ``check_run``: all of the above for one run (``--model-dir`` + the SAEs it resolved).
 
 Convention (one for the whole command line): bad input raises ``SystemExit`` whose argument is ONE
@@ -118,6 +120,24 @@ def model_facts(model_dir: str | os.PathLike) -> ModelFacts:
     return ModelFacts(str(folder), cfg.d_model, cfg.n_layers, tuple(n for n in names if n), folder)
 
 
+def gguf_facts(path: str | os.PathLike) -> ModelFacts:
+    """``ModelFacts`` of a ``.gguf`` file from its header only (no tensor is read, nothing converted), so
+    an SAE is checked against a GGUF model before the one-time conversion. The tokenizer and chat
+    template live inside the file (``folder`` None: checked after the conversion)."""
+    from jaxrecover.io.gguf import open_gguf
+
+    p = Path(path)
+    try:
+        reader = open_gguf(p)
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        d_model = int(reader.fields[f"{arch}.embedding_length"].parts[-1][0])
+        n_layers = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+        name = bytes(reader.fields["general.name"].parts[-1]).decode() if "general.name" in reader.fields else ""
+    except (KeyError, ValueError, IndexError, OSError) as e:
+        raise fail(f"model {p}: not a readable GGUF header ({type(e).__name__}: {e}).") from None
+    return ModelFacts(str(p), d_model, n_layers, tuple(n for n in (name, p.stem) if n), None)
+
+
 def check_cache_env() -> None:
     """``$JAXRECOVER_CACHE`` (where the embedded default is converted) names a usable folder, or a
     path one can be created at: a garbage value is one line here, not an OSError at model load."""
@@ -136,8 +156,10 @@ def check_cache_env() -> None:
 
 
 def _norm_name(name: str) -> str:
-    """``google/gemma-2-2b`` and ``Gemma-2-2B`` compare equal: the last path part, lower case."""
-    return name.strip().rstrip("/").rsplit("/", 1)[-1].lower()
+    """``google/gemma-2-2b``, ``Gemma-2-2B`` and ``Gemma 2 2b`` (a GGUF's general.name, which
+    ``train-sae`` writes as the SAE's model_name) compare equal: the last path part, lower case,
+    spaces and underscores as dashes."""
+    return re.sub(r"[\s_]+", "-", name.strip().rstrip("/").rsplit("/", 1)[-1].lower())
 
 
 def sae_model_name(cfg: Mapping[str, Any] | None) -> str:
@@ -256,5 +278,5 @@ def check_run(model_dir: str | os.PathLike, saes: Mapping[Any, Any] | Sequence[A
     return model
 
 
-__all__ = ["EXIT_CODE", "ModelFacts", "check_cache_env", "check_feature_ids", "check_run", "check_sae", "check_tokenizer",
+__all__ = ["EXIT_CODE", "ModelFacts", "check_cache_env", "gguf_facts", "check_feature_ids", "check_run", "check_sae", "check_tokenizer",
            "fail", "is_shipped", "model_facts", "sae_model_name", "sae_site"]
