@@ -146,20 +146,26 @@ def test_every_behaviour_on_another_family_by_repo_id_and_release(world, tmp_pat
     monkeypatch.delenv("HF_HOME", raising=False)
     hf_cache_entry(hub, f"test-org/tiny-{arch}", _model(tmp_path / "m", arch))
     _sae(tmp_path / "s" / "blocks.1.hook_resid_post")
+    _sae(tmp_path / "s" / "blocks.0.hook_resid_post", layer=0)
     hf_cache_entry(hub, "jbloom/GPT2-Small-SAEs-Reformatted", tmp_path / "s")  # the gpt2-small-res-jb release
     prompts = {"choice": world / "mcq.jsonl", "logit_diff": world / "pairs.jsonl", "refusal": world / "prompts.jsonl"}
     # explicit ids, except logit_diff: SAEBench forget/retain selection against a second prompt file
     clamp = ({"clamp_rule": "forget_retain", "contrast_prompts": str(world / "contrast.csv"), "n_features": 5,
               "retain_threshold": 1.0} if behaviour == "logit_diff" else
              {"clamp_rule": "explicit", "features": (("blocks.1.hook_resid_post", (1, 2, 3, 4, 5)),)})
+    ids = ("blocks.1.hook_resid_post",)
+    if behaviour == "choice":  # two SAEs: clamps at two sites, one list of ids per SAE in the order named
+        ids, clamp["features"] = ("blocks.1.hook_resid_post", "blocks.0.hook_resid_post"), (("0", (1, 2, 3, 4, 5)), ("1", (7, 8)))
     summary = run_audit({
-        "model": f"test-org/tiny-{arch}", "sae_release": "gpt2-small-res-jb", "sae_id": ("blocks.1.hook_resid_post",),
+        "model": f"test-org/tiny-{arch}", "sae_release": "gpt2-small-res-jb", "sae_id": ids,
         "behaviour": behaviour, "prompts": str(prompts[behaviour]), "choice_format": "cloze", **clamp,
         "clamp_mode": "set", "clamp_value": (4.0,),
         "require_flip": False, "max_flips": 2, "steps": 3, "answer_tokens": 2, "max_new_tokens": 3,
         "random_control": 0, "attribution": False, "methods": ("encoder",), "out": str(tmp_path / "out")})
     assert summary["n_recovered_on"] == 2 and summary["modes"]["encoder"]["n"] == 2
     assert len(summary["features"]["blocks.1.hook_resid_post"]) == 5 and summary["clamp_rule"] == clamp["clamp_rule"]
+    if behaviour == "choice":
+        assert summary["features"]["blocks.0.hook_resid_post"] == [7, 8] and summary["site"] == "blocks.0.hook_resid_post"
     assert "gpt2-small-res-jb" not in summary["sae_path"] and "snapshots" in summary["sae_path"]
     if behaviour == "refusal":  # judged on regenerated text by the refusal judge
         assert {"non_refusal", "base_like", "strict_base_like"} <= set(summary["modes"]["encoder"])

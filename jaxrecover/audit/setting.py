@@ -90,9 +90,10 @@ def _model_facts(cfg: AuditConfig) -> tuple[Any, Any]:
     return compat.model_facts(named.path), named
 
 
-def _explicit(cfg: AuditConfig, saes: Mapping[Site, Any], labels: Mapping[Site, str]) -> dict[Site, np.ndarray]:
-    """``features`` keys (an SAE's position "0", "1", ... or its site string) -> sites, ids checked."""
-    sites = list(saes)
+def _explicit(cfg: AuditConfig, saes: Mapping[Site, Any], labels: Mapping[Site, str],
+              sites: Sequence[Site]) -> dict[Site, np.ndarray]:
+    """``features`` keys (an SAE's position "0", "1", ... in the order the SAEs are named, or its site
+    string) -> sites, ids checked."""
     out: dict[Site, np.ndarray] = {}
     for key, ids in cfg.features:
         if key.isdigit():
@@ -154,11 +155,12 @@ def load(cfg: AuditConfig) -> Loaded:
         if site in saes:
             raise compat.fail(f"sae {p}: a second SAE at {site} (after {labels[site]}); one SAE per site.")
         saes[site], labels[site] = sae, p
+    given = list(saes)  # the order the config names them (what features' list positions refer to)
     saes = dict(sorted(saes.items()))
     labels = {s: labels[s] for s in saes}
     warnings = [w for s in saes for w in compat.check_sae(facts, saes[s], labels[s], flag="sae")]
     compat.check_tokenizer(facts, chat=cfg.needs_chat, setting=f"audit ({cfg.behaviour})")
-    features = _explicit(cfg, saes, labels) if cfg.clamp_rule == "explicit" else {}
+    features = _explicit(cfg, saes, labels, given) if cfg.clamp_rule == "explicit" else {}
     for s in saes:
         if cfg.clamp_rule != "explicit" and cfg.n_features > saes[s].d_sae:
             raise compat.fail(f"n_features {cfg.n_features}: the SAE {labels[s]} has {saes[s].d_sae} features.")
