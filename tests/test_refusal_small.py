@@ -60,7 +60,12 @@ def test_refusal_runs_writes_results_and_resumes(tiny, tmp_path, monkeypatch):
         raise AssertionError("a resumed run must not solve again")
 
     monkeypatch.setattr(runner, "solve_batch", no_solve)
-    again = driver.run(refusal.SETTING, cfg, prepared=refusal.prepare(cfg, model, tok, saes))
+    prepared = refusal.prepare(cfg, model, tok, saes)
+    # nor regenerate and re-judge: the judge's verdicts are kept in the store, keyed by the deltas
+    monkeypatch.setattr(refusal.judges, "assess_recovery_quality",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("judged again")))
+    again = driver.run(refusal.SETTING, cfg, prepared=prepared)
+    assert list((out / "checkpoints" / "judge").glob("refusal-*.jsonl"))
     rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
     assert [drop(r) for r in rows2] == [drop(r) for r in rows]

@@ -153,6 +153,31 @@ def budget_scale(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapp
     return float(np.median(norms[rows])), int(rows.sum(1).max())
 
 
+def _judge(setting: Setting, prep: Any, case: Case, m: Method, used: np.ndarray, deltas: np.ndarray,
+           store: Path | None) -> list[dict[str, Any]]:
+    """``setting.judge``, its verdicts kept in ``store`` under a key of everything they follow (the
+    setting, its config, the method, the flips and the deltas' bytes): a resumed run does not
+    regenerate and re-judge what it already judged."""
+    if store is None:
+        return setting.judge(prep, case, m, used, deltas)
+    import hashlib
+    import json
+
+    from jaxrecover.runtime import report
+
+    cfg = {k: v for k, v in dataclasses.asdict(prep.cfg).items() if k != "out"}
+    h = hashlib.sha256(json.dumps([setting.name, cfg, m.name, m.desc, str(m.delta_site)], sort_keys=True, default=str).encode())
+    h.update(np.asarray(used, np.int64).tobytes())
+    h.update(np.ascontiguousarray(deltas, np.float32).tobytes())
+    path = Path(store) / "judge" / f"{setting.name}-{m.name}-{h.hexdigest()[:20]}.jsonl"
+    if path.exists():
+        return report.read_jsonl(path)
+    judged = setting.judge(prep, case, m, used, deltas)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.write_jsonl(path, judged)
+    return judged
+
+
 def _collect(setting: Setting, prep: Any, out: dict, mode: str, run: S.Run, base: Sequence[Mapping[str, Any]],
              judged: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     recs = [{**b, **r, "mode": mode, "seconds": run.seconds} for b, r in zip(base, run.records, strict=True)]
@@ -212,7 +237,7 @@ def _run_method(setting: Setting, prep: Any, case: Case, m: Method, used: np.nda
         judged = None
         if setting.judge:
             with C.stage(f"judge: {desc}"):
-                judged = setting.judge(prep, case, m, used, np.asarray(run.result.delta))
+                judged = _judge(setting, prep, case, m, used, np.asarray(run.result.delta), store)
         _collect(setting, prep, out, m.name, run, base, judged)
         if m.random_control and getattr(cfg, "random_control", 0):  # replays at the solved norm: no budget
             with C.stage(f"random control: {desc}"):
@@ -225,7 +250,7 @@ def _run_method(setting: Setting, prep: Any, case: Case, m: Method, used: np.nda
 
 
 def _replays(setting: Setting, prep: Any, case: Case, m: Method, used: np.ndarray, out: dict, run: S.Run,
-             budget: float) -> None:
+             budget: float, store: Path | None = None) -> None:
     """The attribution of ``m``'s delta (paper App. J): its parts at the delta site, each replayed
     under the clamp and judged like the method itself."""
     model, clamps, _, ex, base = _inputs(prep, case, m, used)
@@ -239,7 +264,7 @@ def _replays(setting: Setting, prep: Any, case: Case, m: Method, used: np.ndarra
     names = [part for part, _ in setting.replay_parts]
     judged = None
     if setting.judge:  # every part of every example judged in ONE call (one batched generation)
-        judged = setting.judge(prep, case, m, used, np.concatenate([np.asarray(parts[p]) for p in names]))
+        judged = _judge(setting, prep, case, m, used, np.concatenate([np.asarray(parts[p]) for p in names]), store)
     n = len(base)
     for j, (part, mode) in enumerate(setting.replay_parts):
         rep = S.evaluate_deltas(solver, model, ex, clamps, parts[part])
@@ -291,7 +316,7 @@ def evaluate(setting: Setting, prep: Any, *, n_features: int | None = None, budg
         out.update(info)
         if replay is not None and getattr(cfg, "attribution", False):
             with C.stage(f"attribution: {replay.name}"):
-                _replays(setting, prep, case, replay, used, out, runs[replay.name][j], grid[j])
+                _replays(setting, prep, case, replay, used, out, runs[replay.name][j], grid[j], store)
     for m in extra:
         if m.examples is not None and S.runner._n(m.examples) == 0:
             continue

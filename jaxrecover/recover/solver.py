@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, Shaped
 
 from jaxrecover.recover import metrics as M
 from jaxrecover.recover import objectives as O
@@ -332,67 +333,67 @@ def make_solver(problem: RecoveryProblem, cfg: RecoveryConfig, objective: Callab
 class Example:
     """One example (see module docstring); batch by stacking every leaf on a leading axis."""
 
-    tokens: Any  # [n_var, seq] int32
-    valid: Any  # [n_var, seq] bool
-    delta_slots: Any  # [rows] int32, -1 = unused
-    measure_mask: Any  # [seq] bool
-    target: Any
-    # [] float32: this example's L2 budget for delta, so one batch can hold a grid of budgets
+    tokens: Int[ArrayLike, "*batch n_var seq"]
+    valid: Bool[ArrayLike, "*batch n_var seq"]
+    delta_slots: Int[ArrayLike, "*batch rows"]  # -1 = unused row
+    measure_mask: Bool[ArrayLike, "*batch seq"]
+    target: Any  # an objectives target pytree (Continuation, LogitDiffTarget, ...)
+    # this example's L2 budget for delta, so one batch can hold a grid of budgets
     # (``suite.run_solver_budgets``); None: ``cfg.budget`` for every example
-    budget: Any = None
+    budget: Float[ArrayLike, "*batch"] | float | None = None
 
 
 @pytree_dataclass
 class Context:
     """Per-example constants computed once by ``init``."""
 
-    prefix: Any  # [n_var, seq, d] residual entering block delta_site.layer
-    kv_k: Any  # [n_var, layers from the delta layer, seq, n_kv, d_head] (None on the full path)
-    kv_v: Any
-    readout_resid: Any  # [n_var, seq, d] readout residual at delta = 0 (resid readout only)
-    z_ref: Any  # tuple over measure sites of [n_var, seq, k] (delta = 0)
-    mask: Any  # [n_var, seq] measured positions
-    h_def_rows: Any  # [rows, d] defended residual at the delta rows (variant 0)
-    basis: Any  # [d, k] encoder-null basis (zeros [d, 1] when unused)
-    base_objective: Any
-    base_success: Any
-    clamped_objective: Any
-    clamped_success: Any
+    prefix: Float[ArrayLike, "*batch n_var seq d"]  # residual entering block delta_site.layer
+    kv_k: Float[ArrayLike, "*batch n_var layers seq n_kv d_head"] | None  # from the delta layer on (None: full path)
+    kv_v: Float[ArrayLike, "*batch n_var layers seq n_kv d_head"] | None
+    readout_resid: Float[ArrayLike, "*batch n_var seq d"] | None  # at delta = 0 (resid readout only)
+    z_ref: tuple[Float[ArrayLike, "*batch n_var seq _k"], ...]  # per measure site (delta = 0)
+    mask: Bool[ArrayLike, "*batch n_var seq"]  # measured positions
+    h_def_rows: Float[ArrayLike, "*batch rows d"]  # defended residual at the delta rows (variant 0)
+    basis: Float[ArrayLike, "*batch d _b"]  # encoder-null basis (zeros [d, 1] when unused)
+    base_objective: Float[ArrayLike, "*batch"]
+    base_success: Bool[ArrayLike, "*batch"]
+    clamped_objective: Float[ArrayLike, "*batch"]
+    clamped_success: Bool[ArrayLike, "*batch"]
 
 
 @pytree_dataclass
 class SolverState:
     """Everything the step loop carries (and checkpoints)."""
 
-    step: Any  # int32 []
-    delta: Any  # [rows, d] float32
-    opt_state: Any
-    done: Any  # bool [] (early stop or non-finite)
-    non_finite: Any  # bool []: a non-finite objective, gradient or update was met (delta frozen)
-    steps_to_success: Any  # int32 [], -1 = never
-    best_delta: Any
-    best_feasible: Any
-    best_score: Any
-    best_step: Any
-    key: Any  # uint32[2] raw PRNG key
+    step: Int[ArrayLike, "*batch"]
+    delta: Float[ArrayLike, "*batch rows d"]
+    opt_state: Any  # the optax state
+    done: Bool[ArrayLike, "*batch"]  # early stop or non-finite
+    non_finite: Bool[ArrayLike, "*batch"]  # a non-finite objective, gradient or update was met (delta frozen)
+    steps_to_success: Int[ArrayLike, "*batch"]  # -1 = never
+    best_delta: Float[ArrayLike, "*batch rows d"]
+    best_feasible: Bool[ArrayLike, "*batch"]
+    best_score: Float[ArrayLike, "*batch"]
+    best_step: Int[ArrayLike, "*batch"]
+    key: Shaped[ArrayLike, "*batch 2"]  # raw uint32 PRNG key
 
 
 @pytree_dataclass
 class RecoveryResult:
     """The selected ``delta`` and everything measured about it (scalars unless noted)."""
 
-    delta: Any  # [rows, d]
-    objective: Any
-    success: Any  # False whenever non_finite
-    non_finite: Any
-    steps_to_success: Any
-    selected_step: Any
-    base_objective: Any
-    base_success: Any
-    clamped_objective: Any
-    clamped_success: Any
-    metrics: Any  # dict[str, scalar] (metrics.feature_metrics + delta_metrics)
-    trace: Any = None  # dict[str, [steps]] (objective, success, drift_rel, delta_norm)
+    delta: Float[ArrayLike, "*batch rows d"]
+    objective: Float[ArrayLike, "*batch"]
+    success: Bool[ArrayLike, "*batch"]  # False whenever non_finite
+    non_finite: Bool[ArrayLike, "*batch"]
+    steps_to_success: Int[ArrayLike, "*batch"]  # -1 = never
+    selected_step: Int[ArrayLike, "*batch"]
+    base_objective: Float[ArrayLike, "*batch"]
+    base_success: Bool[ArrayLike, "*batch"]
+    clamped_objective: Float[ArrayLike, "*batch"]
+    clamped_success: Bool[ArrayLike, "*batch"]
+    metrics: dict[str, Any]  # name -> [*batch] (metrics.feature_metrics + delta_metrics)
+    trace: dict[str, Any] | None = None  # name -> [*batch, steps] (objective, success, drift_rel, delta_norm)
 
 
 # ----------------------------------------------------------------------------- windows
