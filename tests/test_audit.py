@@ -17,9 +17,11 @@ from jaxrecover.cli import app as cli
 from jaxrecover.io import hf
 from jaxrecover.sae.files import save_sae
 
-WORDS = ("the cat dog bird fish sat ran sang swam on in under over mat tree pond sky a red blue green big small "
-         "and then today was very happy sad near far home").split()
-CONTRAST = "one two three four five six seven eight nine ten plus minus equals number count".split()
+WORDS = ["the", "cat", "dog", "bird", "fish", "sat", "ran", "sang", "swam", "on", "in", "under", "over",
+         "mat", "tree", "pond", "sky", "a", "red", "blue", "green", "big", "small", "and", "then", "today",
+         "was", "very", "happy", "sad", "near", "far", "home"]
+CONTRAST = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "plus", "minus",
+            "equals", "number", "count"]
 NAMES = ("Mary", "John", "Anna", "Paul")
 
 
@@ -113,7 +115,7 @@ out = "results"
 def test_config_file_audit_end_to_end_through_the_cli_and_resume(world, capsys):
     cfg = world / "audit.toml"
     cfg.write_text(CONFIG)
-    rc, out, err = run_cli(capsys, "audit", str(cfg))
+    rc, _, err = run_cli(capsys, "audit", str(cfg))
     assert rc == 0, err
     res = world / "results"
     for f in ("results.jsonl", "summary.json", "table.md", "audit.csv", "audit.png"):
@@ -132,7 +134,7 @@ def test_config_file_audit_end_to_end_through_the_cli_and_resume(world, capsys):
     assert all(r["valid_flip"] and r["status"] in ("recovered", "not_recovered") for r in rows)
     assert max(r["drift_abs"] for r in rows if r["mode"] == "encoder") < 1e-4  # ReLU SAE: encoder-null is exact
     # a flag overrides the file; the rerun resumes the solves from <out>/checkpoints
-    rc, out, err = run_cli(capsys, "audit", str(cfg), "--random-control", "0")
+    rc, _, err = run_cli(capsys, "audit", str(cfg), "--random-control", "0")
     assert rc == 0, err
     assert "resumed from" in err and "base answers: cached" in err
 

@@ -18,11 +18,12 @@ checking an SAE against the model (``jaxrecover.io.compat``).
 import dataclasses
 import difflib
 import math
-import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 F_ = dataclasses.field
 
@@ -32,7 +33,6 @@ METHODS = ("encoder", "none", "jacobian")
 BUILTIN_PROMPTS = ("builtin:harmful", "builtin:harmless", "builtin:qa_bio", "builtin:qa_retain")
 CLAMP_MODES = ("set", "zero", "scale", "negative_on_positive", "floor", "ceiling")  # sae.clamp.CLAMP_MODES
 
-FeatureSpec = tuple[tuple[str, tuple[int, ...]], ...]  # ((site or SAE index, ids), ...)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,7 +57,7 @@ class AuditConfig:
     choice_format: str = F_(default="letters", metadata={"help": "choice: letters (prompt 'Question ... A. .. B. .. Answer:', scored on the letters ' A', ' B', ...) | cloze (prompt as written, scored on the first token of ' ' + each choice)"})
     # --- the defence: which features are clamped, how
     clamp_rule: str = F_(default="contrast", metadata={"help": "explicit (the ids in features) | contrast (per SAE, the top n_features by mean activation on prompts minus on contrast_prompts) | forget_retain (SAEBench: per SAE, the n_features firing most often on prompts among those firing on <= retain_threshold of contrast_prompts)"})
-    features: FeatureSpec = F_(default=(), metadata={"help": "explicit rule: feature ids; TOML: [1, 2] (the one SAE), [[1, 2], [7]] (one list per SAE, in the order the SAEs are named) or {\"blocks.9.hook_resid_post\" = [1, 2]}; flag: 1,2 or blocks.9.hook_resid_post=1,2;blocks.15.hook_resid_post=7"})
+    features: tuple[tuple[str, tuple[int, ...]], ...] = F_(default=(), metadata={"help": "explicit rule: feature ids; TOML: [1, 2] (the one SAE), [[1, 2], [7]] (one list per SAE, in the order the SAEs are named) or {\"blocks.9.hook_resid_post\" = [1, 2]}; flag: 1,2 or blocks.9.hook_resid_post=1,2;blocks.15.hook_resid_post=7"})
     n_features: int = F_(default=20, metadata={"help": "contrast / forget_retain: features clamped per SAE"})
     clamp_mode: str = F_(default="zero", metadata={"help": "set | zero | scale | negative_on_positive | floor | ceiling (the SAE error term is kept)"})
     clamp_value: tuple[float, ...] = F_(default=(0.0,), metadata={"help": "one value for every clamped feature, or one per feature (explicit rule); scale: the factor"})
@@ -142,7 +142,7 @@ def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"{key} {value!r}: expected {' | '.join(allowed)}{hint}.")
 
 
-def _range(key: str, value: float | int, lo: float | int) -> None:
+def _range(key: str, value: float | int, lo: float | int) -> None:  # noqa: PYI041 (beartype: an int is no float)
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key} {value}: must be a finite number.")
     if value < lo:

@@ -492,9 +492,14 @@ def plot(out: Path, res: dict[str, Any]) -> None:
                     ylabel="rate / drift", title=f"Audit: {res.get('behaviour')} under the clamp")
 
 
+def finalise(prep: Prepared, res: dict[str, Any]) -> dict[str, Any]:
+    """The Adam lr the methods ran with goes into summary.json (lr_rel makes it model-dependent)."""
+    return {**res, "lr": prep.lr_used}
+
+
 SETTING = D.Setting(name=NAME, title="Audit of a defence (SAE feature clamp)", Config=AuditConfig, load=load,
                     prepare=prepare, case=case, methods=methods, summarise=summarise, table_rows=table_rows,
-                    notes=notes, plot=plot, finalise=lambda prep, res: {**res, "lr": prep.lr_used})
+                    notes=notes, plot=plot, finalise=finalise)
 
 
 def setting_for(cfg: AuditConfig) -> D.Setting:

@@ -422,10 +422,10 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def cmd_audit(argv: list[str], launch: dict[str, str] | None = None) -> int:
-    from jaxrecover.audit import config as audit_config  # noqa: PLC0415
+    from jaxrecover.audit import config as audit_config
 
     if any(a in ("-h", "--help") for a in argv):
-        import textwrap  # noqa: PLC0415
+        import textwrap
 
         print("usage: jaxrecover audit [CONFIG.toml] [--key value ...]\n")
         print(_AUDIT_DOC.format(example=audit_config.example_path()))
@@ -445,14 +445,14 @@ def cmd_audit(argv: list[str], launch: dict[str, str] | None = None) -> int:
     flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     cfg = audit_config.load_config(args.config, flags)  # every value checked, before anything loads
     start_distributed(launch or {})
-    from jaxrecover.audit import setting  # noqa: PLC0415
+    from jaxrecover.audit import setting
 
     setting.run_audit(cfg)
     return 0
 
 
 def _near_flag(flag: str, names: Any) -> str:
-    import difflib  # noqa: PLC0415
+    import difflib
 
     near = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(names), n=1)
     return f" (did you mean --{near[0].replace('_', '-')}?)" if near else ""

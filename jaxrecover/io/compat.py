@@ -278,5 +278,5 @@ def check_run(model_dir: str | os.PathLike, saes: Mapping[Any, Any] | Sequence[A
     return model
 
 
-__all__ = ["EXIT_CODE", "ModelFacts", "check_cache_env", "gguf_facts", "check_feature_ids", "check_run", "check_sae", "check_tokenizer",
-           "fail", "is_shipped", "model_facts", "sae_model_name", "sae_site"]
+__all__ = ["EXIT_CODE", "ModelFacts", "check_cache_env", "check_feature_ids", "check_run", "check_sae",
+           "check_tokenizer", "fail", "gguf_facts", "is_shipped", "model_facts", "sae_model_name", "sae_site"]
