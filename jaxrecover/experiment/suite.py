@@ -118,30 +118,19 @@ def run_solver(
 ) -> Run:
     """All examples at once (``runner.solve_batch``: windowed steps, chunked under a progress bar).
 
-    With ``store`` (a folder), the finished result is saved there by ``checkpoint.save_result``, keyed
-    by a content hash of the solver, model, examples and clamps; a rerun with the same inputs reads
-    it back instead of solving (the experiments' one resume scheme)."""
-    from jaxrecover.runtime import checkpoint as ckpt
+    With ``store`` (a folder) a finished result is read back instead of solved
+    (``runner.solve_batch(store=...)``: the experiments' one resume scheme)."""
     from jaxrecover.experiment.common import stage
 
     t0 = time.time()
-    key = None
-    if store is not None:
-        import hashlib
-
-        axes = hashlib.sha1(str(runner._axes_key(clamp_axes)).encode()).hexdigest()[:8]
-        key = f"solve_{runner._run_key(solver, model, examples, clamps)}_{axes}"
-        saved = ckpt.load_result(store, key)
-        if saved is not None:
-            say(f"solve: {desc} (resumed from {store / key})")
-            res = R.RecoveryResult(**{f.name: saved[0].get(f.name) for f in dataclasses.fields(R.RecoveryResult)})
-            return Run(res, runner.result_records(res), time.time() - t0)
+    key = None if store is None else runner.result_key(solver, model, examples, clamps, clamp_axes)
+    saved = None if key is None else runner.load_solved(store, key, desc)
+    if saved is not None:
+        return Run(saved, runner.result_records(saved), time.time() - t0)
     with stage(f"solve: {desc}"):
-        res = runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes, progress=progress, desc=desc)
+        res = runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes, progress=progress, desc=desc,
+                                 store=store)
     res = jax.device_get(res)
-    if key is not None:
-        ckpt.save_result(store, key, {f.name: getattr(res, f.name) for f in dataclasses.fields(res)
-                                      if getattr(res, f.name) is not None}, {"desc": desc})
     return Run(res, runner.result_records(res), time.time() - t0)
 
 

@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -116,19 +117,43 @@ def compiled(solver: R.Solver, what: str, window: R.Window, n: int = 0, clamp_ax
 def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any],
                 window: R.Window | None = None, *, clamp_axes: Any = None, progress: bool = False,
                 desc: str = "recover", per_device_batch: int | None = None,
-                steps_per_chunk: int = STEPS_PER_CHUNK) -> R.RecoveryResult:
+                steps_per_chunk: int = STEPS_PER_CHUNK, store: str | os.PathLike | None = None) -> R.RecoveryResult:
     """All examples at once (``vmap``; sharded and padded when several devices), window planned from
     the data unless given. With ``progress`` the steps run in chunks of ``steps_per_chunk`` under
     a progress bar (same result: the chunks only split the scan); the trace is returned either way.
     With ``per_device_batch`` (default ``$JAXRECOVER_PER_DEVICE_BATCH``) the examples run in calls of exactly that
-    many per device (the last one padded): the same shapes on every device in every layout."""
+    many per device (the last one padded): the same shapes on every device in every layout.
+
+    With ``store`` (a folder) the finished result is saved there (``checkpoint.save_result``) under a
+    content hash of the solver, model, examples, clamps and their axes, and a call with the same
+    inputs reads it back instead of solving (host arrays either way). ``run_recovery`` is the same
+    solve for long runs: in batches, checkpointed mid-solve, with records files."""
+    if store is not None:
+        key = result_key(solver, model, examples, clamps, clamp_axes)
+        saved = load_solved(store, key, desc)
+        if saved is not None:
+            return saved
+        res = jax.device_get(_solve(solver, model, examples, clamps, window, clamp_axes=clamp_axes, progress=progress,
+                                    desc=desc, per_device_batch=per_device_batch, steps_per_chunk=steps_per_chunk))
+        ckpt.save_result(Path(store), key, {f.name: getattr(res, f.name) for f in dataclasses.fields(res)
+                                            if getattr(res, f.name) is not None}, {"desc": desc})
+        return res
+    return _solve(solver, model, examples, clamps, window, clamp_axes=clamp_axes, progress=progress, desc=desc,
+                  per_device_batch=per_device_batch, steps_per_chunk=steps_per_chunk)
+
+
+def _solve(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any],
+           window: R.Window | None = None, *, clamp_axes: Any = None, progress: bool = False,
+           desc: str = "recover", per_device_batch: int | None = None,
+           steps_per_chunk: int = STEPS_PER_CHUNK) -> R.RecoveryResult:
+    """``solve_batch`` without a store."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     n = _n(examples)
     window = R.plan_window(solver, examples) if window is None else window
     size = batch_size_for(n, n, per_device_batch)
     if n > size:  # fixed per-device batch: one call per group, same window, concatenated
-        parts = [solve_batch(solver, model, _rows(examples, i, i + size),
+        parts = [_solve(solver, model, _rows(examples, i, i + size),
                              map_batched(clamps, clamp_axes, lambda c: _rows(c, i, i + size), lambda c: c),  # noqa: B023
                              window, clamp_axes=clamp_axes, progress=progress, desc=f"{desc} {i // size + 1}/{-(-n // size)}",
                              per_device_batch=per_device_batch, steps_per_chunk=steps_per_chunk)
@@ -209,6 +234,23 @@ def _save_npy(path: Path, array: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- resumable driver
+
+
+def load_solved(store: str | os.PathLike, key: str, desc: str = "recover") -> R.RecoveryResult | None:
+    """The finished result ``solve_batch(store=...)`` saved under ``key`` (``result_key``), or None."""
+    saved = ckpt.load_result(Path(store), key)
+    if saved is None:
+        return None
+    print(f"solve: {desc} (resumed from {Path(store) / key})", file=sys.stderr, flush=True)
+    return R.RecoveryResult(**{f.name: saved[0].get(f.name) for f in dataclasses.fields(R.RecoveryResult)})
+
+
+def result_key(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any], clamp_axes: Any = None) -> str:
+    """The store key of a finished ``solve_batch``: the run key plus the clamps' vmap axes."""
+    import hashlib  # noqa: PLC0415
+
+    axes = hashlib.sha1(str(_axes_key(clamp_axes)).encode()).hexdigest()[:8]
+    return f"solve_{_run_key(solver, model, examples, clamps)}_{axes}"
 
 
 def _run_key(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any]) -> str:
