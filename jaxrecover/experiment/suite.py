@@ -30,6 +30,7 @@ from jaxrecover.recover import batch as runner
 from jaxrecover.runtime import report as report
 from jaxrecover.sae.autoencoder import SAE, encode
 from jaxrecover.core.sites import Site
+from jaxrecover.experiment.common import say as say  # one progress line format for every setting
 
 
 _MSG_NO_SAE = (
@@ -37,12 +38,6 @@ _MSG_NO_SAE = (
     "blocks.{{9,15}}.hook_resid_post/ (experiments/train_saes.py writes them); pass --sae PATH to use "
     "another SAELens / Gemma Scope / sparsify SAE."
 )
-
-
-def say(msg: str) -> None:
-    import sys
-
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def default_out(out: str, name: str) -> Path:
