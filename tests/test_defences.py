@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrecover.core.sites import Site
+from jaxrecover.model.generate import generate, generate_uncached
+from jaxrecover.model.transformer import embed, forward, run_blocks, run_to, unembed
+from jaxrecover.recover import batch as runner
 from jaxrecover.recover import defences as DF
 from jaxrecover.recover import objectives as O
 from jaxrecover.recover import solver as R
-from jaxrecover.recover import batch as runner
-from jaxrecover.model.generate import generate, generate_uncached
-from jaxrecover.sae.clamp import AddDelta, Clamp, compose
 from jaxrecover.sae.autoencoder import SAE, reconstruct
-from jaxrecover.core.sites import Site
+from jaxrecover.sae.clamp import AddDelta, Clamp, compose
 from jaxrecover.testing import random_transformer, tiny_config
-from jaxrecover.model.transformer import embed, forward, run_blocks, run_to, unembed
 
 SEQ, D, D_SAE, N = 6, 16, 32, 4
 SITE = Site(1, "resid_pre")
@@ -123,6 +123,10 @@ def test_error_free_splice_slot_mask_and_refusals():
     assert float(jnp.abs(out[1:] - h[1:]).max()) > 1e-3
     with pytest.raises(ValueError, match="outside"):
         DF.ErrorFreeSplice(sae, jnp.array([D_SAE]), jnp.array([0.0]))
+    # the mode check is the clamp module's one validate_clamp: the same message as for a Clamp
+    for make in (Clamp, DF.ErrorFreeSplice):
+        with pytest.raises(ValueError, match="Unknown clamp mode 'bogus'"):
+            make(sae, jnp.array([1]), jnp.array([0.0]), mode="bogus")
 
 
 # ----------------------------------------------------------------------------- span ablation

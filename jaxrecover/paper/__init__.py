@@ -9,6 +9,7 @@ executes files from the current folder.
 ``unlearning``            SAE unlearning on bio MCQs (answer log-prob)
 ``tpp``                   targeted probe perturbation (linear probe readout)
 ``sweeps``                K and budget sweeps for every setting (ioi, unlearning, tpp, refusal)
+``defences``              stronger defences (splice, multi-layer, dense, recovery-aware game) vs recovery
 ``all``                   every setting at its defaults, then one REPORT.md with a verdict per claim
 ========================  ==================================================================
 """
@@ -18,7 +19,7 @@ from types import ModuleType
 
 SETTINGS = {
     name: f"jaxrecover.paper.{name}"
-    for name in ("refusal", "ioi", "unlearning", "tpp", "sweeps", "all")
+    for name in ("refusal", "ioi", "unlearning", "tpp", "sweeps", "defences", "all")
 }
 
 

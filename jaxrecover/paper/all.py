@@ -32,6 +32,9 @@ EXTRA = ("ioi_topk", "refusal_advbench_heldout", "refusal_steering_paper", "refu
 # in experiments/README.md)
 SWEEPS = ("sweeps/refusal_k", "sweeps/refusal_k_steps90", "sweeps/refusal_budget", "sweeps/unlearning_k",
           "sweeps/unlearning_budget")
+# the defence sweep's folder (`run defences --out <out>/defences`): its own "Defences" section, written
+# by jaxrecover.paper.defences.report_section, not the generic per-folder section
+DEFENCES = "defences"
 # relative drift at or below this is 0 up to float32 rounding (the encoder-null property is exact in
 # float64: tests/test_shipped.py measures 2e-13)
 DRIFT_ZERO = 1e-5
@@ -273,7 +276,7 @@ def controls(results: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
 def write_report(root: Path) -> Path:
     """``root/REPORT.md`` from the settings' folders under ``root``."""
     known = SETTINGS + EXTRA  # in this order; then any other setting's folder (a new setting needs no edit here)
-    others = tuple(sorted(p.parent.name for p in root.glob("*/summary.json") if p.parent.name not in known
+    others = tuple(sorted(p.parent.name for p in root.glob("*/summary.json") if p.parent.name not in (*known, DEFENCES)
                           and '"setting":' in p.read_text()))  # written by the one driver
     results = {n: json.loads((root / n / "summary.json").read_text()) for n in known + others
                if (root / n / "summary.json").is_file()}
@@ -297,6 +300,11 @@ def write_report(root: Path) -> Path:
         body = body.replace("\n## ", "\n#### ") + "".join(f"\n![{name} {p}]({name}/{p})\n" for p in pngs)
         wall = res.get("wall_s", res.get("wall_seconds"))
         sections.append((f"{name}", f"Settings: `{json.dumps(changed, default=str)}`; wall {wall or 0:.0f} s.\n\n{body}"))
+    if (root / DEFENCES / "summary.json").is_file():
+        from jaxrecover.paper import defences
+
+        summary = json.loads((root / DEFENCES / "summary.json").read_text())
+        sections.append(("Defences", defences.report_section(summary, root / DEFENCES, DEFENCES)))
     out = root / "REPORT.md"
     report.write_markdown(out, "jaxrecover: the paper's findings on the embedded default", sections)
     return out

@@ -62,12 +62,12 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxrecover.core.pytree import pytree_dataclass, static
-from jaxrecover.sae.clamp import CLAMP_MODES, Clamp, _own_site, _sae_name, _slot_gate, clamp_latents, validate_clamp
+from jaxrecover.core.sites import Site
+from jaxrecover.core.types import Resid, Slots
+from jaxrecover.model.transformer import forward
 from jaxrecover.recover.projections import projected_params, projected_updates
 from jaxrecover.sae.autoencoder import SAE, decode, encode
-from jaxrecover.core.sites import Site
-from jaxrecover.model.transformer import forward
-from jaxrecover.core.types import Resid, Slots
+from jaxrecover.sae.clamp import Clamp, clamp_latents, own_site, sae_name, slot_gate, validate_clamp
 
 STOP_REASONS = ("below_threshold", "stopped_falling", "no_new_directions", "span_full", "rounds")
 
@@ -105,20 +105,18 @@ class ErrorFreeSplice:
     mode: str = static("set")
 
     def __post_init__(self) -> None:
-        if self.mode not in CLAMP_MODES:
-            raise ValueError(f"Unknown clamp mode {self.mode!r}; expected one of {CLAMP_MODES}.")
-        validate_clamp(self)  # duck-typed: reads sae, features, values, mode
+        validate_clamp(self)  # the clamp module's one check (mode, ids, values, duplicates), duck-typed
 
     def __call__(self, resid: Resid, slots: Slots) -> Resid:
         if self.sae.d_in != resid.shape[-1]:
-            raise ValueError(f"ErrorFreeSplice on SAE {_sae_name(self.sae)}: the SAE reads d_in={self.sae.d_in} but the "
+            raise ValueError(f"ErrorFreeSplice on SAE {sae_name(self.sae)}: the SAE reads d_in={self.sae.d_in} but the "
                              f"residual is {resid.shape[-1]} wide; use an SAE trained on this model.")
         z = encode(self.sae, resid)
         z_S = z[..., self.features]
         # duplicate ids carry equal targets (validated), so the scatter writes the same value twice
         z = z.at[..., self.features].set(clamp_latents(self.mode, z_S, self.values))
         out = decode(self.sae, z).astype(resid.dtype)
-        gate = _slot_gate(self.slot_mask, slots)
+        gate = slot_gate(self.slot_mask, slots)
         if gate is None:
             return out
         return jnp.where(jnp.broadcast_to(gate[:, None], out.shape), out, resid)
@@ -407,10 +405,10 @@ def check_defence(cfg: Any, site: Any, sae: SAE | None = None, features: Any = N
     if not site.layer < cfg.n_layers:
         raise ValueError(_MSG_SITE.format(site=site, n_layers=cfg.n_layers, last=cfg.n_layers - 1))
     if sae is not None:
-        name = _sae_name(sae)
+        name = sae_name(sae)
         if sae.d_in != cfg.d_model:
             raise ValueError(_MSG_WIDTH.format(site=site, sae=name, d_in=sae.d_in, d_model=cfg.d_model))
-        if sae.hook_name and not allow_site_mismatch and _own_site(sae.hook_name) != site:
+        if sae.hook_name and not allow_site_mismatch and own_site(sae.hook_name) != site:
             raise ValueError(_MSG_HOOK.format(site=site, sae=name, hook=sae.hook_name))
         ks = [k for k in (n_features, None if features is None else int(np.asarray(features).shape[-1])) if k is not None]
         for k in ks:

@@ -102,7 +102,8 @@ def clamp_latents(mode: str, z_S: Float[Array, "*seq k"], values: Float[Array, "
     raise ValueError(f"Unknown clamp mode {mode!r}; expected one of {CLAMP_MODES}.")
 
 
-def _slot_gate(slot_mask: Bool[Array, " n"] | None, slots: Slots) -> Valid | None:
+def slot_gate(slot_mask: Bool[Array, " n"] | None, slots: Slots) -> Valid | None:
+    """Where a clamp with ``slot_mask`` acts, per slot of ``slots`` (None: everywhere)."""
     if slot_mask is None:
         return None
     inside = slots < slot_mask.shape[0]
@@ -110,7 +111,7 @@ def _slot_gate(slot_mask: Bool[Array, " n"] | None, slots: Slots) -> Valid | Non
     return jnp.where(inside, slot_mask[jnp.clip(slots, 0, slot_mask.shape[0] - 1)], True)
 
 
-def _sae_name(sae: Any) -> str:
+def sae_name(sae: Any) -> str:
     """How messages name an SAE: its hook name, or its shape when it has none."""
     hook = getattr(sae, "hook_name", "")
     if hook:
@@ -139,7 +140,7 @@ def _check_features(sae: Any, features: np.ndarray) -> None:
     bad = features[(features < 0) | (features >= d_sae)]
     if bad.size:
         shown = sorted(set(bad.ravel().tolist()))[:8]
-        raise ValueError(_MSG_FEATURE_RANGE.format(sae=_sae_name(sae), bad=shown, d_sae=d_sae, last=d_sae - 1))
+        raise ValueError(_MSG_FEATURE_RANGE.format(sae=sae_name(sae), bad=shown, d_sae=d_sae, last=d_sae - 1))
 
 
 def _check_values(sae: Any, mode: str, values: np.ndarray) -> None:
@@ -151,7 +152,7 @@ def _check_values(sae: Any, mode: str, values: np.ndarray) -> None:
     for what, hit in (("NaN", np.isnan(v)), ("an infinite value", np.isinf(v) & (v != allowed_inf))):
         if hit.any():
             where = np.argwhere(hit)[:8].tolist()
-            raise ValueError(_MSG_VALUES.format(sae=_sae_name(sae), mode=mode, what=what, where=where))
+            raise ValueError(_MSG_VALUES.format(sae=sae_name(sae), mode=mode, what=what, where=where))
 
 
 def _check_duplicates(sae: Any, mode: str, features: np.ndarray, values: np.ndarray | None) -> None:
@@ -167,14 +168,18 @@ def _check_duplicates(sae: Any, mode: str, features: np.ndarray, values: np.ndar
         row, i = at[:-1], at[-1]
         feature = int(f[row + (i,)])
         shown = sorted(set(v[row][f[row] == feature].tolist()))
-        raise ValueError(_MSG_FEATURE_DUP.format(sae=_sae_name(sae), feature=feature, values=shown))
+        raise ValueError(_MSG_FEATURE_DUP.format(sae=sae_name(sae), feature=feature, values=shown))
 
 
-def validate_clamp(clamp: "Clamp") -> None:
-    """The construction-time checks on whatever of ``clamp`` is concrete (see module docstring)."""
+def validate_clamp(clamp: Any) -> None:
+    """The construction-time checks of a clamp-like value (``Clamp``, ``defences.ErrorFreeSplice``:
+    anything with ``sae``, ``features``, ``values``, ``mode``): the mode is one of ``CLAMP_MODES``,
+    and whatever of the arrays is concrete passes the checks of the module docstring."""
+    if clamp.mode not in CLAMP_MODES:
+        raise ValueError(f"Unknown clamp mode {clamp.mode!r}; expected one of {CLAMP_MODES}.")
     features, values = _concrete(clamp.features), _concrete(clamp.values)
     if features is not None and values is not None and features.shape != values.shape:
-        raise ValueError(_MSG_SHAPES.format(sae=_sae_name(clamp.sae), f_shape=features.shape, v_shape=values.shape))
+        raise ValueError(_MSG_SHAPES.format(sae=sae_name(clamp.sae), f_shape=features.shape, v_shape=values.shape))
     if features is not None:
         _check_features(clamp.sae, features)
         _check_duplicates(clamp.sae, clamp.mode, features, values)
@@ -209,19 +214,17 @@ class Clamp:
     mode: str = static("set")
 
     def __post_init__(self) -> None:
-        if self.mode not in CLAMP_MODES:
-            raise ValueError(f"Unknown clamp mode {self.mode!r}; expected one of {CLAMP_MODES}.")
         # only user construction gets here (pytree unflattening bypasses __init__); tracers skip
         validate_clamp(self)
 
     def __call__(self, resid: Resid, slots: Slots) -> Resid:
         if self.sae.d_in != resid.shape[-1]:  # shapes are static: a trace-time error, not a dot_general one
-            raise ValueError(_MSG_WIDTH.format(sae=_sae_name(self.sae), d_in=self.sae.d_in, width=resid.shape[-1]))
+            raise ValueError(_MSG_WIDTH.format(sae=sae_name(self.sae), d_in=self.sae.d_in, width=resid.shape[-1]))
         z_S = encode_features(self.sae, resid, self.features)
         dz = clamp_latents(self.mode, z_S, self.values) - z_S
         repeat = jnp.broadcast_to(_later_duplicates(self.features), dz.shape)
         dz = jnp.where(repeat, jnp.zeros_like(dz), dz)
-        gate = _slot_gate(self.slot_mask, slots)
+        gate = slot_gate(self.slot_mask, slots)
         if gate is not None:
             dz = dz * gate[:, None].astype(dz.dtype)
         return resid + (dz @ self.sae.W_dec[self.features]).astype(resid.dtype)
@@ -245,7 +248,7 @@ def reencoding_error(clamp: Clamp, resid: Resid, slots: Slots) -> Float[Array, "
     """
     z_S = encode_features(clamp.sae, resid, clamp.features)
     target = clamp_latents(clamp.mode, z_S, clamp.values)
-    gate = _slot_gate(clamp.slot_mask, slots)
+    gate = slot_gate(clamp.slot_mask, slots)
     if gate is not None:
         target = jnp.where(jnp.broadcast_to(gate[:, None], target.shape), target, z_S)
     read_back = encode_features(clamp.sae, clamp(resid, slots), clamp.features)
@@ -323,18 +326,18 @@ def check_clamps(cfg_or_model: Any, clamps: Mapping[Any, Any], *, allow_site_mis
         for clamp in _clamps_in(fn):
             if _d_sae(clamp.sae) is None:
                 continue
-            name = _sae_name(clamp.sae)
+            name = sae_name(clamp.sae)
             if clamp.sae.d_in != cfg.d_model:
                 raise ValueError(_MSG_SITE_WIDTH.format(site=site, sae=name, d_in=clamp.sae.d_in, d_model=cfg.d_model))
             try:
                 validate_clamp(clamp)
             except ValueError as err:  # the construction messages know the SAE, not the site
                 raise ValueError(f"At site {site}: {err}") from None
-            if clamp.sae.hook_name and not allow_site_mismatch and _own_site(clamp.sae.hook_name) != site:
+            if clamp.sae.hook_name and not allow_site_mismatch and own_site(clamp.sae.hook_name) != site:
                 raise ValueError(_MSG_SITE_MISMATCH.format(site=site, sae=name, hook=clamp.sae.hook_name))
 
 
-def _own_site(hook_name: str) -> Site | None:
+def own_site(hook_name: str) -> Site | None:
     """The residual site an SAE was trained at; None for non-residual hooks (mlp_out, attn_out...)."""
     try:
         return Site.parse(hook_name)
