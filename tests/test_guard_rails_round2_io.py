@@ -188,7 +188,7 @@ def test_two_runs_into_one_folder_refuse(tmp_path, monkeypatch, capsys):
 def test_lock_is_released_at_exit_and_a_second_process_waits_its_turn(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    hold = ("import sys, time; from pathlib import Path; from jaxrecover.paper import common as C; "
+    hold = ("import sys, time; from pathlib import Path; from jaxrecover.experiment import common as C; "
             "C.check_writable(Path(sys.argv[1])); print('locked', flush=True); time.sleep(float(sys.argv[2]))")
     first = subprocess.Popen([sys.executable, "-c", hold, str(out), "30"], stdout=subprocess.PIPE, text=True)
     try:
@@ -208,7 +208,7 @@ def test_a_kill_mid_write_leaves_no_partial_file_and_its_temp_is_removed(tmp_pat
     (out / "records" / "r").mkdir(parents=True)
     report.write_json(out / "summary.json", {"old": True})
     # a writer SIGKILLed after writing half its data: what it leaves is a temp name, never the file
-    code = ("import os, sys; from pathlib import Path; from jaxrecover import report; "
+    code = ("import os, sys; from pathlib import Path; from jaxrecover.runtime import report; "
             "p = Path(sys.argv[1]); t = report.temp_name(p); t.write_text('{\"new\": tr'); "
             "os.kill(os.getpid(), 9)")
     for target in (out / "summary.json", out / "records" / "r" / "batch00000.jsonl"):
