@@ -29,17 +29,18 @@ def tiny():
 
 
 def _config(out, settings, **kw):
-    return DS.Config(**{"out": str(out), "settings": settings, "budgets": (0.1, 0.5), **kw}, refusal_k=4, ioi_k=4, refusal_ks=(8,),
-                     ioi_ks=(8,), curve_ks=(16,), game_rounds=2, game_budget=0.5, game_threshold=0.0, game_max_new=2,
-                     refusal_prompts=4, refusal_flips=2, refusal_steps=2, refusal_new_tokens=4, refusal_answer_tokens=3,
-                     ioi_prompts=6, ioi_flips=2, ioi_steps=2, side_prompts=3, side_tokens=3, require_flip=False,
-                     random_control=1)
+    small = {"budgets": (0.1, 0.5), "refusal_k": 4, "ioi_k": 4, "refusal_ks": (8,), "ioi_ks": (8,), "curve_ks": (16,),
+             "game_rounds": 2, "game_budget": 0.5, "game_threshold": 0.0, "game_max_new": 2, "refusal_prompts": 4,
+             "refusal_flips": 2, "refusal_steps": 2, "refusal_new_tokens": 4, "refusal_answer_tokens": 3,
+             "ioi_prompts": 6, "ioi_flips": 2, "ioi_steps": 2, "side_prompts": 3, "side_tokens": 3,
+             "require_flip": False, "random_control": 1}
+    return DS.Config(out=str(out), settings=settings, **(small | kw))
 
 
 def test_one_defence_runs_through_the_driver(tiny, tmp_path):
     """The error-free splice on IOI, one attacker, one budget: the setting's plumbing end to end (< 60 s)."""
     model, tok, inputs = tiny
-    cfg = _config(tmp_path / "d", ("ioi",), defences=("splice",), attackers=("none",), budgets=(0.5,), game_budget=0.5,
+    cfg = _config(tmp_path / "d", ("ioi",), defences=("splice",), attackers=("none",), budgets=(0.5,),
                   random_control=0)
     summary = DS.run(cfg, model=model, tok=tok, inputs=inputs)
     (p,) = summary["points"]
@@ -102,7 +103,7 @@ def _check(summary, out, settings):
     assert "not within the grid" in text or ">= 50%" in text
 
 
-def _cli(args, capsys, monkeypatch):
+def _cli(args, capsys, monkeypatch, out):
     from jaxrecover.cli import app
     from jaxrecover.experiment import common
 
@@ -111,7 +112,7 @@ def _cli(args, capsys, monkeypatch):
 
     monkeypatch.setattr(common, "load_model", no_model)
     try:
-        code = app.main(["run", "defences", "--out", "/tmp/jxr-defences-bad", *args])
+        code = app.main(["run", "defences", "--out", str(out), *args])
     except SystemExit as e:  # a Config value: argparse prints its usage, then the one error line, exit 2
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
@@ -125,11 +126,11 @@ def _cli(args, capsys, monkeypatch):
     (["--game-max-new", "0"], "empty"),
     (["--game-budget", "0.3"], "not in --budgets"),
 ])
-def test_bad_input_is_one_line_exit_2_before_the_model_loads(args, match, capsys, monkeypatch):
+def test_bad_input_is_one_line_exit_2_before_the_model_loads(args, match, capsys, monkeypatch, tmp_path):
     import os
 
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code, err = _cli(args, capsys, monkeypatch)
+    code, err = _cli(args, capsys, monkeypatch, tmp_path / "out")
     assert code == 2
     assert match in err[-1], err  # the message is the last line, one line
     if not err[0].startswith("usage"):  # a check after the Config: nothing but that line
