@@ -741,6 +741,14 @@ def report_section(summary: Mapping[str, Any], folder: Path, rel: str = "defence
             + report.markdown_table(table_rows(summary["rows"])) + "\n"
             + f"**{summary.get('bottom_line') or bottom_line(summary['rows'])}**\n\n"
             + "\n".join(f"- {v}" for v in summary["verdicts"]) + "\n")
+    lo = min(cfg["budgets"])
+    at_lo = sum(r["smallest_50"] == lo for r in summary["rows"] if r["n"])
+    if at_lo:  # read the table right: the grid's first point is an upper bound on the budget needed
+        body += (f"\n{at_lo} of {sum(bool(r['n']) for r in summary['rows'])} rows reach 50% already at the grid's smallest "
+                 f"budget_rel {lo:g}: for them the budget needed is at most that (the grid does not resolve it). "
+                 "'random dir. there' is the driver's random-direction control at the largest budget (same norm, "
+                 "same constraint subspace, replayed under the defence): where it is high, much of the recovery at "
+                 "that size is not specific to the solved direction.\n")
     body += "".join(f"\n![{p}]({rel}/{p})\n" for p in summary.get("plots", []))
     table = (folder / "table.md").read_text() if (folder / "table.md").is_file() else ""
     for head in ("### Denser clamp", "### Game"):
