@@ -123,9 +123,10 @@ def run_solver(
     if saved is not None:
         return Run(saved, runner.result_records(saved), time.time() - t0)
     with stage(f"solve: {desc}"):
-        res = runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes, progress=progress, desc=desc,
-                                 store=store)
-    res = jax.device_get(res)
+        res = jax.device_get(runner.solve_batch(solver, model, examples, clamps, clamp_axes=clamp_axes,
+                                                progress=progress, desc=desc))
+    if key is not None:  # the key is hashed once (the model's fingerprint is ~1 s on SmolLM2)
+        runner.save_solved(store, key, res, desc)
     return Run(res, runner.result_records(res), time.time() - t0)
 
 

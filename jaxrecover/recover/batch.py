@@ -135,8 +135,7 @@ def solve_batch(solver: R.Solver, model: Any, examples: R.Example, clamps: Mappi
             return saved
         res = jax.device_get(_solve(solver, model, examples, clamps, window, clamp_axes=clamp_axes, progress=progress,
                                     desc=desc, per_device_batch=per_device_batch, steps_per_chunk=steps_per_chunk))
-        ckpt.save_result(Path(store), key, {f.name: getattr(res, f.name) for f in dataclasses.fields(res)
-                                            if getattr(res, f.name) is not None}, {"desc": desc})
+        save_solved(store, key, res, desc)
         return res
     return _solve(solver, model, examples, clamps, window, clamp_axes=clamp_axes, progress=progress, desc=desc,
                   per_device_batch=per_device_batch, steps_per_chunk=steps_per_chunk)
@@ -243,6 +242,12 @@ def load_solved(store: str | os.PathLike, key: str, desc: str = "recover") -> R.
         return None
     print(f"solve: {desc} (resumed from {Path(store) / key})", file=sys.stderr, flush=True)
     return R.RecoveryResult(**{f.name: saved[0].get(f.name) for f in dataclasses.fields(R.RecoveryResult)})
+
+
+def save_solved(store: str | os.PathLike, key: str, res: R.RecoveryResult, desc: str = "recover") -> None:
+    """Keep a finished (host) result in ``store`` under ``key`` for ``load_solved``."""
+    ckpt.save_result(Path(store), key, {f.name: getattr(res, f.name) for f in dataclasses.fields(res)
+                                        if getattr(res, f.name) is not None}, {"desc": desc})
 
 
 def result_key(solver: R.Solver, model: Any, examples: R.Example, clamps: Mapping[Site, Any], clamp_axes: Any = None) -> str:

@@ -83,7 +83,6 @@ _MSG_ENCODER_SITE = (
     "delta below the clamp site."
 )
 _MSG_CLAMP_KEYS = "clamps keys {got} do not match problem.clamp_sites {want}."
-_MSG_RANGE = "RecoveryConfig.{name}={value!r}: {why}."
 
 
 # ----------------------------------------------------------------------------- constraints
@@ -216,16 +215,15 @@ class RecoveryConfig:
         for name, value, allowed in choices:
             if value not in allowed:
                 raise ValueError(f"RecoveryConfig.{name}={value!r}; expected one of {allowed}.")
-        for name, ok, why in (
-            ("steps", self.steps >= 0, "must be >= 0"),
-            ("select_every", self.select_every > 0, "must be > 0"),
-            ("lr", np.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
-            ("budget", not np.isnan(self.budget) and self.budget >= 0, "must be a number >= 0"),
-            ("drift_penalty", np.isfinite(self.drift_penalty) and self.drift_penalty >= 0, "must be finite and >= 0"),
-            ("correction_steps", self.correction_steps >= 0, "must be >= 0"),
-        ):
-            if not ok:
-                raise ValueError(_MSG_RANGE.format(name=name, value=getattr(self, name), why=why))
+        _check_fields("RecoveryConfig", (
+            ("steps", self.steps, self.steps >= 0, "must be >= 0"),
+            ("select_every", self.select_every, self.select_every > 0, "must be > 0"),
+            ("lr", self.lr, np.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
+            ("budget", self.budget, not np.isnan(self.budget) and self.budget >= 0, "must be a number >= 0"),
+            ("drift_penalty", self.drift_penalty, np.isfinite(self.drift_penalty) and self.drift_penalty >= 0,
+             "must be finite and >= 0"),
+            ("correction_steps", self.correction_steps, self.correction_steps >= 0, "must be >= 0"),
+        ))
 
     def replace(self, **changes: Any) -> "RecoveryConfig":
         return dataclasses.replace(self, **changes)
