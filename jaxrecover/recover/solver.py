@@ -88,7 +88,7 @@ _MSG_CLAMP_KEYS = "clamps keys {got} do not match problem.clamp_sites {want}."
 # ----------------------------------------------------------------------------- constraints
 
 
-def _check_fields(owner: str, checks: tuple[tuple[str, Any, bool, str], ...]) -> None:
+def _check_fields(owner: str, checks: tuple[tuple[str, Any, bool | np.bool_, str], ...]) -> None:
     for name, value, ok, why in checks:
         if not ok:
             raise ValueError(f"{owner}.{name}={value!r}: {why}.")
