@@ -58,3 +58,21 @@ def test_random_control_counts_recovered_examples_only():
     rc = S.random_control(solver, model, ex, clamps, forced, seeds=2)
     assert rc["n_recovered"] == 1 and rc["random"]["n"] == 2  # a non-finite delta is never recovered
     assert set(rc["per_example"]) == {0}
+
+
+def test_evaluate_delta_sets_equals_one_call_per_set():
+    # the attribution replays every part in one call (one init per example): each set must measure
+    # exactly as its own evaluate_deltas call would, whatever the other sets hold
+    solver, model, ex, clamps, _ = _problem("none")
+    k = jax.random.split(jax.random.key(5), 3)
+    sets = [jax.random.normal(kk, (4, 2, D)) * s for kk, s in zip(k, (0.0, 1.0, 10.0))]
+    joint = S.evaluate_delta_sets(solver, model, ex, clamps, sets)
+    assert len(joint) == 3
+    for d, got in zip(sets, joint):
+        alone = S.evaluate_deltas(solver, model, ex, clamps, d)
+        np.testing.assert_array_equal(np.asarray(got.result.success), np.asarray(alone.result.success))
+        for a, b in ((got.result.objective, alone.result.objective),
+                     (got.result.metrics["drift_rel"], alone.result.metrics["drift_rel"])):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+    assert not np.allclose(np.asarray(joint[0].result.objective), np.asarray(joint[2].result.objective))

@@ -266,8 +266,8 @@ def _replays(setting: Setting, prep: Any, case: Case, m: Method, used: np.ndarra
     if setting.judge:  # every part of every example judged in ONE call (one batched generation)
         judged = _judge(setting, prep, case, m, used, np.concatenate([np.asarray(parts[p]) for p in names]), store)
     n = len(base)
-    for j, (part, mode) in enumerate(setting.replay_parts):
-        rep = S.evaluate_deltas(solver, model, ex, clamps, parts[part])
+    reps = S.evaluate_delta_sets(solver, model, ex, clamps, [parts[p] for p in names])  # one init, every part
+    for j, ((part, mode), rep) in enumerate(zip(setting.replay_parts, reps, strict=True)):
         _collect(setting, prep, out, mode, rep, base, None if judged is None else judged[j * n : (j + 1) * n])
     out["attribution_method"] = m.name
 

@@ -6,8 +6,8 @@
   example (``clamp_axes = {site: Clamp(None, 0, 0)}``).
 - ``run_solver_budgets``: ``run_solver`` at several L2 budgets as ONE solve over the joint grid of
   budgets x examples (every grid point has the same shapes), split back per budget (budget sweeps).
-- ``evaluate_deltas``: measure given deltas (no optimisation) with the solver's own ``finish`` (the
-  replay and shared-delta evaluations).
+- ``evaluate_deltas`` / ``evaluate_delta_sets``: measure given deltas (no optimisation) with the solver's
+  own ``finish`` (the replay and shared-delta evaluations; several sets share one ``init``).
 - ``replay_components``: split a recovered delta at the delta site into its clamped-feature,
   other-feature, top-k-feature and SAE-residual parts (paper App. J); every setting replays them.
 - ``mode_summary`` / ``paper_table``: the paper's uncertainty summaries (Wilson / bootstrap 95%).
@@ -202,17 +202,40 @@ def evaluate_deltas(
     clamp_axes: Any = None,
 ) -> Run:
     """Measure fixed ``deltas [n, rows, d]`` (no optimisation) with the solver's ``finish``."""
+    return evaluate_delta_sets(solver, model, examples, clamps, [deltas], clamp_axes=clamp_axes)[0]
+
+
+def evaluate_delta_sets(
+    solver: R.Solver,
+    model: Any,
+    examples: R.Example,
+    clamps: Mapping[Site, Any],
+    sets: Sequence[Any],
+    *,
+    clamp_axes: Any = None,
+) -> list[Run]:
+    """``evaluate_deltas`` for several sets of deltas (each ``[n, rows, d]``, e.g. the attribution's
+    parts) in ONE compiled call: each example's ``init`` (prefix, clamped and base passes) runs once
+    and ``finish`` is vmapped over its sets. One ``Run`` per set; ``seconds`` split evenly."""
     t0 = time.time()
-    ca = clamp_axes
 
-    def one(model, ex, cl, delta):
+    def one(model, ex, cl, deltas):  # deltas [sets, rows, d]
         ctx, state = solver.init(model, ex, cl)
-        state = dataclasses.replace(state, delta=delta.astype(jnp.float32), step=jnp.zeros((), jnp.int32))
-        return solver.finish(model, ex, cl, ctx, state)
 
-    res = jax.jit(jax.vmap(one, in_axes=(None, 0, ca, 0)))(model, examples, clamps, deltas)
-    res = jax.device_get(res)
-    return Run(res, runner.result_records(res), time.time() - t0)
+        def measure(delta):
+            st = dataclasses.replace(state, delta=delta.astype(jnp.float32), step=jnp.zeros((), jnp.int32))
+            return solver.finish(model, ex, cl, ctx, st)
+
+        return jax.vmap(measure)(deltas)
+
+    stacked = jnp.stack([jnp.asarray(d) for d in sets], axis=1)  # [n, sets, rows, d]
+    res = jax.device_get(jax.jit(jax.vmap(one, in_axes=(None, 0, clamp_axes, 0)))(model, examples, clamps, stacked))
+    seconds = (time.time() - t0) / len(sets)
+    out = []
+    for j in range(len(sets)):
+        part = jax.tree.map(lambda a: a[:, j], res)  # noqa: B023
+        out.append(Run(part, runner.result_records(part), seconds))
+    return out
 
 
 def random_control(

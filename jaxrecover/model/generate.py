@@ -39,7 +39,8 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxrecover.core.pytree import pytree_dataclass
 from jaxrecover.runtime.sharding import map_batched, pad_batch, replicate, shard_batch, to_host
 from jaxrecover.core.sites import Site
-from jaxrecover.model.transformer import KV, Hook, SeqInfo, Transformer, check_sites, embed, forward, run_layers, seq_info, unembed
+from jaxrecover.model.transformer import (KV, Hook, SeqInfo, Transformer, check_sites, embed, forward, run_layers, seq_info,
+                                          split_blocks, split_pays, unembed)
 from jaxrecover.core.types import Tokens, Valid
 
 # hooks keyed by Site or by "blocks.{L}.hook_{point}" string (Site.parse accepts both)
@@ -138,12 +139,14 @@ def prefill(
 
 
 def decode_step(
-    model: Transformer, cache: KVCache, token: Int[Array, ""], hooks: AnyHooks | None = None
+    model: Transformer, cache: KVCache, token: Int[Array, ""], hooks: AnyHooks | None = None,
+    layers: tuple | None = None,
 ) -> tuple[Float[Array, " d_vocab"], KVCache]:
     """Append ``token`` at slot ``cache.length`` and return the next-token logits and the new cache.
 
     Hooks are called with ``slots=[cache.length]`` at every block point. Writing past ``max_len`` is
     not checked (the token would be dropped from the cache); ``generate`` sizes the cache.
+    ``layers``: every block, already ``split_blocks`` out of the stack by a caller that loops.
     """
     slot = cache.length
     pos = jnp.sum(cache.valid.astype(jnp.int32))  # real tokens before this one
@@ -153,7 +156,7 @@ def decode_step(
     info = SeqInfo(slots=slot[None], positions=pos[None], valid=jnp.ones((1,), bool))
     out = run_layers(
         model, _embed_at(model, token[None], pos[None]), 0, model.cfg.n_layers, hooks, info=info,
-        kv=KV(k=cache.k, v=cache.v, positions=positions, valid=valid),
+        kv=KV(k=cache.k, v=cache.v, positions=positions, valid=valid), layers=layers,
     )
     x, k, v = out.x, out.k, out.v
     at_slot = here[None, :, None, None]  # [layer, max_len, n_kv_heads, d_head]
@@ -191,7 +194,8 @@ def _prefill_uncached(
     return forward(model, buf.tokens, hooks, valid=buf.valid)[seq - 1], buf
 
 
-def _step_uncached(model: Transformer, buf: _Buffer, token: Array, hooks: AnyHooks | None) -> tuple[Array, _Buffer]:
+def _step_uncached(model: Transformer, buf: _Buffer, token: Array, hooks: AnyHooks | None,
+                   layers: tuple | None = None) -> tuple[Array, _Buffer]:
     slot = buf.length
     buf = _Buffer(tokens=buf.tokens.at[slot].set(token), valid=buf.valid.at[slot].set(True), length=slot + 1)
     return forward(model, buf.tokens, hooks, valid=buf.valid)[slot], buf
@@ -240,12 +244,16 @@ def _generate_impl(
     pad_id: int,
     hooks_axes: tuple[tuple[Any, ...], Any],
     return_logits: bool,
+    presplit: bool,
 ) -> GenerationResult:
     batch, seq = tokens.shape
     max_len = seq + max_new_tokens
     axes = jax.tree.unflatten(hooks_axes[1], hooks_axes[0])
+    # sliced once, outside the decode scan (``transformer.split_pays``): on CPU slicing the stack inside
+    # the scan copies every weight at every step
+    layers = split_blocks(model, 0, model.cfg.n_layers) if presplit else None
     start = jax.vmap(lambda t, m, h: prefill_fn(model, t, m, max_len, h), in_axes=(0, 0, axes))
-    advance = jax.vmap(lambda s, t, h: step_fn(model, s, t, h), in_axes=(0, 0, axes))
+    advance = jax.vmap(lambda s, t, h: step_fn(model, s, t, h, layers), in_axes=(0, 0, axes))
     keys = jax.random.split(key, batch)
     choose = functools.partial(_choose, keys=keys, temperature=temperature, greedy=greedy, top_k=top_k)
 
@@ -278,7 +286,7 @@ def _generate_impl(
     )
 
 
-_STATIC = ("max_new_tokens", "greedy", "top_k", "eos_id", "pad_id", "hooks_axes", "return_logits")
+_STATIC = ("max_new_tokens", "greedy", "top_k", "eos_id", "pad_id", "hooks_axes", "return_logits", "presplit")
 _generate_cached_jit = jax.jit(
     functools.partial(_generate_impl, prefill_fn=prefill, step_fn=decode_step), static_argnames=_STATIC
 )
@@ -344,6 +352,7 @@ def _call(
         pad_id=int(pad_id),
         hooks_axes=(tuple(leaves), treedef),
         return_logits=return_logits,
+        presplit=fn is _generate_cached_jit and split_pays(model, 0, model.cfg.n_layers),
     )
     if n_dev > 1:  # a full copy in every process, padding rows dropped
         out = jax.tree.map(lambda a: jnp.asarray(a[:batch]), to_host(out))

@@ -349,6 +349,20 @@ def split_blocks(model: Transformer, start: int, stop: int) -> tuple[Block, ...]
     return tuple(_index_block(model.blocks, i) for i in range(start, stop))
 
 
+# above this many bytes of blocks a loop keeps slicing the stack (a second copy of several GB is worse
+# than the per-iteration copies); SmolLM2-135M's 30 blocks are 0.4 GB in float32
+SPLIT_MAX_BYTES = 2 << 30
+
+
+def split_pays(model: Transformer, start: int, stop: int, max_bytes: int = SPLIT_MAX_BYTES) -> bool:
+    """Whether a loop over blocks ``start..stop-1`` should run on ``split_blocks`` sliced once outside
+    it: on CPU (XLA:CPU copies every weight it slices inside a loop, at small batches as costly as the
+    matmuls; measured in benchmarks/README.md) and while that second copy stays under ``max_bytes``.
+    Off CPU (not measured there) the stacked weights, and no second copy in device memory."""
+    per_block = sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(model.blocks))
+    return jax.default_backend() == "cpu" and per_block * (stop - start) <= max_bytes
+
+
 @pytree_dataclass
 class Pass:
     """What ``run_layers`` returns: the residual leaving the last block run, the captured residuals

@@ -54,7 +54,8 @@ from jaxrecover.sae.autoencoder import SAE
 
 PROJECTOR_METHODS = ("pinv", "ridge")
 JACOBIAN_METHODS = ("exact", "sketch")
-JACOBIAN_CHUNK = 32  # VJPs per lax.map iteration of the exact Jacobian (memory ~ chunk, not ~ rows)
+JACOBIAN_CHUNK = 16  # VJPs per iteration of the exact Jacobian (memory ~ chunk, not ~ rows); 16 measured
+# fastest on the main job (32: 131 s, 16: 110 s, 8: 130 s for 15 steps; benchmarks/README.md)
 BUDGET_PER = ("example", "position")
 GS_DROP_TOL = 1e-7  # authors' Gram-Schmidt drop tolerance
 CLIP_EPS = 1e-8  # authors' clipping denominator guard

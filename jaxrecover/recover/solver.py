@@ -69,7 +69,8 @@ from jaxrecover.sae.clamp import AddDelta, compose
 from jaxrecover.recover.objectives import Readout
 from jaxrecover.sae.autoencoder import encode_features
 from jaxrecover.core.sites import Site
-from jaxrecover.model.transformer import KV, SeqInfo, embed, run_layers, run_to, seq_info, split_blocks, unembed
+from jaxrecover.model.transformer import (KV, SPLIT_MAX_BYTES, SeqInfo, embed, run_layers, run_to, seq_info,
+                                          split_blocks, split_pays, unembed)
 
 CONSTRAINTS = ("encoder", "jacobian", "none")
 OPTIMIZERS = ("adam", "sgd")
@@ -671,22 +672,14 @@ def step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: 
     return _step(solver, model, ex, clamps, ctx, state, window, None)
 
 
-# above this many bytes of window weights the step keeps slicing the stack (a second copy of several
-# GB is worse than the per-step copies); SmolLM2-135M's 21 window blocks are 0.3 GB in float32
-_SPLIT_MAX_BYTES = 2 << 30
+_SPLIT_MAX_BYTES = SPLIT_MAX_BYTES  # a module attribute, so a test can force the stacked path
 
 
 def _window_layers(solver: Solver, model) -> tuple | None:
     """The blocks a step runs (delta layer to the last one), sliced ONCE for the whole step loop
-    (``run_layers(layers=)``: XLA:CPU would copy every weight sliced inside the loop, forward and
-    backward, every step). Off CPU (not measured there) ``None``: the stacked weights as before, and no
-    second copy of the window's weights in device memory."""
-    start = solver.problem.delta_site.layer
-    per_block = sum(a.size // a.shape[0] * a.dtype.itemsize for a in jax.tree.leaves(model.blocks))
-    size = per_block * (model.cfg.n_layers - start)
-    if jax.default_backend() != "cpu" or size > _SPLIT_MAX_BYTES:
-        return None
-    return split_blocks(model, start, model.cfg.n_layers)
+    (``run_layers(layers=)``) where ``transformer.split_pays``; otherwise ``None`` (the stacked weights)."""
+    start, stop = solver.problem.delta_site.layer, model.cfg.n_layers
+    return split_blocks(model, start, stop) if split_pays(model, start, stop, _SPLIT_MAX_BYTES) else None
 
 
 def _step(solver: Solver, model, ex: Example, clamps: dict, ctx: Context, state: SolverState, window: Window,
