@@ -76,3 +76,19 @@ def test_evaluate_delta_sets_equals_one_call_per_set():
             a, b = np.asarray(a), np.asarray(b)
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
     assert not np.allclose(np.asarray(joint[0].result.objective), np.asarray(joint[2].result.objective))
+
+
+def test_random_direction_on_the_solve_window_equals_the_full_pass():
+    # the control's Jacobian-null projection runs on the solve's window (slots before the first delta
+    # row have zero Jacobian rows): same direction as the full-sequence pass, up to rounding
+    solver, model, ex, clamps, _ = _problem("jacobian", delta_site=Site(0, "resid_pre"))
+    w = ex.target.weights.at[..., : SEQ - 2].set(0.0)  # the objective reads the last slots only
+    ex = dataclasses.replace(ex, target=dataclasses.replace(ex.target, weights=w))
+    one = jax.tree.map(lambda a: a[0], ex)
+    window = R.plan_window(solver, ex)
+    assert window.cut == SEQ - 2
+    delta = jnp.ones((2, D))
+    full = jax.jit(R.random_direction, static_argnums=0)(solver, model, one, clamps, delta, jax.random.key(3))
+    win = jax.jit(lambda *a: R.random_direction(solver, *a, window=window))(model, one, clamps, delta, jax.random.key(3))
+    np.testing.assert_allclose(np.asarray(win), np.asarray(full), rtol=1e-4, atol=1e-5 * float(jnp.abs(full).max()))
+    assert float(jnp.abs(full).max()) > 0

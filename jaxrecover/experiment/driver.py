@@ -256,7 +256,8 @@ def _replays(setting: Setting, prep: Any, case: Case, m: Method, used: np.ndarra
     model, clamps, _, ex, base = _inputs(prep, case, m, used)
     site = m.delta_site or case.site
     solver = _solver(case, m, prep.cfg, budget, clamps)
-    ctx0, _ = jax.jit(jax.vmap(solver.init, in_axes=(None, 0, None)))(model, ex, clamps)
+    window = R.plan_window(solver, ex)
+    ctx0, _ = jax.jit(jax.vmap(lambda m, e, c: R.init(solver, m, e, c, window), in_axes=(None, 0, None)))(model, ex, clamps)
     sae = clamps[site].sae
     parts = S.replay_components(sae, clamps[site].features, ctx0.h_def_rows, run.result.delta,
                                 topk=getattr(prep.cfg, "topk_attr", 20))

@@ -218,13 +218,14 @@ def evaluate_delta_sets(
     parts) in ONE compiled call: each example's ``init`` (prefix, clamped and base passes) runs once
     and ``finish`` is vmapped over its sets. One ``Run`` per set; ``seconds`` split evenly."""
     t0 = time.time()
+    window = R.plan_window(solver, examples)  # the solve's own window: a solved delta measures as solved
 
     def one(model, ex, cl, deltas):  # deltas [sets, rows, d]
-        ctx, state = solver.init(model, ex, cl)
+        ctx, state = R.init(solver, model, ex, cl, window)
 
         def measure(delta):
             st = dataclasses.replace(state, delta=delta.astype(jnp.float32), step=jnp.zeros((), jnp.int32))
-            return solver.finish(model, ex, cl, ctx, st)
+            return R.finish(solver, model, ex, cl, ctx, st, window)
 
         return jax.vmap(measure)(deltas)
 
@@ -264,14 +265,17 @@ def random_control(
     cl = clamps if clamp_axes is None else jax.tree.map(
         lambda ax, sub: sub if ax is None else take(sub, idx), clamp_axes, dict(clamps), is_leaf=lambda x: x is None)
 
+    window = R.plan_window(solver, ex)  # the solve's window: slots before it have zero Jacobian rows
+
     def one(model, ex, cl, delta, keys):
         # the seeds share one init and (vmap leaves what does not depend on the key unbatched) one
         # constraint basis: the exact Jacobian's VJPs run once per example, not once per seed
-        ctx, state = solver.init(model, ex, cl)
+        ctx, state = R.init(solver, model, ex, cl, window)
 
         def per_seed(key):
-            rd = R.random_direction(solver, model, ex, cl, delta, key, ctx)
-            res = solver.finish(model, ex, cl, ctx, dataclasses.replace(state, delta=rd, step=jnp.zeros((), jnp.int32)))
+            rd = R.random_direction(solver, model, ex, cl, delta, key, ctx, window)
+            res = R.finish(solver, model, ex, cl, ctx, dataclasses.replace(state, delta=rd, step=jnp.zeros((), jnp.int32)),
+                           window)
             return res.success & ~res.non_finite
 
         return jax.vmap(per_seed)(keys)

@@ -797,23 +797,24 @@ def solve(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], window
 
 
 def random_direction(solver: Solver, model, ex: Example, clamps: Mapping[Site, Any], delta: jax.Array,
-                     key: jax.Array, ctx: Context | None = None) -> jax.Array:
+                     key: jax.Array, ctx: Context | None = None, window: Window = FULL) -> jax.Array:
     """A control for a recovered ``delta``: a Gaussian direction mapped through the SAME constraint
     (encoder-null projector; Jacobian-null projection at ``delta = 0``; none), on the same rows, scaled
     to ``||delta||``. Replayed under the clamp it tells whether recovery needs the optimised direction
-    or any perturbation of that size in that subspace. ``ctx``: the full-window ``init`` context, when
-    the caller has it already."""
-    ctx = init(solver, model, ex, clamps)[0] if ctx is None else ctx
+    or any perturbation of that size in that subspace. ``ctx``: the ``init`` context of ``window``
+    (``plan_window``: the Jacobian's VJPs then run on the window's slots only, as in a step; the
+    direction is the same), when the caller has it already."""
+    ctx = init(solver, model, ex, clamps, window)[0] if ctx is None else ctx
     rows = (ex.delta_slots >= 0)[:, None]
     g = jnp.where(rows, jax.random.normal(key, delta.shape, jnp.float32), 0.0)
     if isinstance(solver.cfg.constraint, JacobianNull):
         m = _in_dtype(model, solver.cfg.compute_dtype)
         cl = _check(solver.problem, clamps)
         zero = jnp.zeros_like(g)
-        phi, phi_vjp = jax.vjp(lambda dl: _forward(solver, m, ex, cl, ctx, dl, FULL, readout=False)[1], zero)
-        g = _project_grad(solver, g, phi_vjp, phi, ctx, key, FULL)
+        phi, phi_vjp = jax.vjp(lambda dl: _forward(solver, m, ex, cl, ctx, dl, window, readout=False)[1], zero)
+        g = _project_grad(solver, g, phi_vjp, phi, ctx, key, window)
     else:
-        g = _project_grad(solver, g, None, None, ctx, key, FULL)
+        g = _project_grad(solver, g, None, None, ctx, key, window)
     g = jnp.where(rows, g, 0.0)
     norm = jnp.sqrt(jnp.sum(jnp.square(delta.astype(jnp.float32))))
     return g * (norm / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(g))), 1e-30))
